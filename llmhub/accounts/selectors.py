@@ -1,0 +1,32 @@
+"""Reads for accounts: who a Bearer token belongs to."""
+
+from .models import ApiToken, User
+from .services import token_hash
+
+
+def bearer_secret(authorization: str | None) -> str | None:
+    """The secret of an ``Authorization: Bearer <secret>`` header value, or None when absent/malformed."""
+    if not authorization:
+        return None
+    scheme, _, secret = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        return None
+    return secret.strip()
+
+
+def _live_tokens(secret: str):
+    return ApiToken.objects.select_related("user").filter(
+        key_hash=token_hash(secret), revoked_at__isnull=True, user__is_active=True
+    )
+
+
+def user_for_token(secret: str | None) -> User | None:
+    """The active user owning the live (not revoked) API token `secret`, or None."""
+    token = _live_tokens(secret).first() if secret else None
+    return token.user if token else None
+
+
+async def auser_for_token(secret: str | None) -> User | None:
+    """Async form of `user_for_token`, for the gateway."""
+    token = await _live_tokens(secret).afirst() if secret else None
+    return token.user if token else None

@@ -1,0 +1,64 @@
+"""Validation of a new deployment, shared by the dashboard form and the deploy API."""
+
+from django import forms
+from django.core.validators import RegexValidator
+
+from llmhub.fleet.selectors import gpu_types_offered
+
+model_name_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    "Use letters, digits, '-', '_' or '.', starting with a letter or digit.",
+)
+hf_repo_validator = RegexValidator(
+    r"^([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$",
+    "Give a Hugging Face repo id such as 'Qwen/Qwen3-8B'.",
+)
+
+
+class GpuTypeField(forms.ModelChoiceField):
+    """A GPU type by name, limited to the types some host offers."""
+
+    def __init__(self, **kwargs):
+        super().__init__(queryset=gpu_types_offered(), to_field_name="name", **kwargs)
+
+    def to_python(self, value):
+        try:
+            return super().to_python(value)
+        except forms.ValidationError as exc:
+            offered = ", ".join(self.queryset.values_list("name", flat=True)) or "none yet"
+            raise forms.ValidationError(
+                f"GPU type '{value}' is not offered by any host. Offered: {offered}.", code="invalid_choice"
+            ) from exc
+
+
+class DeploymentForm(forms.Form):
+    model_name = forms.CharField(
+        max_length=64, validators=[model_name_validator], help_text="Served as username/model-name."
+    )
+    gpu = GpuTypeField(label="GPU type", empty_label=None)
+    num_gpus = forms.IntegerField(label="Number of GPUs", min_value=1, max_value=8, initial=1)
+    max_batch_size = forms.IntegerField(
+        min_value=1, max_value=256, initial=32, help_text="Concurrent sequences per instance."
+    )
+    hf_repo = forms.CharField(label="Hugging Face repo", max_length=200, validators=[hf_repo_validator])
+    hf_revision = forms.CharField(
+        label="Revision", max_length=100, required=False, help_text="Branch, tag or commit (default: main)."
+    )
+    hf_token = forms.CharField(
+        label="Hugging Face token",
+        max_length=200,
+        required=False,
+        widget=forms.PasswordInput(render_value=False),
+        help_text="For private or gated repos. Stored encrypted, never shown again.",
+    )
+    min_instances = forms.IntegerField(min_value=0, max_value=64, initial=1)
+    max_instances = forms.IntegerField(min_value=1, max_value=64, initial=1)
+
+    def clean(self):
+        cleaned = super().clean()
+        low, high = cleaned.get("min_instances"), cleaned.get("max_instances")
+        if low is not None and high is not None and low > high:
+            self.add_error(
+                "min_instances", f"Min instances ({low}) must not be more than max instances ({high})."
+            )
+        return cleaned

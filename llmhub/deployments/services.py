@@ -1,0 +1,112 @@
+"""Writes for deployments: create, delete, and the events timeline."""
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import F, Sum
+
+from llmhub import crypto
+from llmhub.accounts.models import User
+from llmhub.fleet.models import GpuType
+
+from .models import Deployment, DeploymentEvent
+
+# Statuses whose deployments count against the GPU quota (they hold or may hold GPUs).
+QUOTA_STATUSES = (Deployment.Status.DEPLOYING, Deployment.Status.RUNNING, Deployment.Status.SUSPENDED)
+
+
+def event_record(*, deployment: Deployment, kind: str, message: str) -> DeploymentEvent:
+    """Append one event (e.g. kind "ready", message "instance 7 ready on host gpu-1") to the timeline."""
+    return DeploymentEvent.objects.create(deployment=deployment, kind=kind, message=message)
+
+
+def reconcile_soon(deployment_id: int) -> None:
+    """Ask a worker to reconcile `deployment_id` once the current transaction commits."""
+    from workers import tasks
+
+    transaction.on_commit(lambda: tasks.reconcile_deployment.delay(deployment_id))
+
+
+def gpus_reserved(user: User) -> int:
+    """GPUs the user's live deployments may hold at most: Σ max_instances × num_gpus."""
+    total = (
+        Deployment.objects.filter(user=user, status__in=QUOTA_STATUSES)
+        .aggregate(n=Sum(F("max_instances") * F("num_gpus")))
+        .get("n")
+    )
+    return total or 0
+
+
+@transaction.atomic
+def deployment_create(
+    *,
+    user: User,
+    model_name: str,
+    gpu_type: GpuType,
+    num_gpus: int,
+    max_batch_size: int,
+    hf_repo: str,
+    hf_revision: str = "",
+    hf_token: str = "",
+    min_instances: int = 1,
+    max_instances: int = 1,
+) -> Deployment:
+    """Store a new deployment in status `deploying` and ask a worker to start its instances.
+
+    Checks what needs the database (fields were validated by DeploymentForm): the name is free
+    among the user's live deployments, and the user's GPU quota (Σ max_instances × num_gpus over
+    live deployments, `User.gpu_quota`, 4 by default) holds. The user row is locked so concurrent
+    creates cannot both pass the quota. Raises ValidationError keyed by field name.
+    """
+    User.objects.select_for_update().filter(id=user.id).first()
+    if Deployment.objects.filter(user=user, model_name=model_name).exclude(status=Deployment.Status.DELETED).exists():
+        raise ValidationError(
+            {"model_name": f"You already have a deployment named '{model_name}'. Choose another name."}
+        )
+    wanted = max_instances * num_gpus
+    used = gpus_reserved(user)
+    if used + wanted > user.gpu_quota:
+        raise ValidationError(
+            {
+                "max_instances": f"This needs {wanted} GPUs (max instances × GPUs) but only "
+                f"{max(user.gpu_quota - used, 0)} of your quota of {user.gpu_quota} are free. "
+                "Lower max instances or the GPU count, or delete a deployment."
+            }
+        )
+    deployment = Deployment.objects.create(
+        user=user,
+        model_name=model_name,
+        gpu_type=gpu_type,
+        num_gpus=num_gpus,
+        max_batch_size=max_batch_size,
+        hf_repo=hf_repo,
+        hf_revision=hf_revision,
+        hf_token_encrypted=crypto.encrypt(hf_token),
+        min_instances=min_instances,
+        max_instances=max_instances,
+    )
+    event_record(
+        deployment=deployment,
+        kind="created",
+        message=f"{hf_repo} on {num_gpus} × {gpu_type.name}, {min_instances}–{max_instances} instances",
+    )
+    reconcile_soon(deployment.id)
+    return deployment
+
+
+@transaction.atomic
+def deployment_delete(*, deployment: Deployment) -> bool:
+    """Mark the deployment `deleting`; a worker stops and removes its containers, then marks it `deleted`.
+
+    History (instances, events) is kept for invoices. Returns False when it was already being deleted.
+    """
+    claimed = (
+        Deployment.objects.filter(id=deployment.id)
+        .exclude(status__in=[Deployment.Status.DELETING, Deployment.Status.DELETED])
+        .update(status=Deployment.Status.DELETING)
+    )
+    if not claimed:
+        return False
+    deployment.status = Deployment.Status.DELETING
+    event_record(deployment=deployment, kind="deleting", message="deletion requested")
+    reconcile_soon(deployment.id)
+    return True

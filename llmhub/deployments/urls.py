@@ -1,0 +1,13 @@
+from django.urls import path
+
+from . import views
+
+app_name = "deployments"
+urlpatterns = [
+    path("", views.deployment_list, name="list"),
+    path("new", views.deployment_create, name="create"),
+    path("<str:deploy_id>/", views.deployment_detail, name="detail"),
+    path("<str:deploy_id>/status", views.deployment_status, name="status"),
+    path("<str:deploy_id>/delete", views.deployment_delete, name="delete"),
+    path("<str:deploy_id>/chat", views.deployment_chat, name="chat"),
+]

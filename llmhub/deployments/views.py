@@ -1,0 +1,119 @@
+"""Dashboard pages for deployments (server-rendered, django-htmx)."""
+
+import json
+
+from asgiref.sync import sync_to_async
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.http import JsonResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django_htmx.http import HttpResponseStopPolling
+
+from llmhub.fleet.selectors import instance_counts
+from llmhub.gateway import services as gateway
+from llmhub.gateway.services import GatewayError
+
+from . import selectors, services
+from .forms import DeploymentForm
+
+
+@login_required
+@require_GET
+def deployment_list(request):
+    deployments = list(selectors.deployments_visible(request.user))
+    counts = instance_counts([d.id for d in deployments])
+    rows = [(d, counts[d.id]) for d in deployments]
+    return render(request, "deployments/list.html", {"rows": rows})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def deployment_create(request):
+    form = DeploymentForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            deployment = services.deployment_create(
+                user=request.user,
+                model_name=data["model_name"],
+                gpu_type=data["gpu"],
+                num_gpus=data["num_gpus"],
+                max_batch_size=data["max_batch_size"],
+                hf_repo=data["hf_repo"],
+                hf_revision=data["hf_revision"],
+                hf_token=data["hf_token"],
+                min_instances=data["min_instances"],
+                max_instances=data["max_instances"],
+            )
+        except ValidationError as exc:
+            for field, errors in exc.error_dict.items():
+                for error in errors:
+                    form.add_error(field, error)
+        else:
+            messages.success(request, f"Deploying {deployment.full_name}.")
+            return redirect("deployments:detail", deploy_id=deployment.deploy_id)
+    return render(request, "deployments/create.html", {"form": form}, status=400 if form.errors else 200)
+
+
+@login_required
+@require_GET
+def deployment_detail(request, deploy_id):
+    deployment = selectors.deployment_get(request.user, deploy_id)
+    context = {
+        "deployment": deployment,
+        "counts": instance_counts([deployment.id])[deployment.id],
+        "instances": deployment.instances.select_related("host").order_by("-id")[:20],
+        "events": deployment.events.all()[:50],
+    }
+    return render(request, "deployments/detail.html", context)
+
+
+@login_required
+@require_GET
+def deployment_status(request, deploy_id):
+    """The status badge fragment; HTTP 286 (htmx: stop polling) once the status is settled."""
+    deployment = selectors.deployment_get(request.user, deploy_id)
+    counts = instance_counts([deployment.id])[deployment.id]
+    response = render(request, "deployments/list.html#status-badge", {"deployment": deployment, "counts": counts})
+    if deployment.is_settled:
+        return HttpResponseStopPolling(response.content)
+    return response
+
+
+@login_required
+@require_http_methods(["DELETE", "POST"])
+def deployment_delete(request, deploy_id):
+    """Trash icon: delete after confirm. htmx gets an empty 200 (row removed in place) + an OOB message."""
+    deployment = selectors.deployment_get(request.user, deploy_id)
+    services.deployment_delete(deployment=deployment)
+    messages.success(request, f"Deleting {deployment.full_name}.")
+    if request.htmx:
+        return render(request, "deployments/list.html#deleted", {})
+    return redirect("deployments:list")
+
+
+@require_POST
+async def deployment_chat(request, deploy_id):
+    """The dashboard chat box: relay `{"messages": [...]}` to the deployment as a streamed chat completion."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return JsonResponse({"error": {"message": "Sign in again."}}, status=401)
+    try:
+        deployment = await sync_to_async(selectors.deployment_get)(user, deploy_id)
+        payload = json.loads(request.body or b"{}")
+        messages_in = payload.get("messages")
+        if not isinstance(messages_in, list) or not messages_in:
+            raise GatewayError(400, "Send a non-empty list of messages.")
+        body = {
+            "model": deployment.full_name,
+            "messages": messages_in,
+            "stream": True,
+            "max_tokens": min(int(payload.get("max_tokens", 256)), 4096),
+        }
+        return await gateway.proxy(deployment, "/v1/chat/completions", body)
+    except (json.JSONDecodeError, ValueError, TypeError):
+        return GatewayError(400, "The chat request is not valid JSON.").response()
+    except GatewayError as exc:
+        return exc.response()
