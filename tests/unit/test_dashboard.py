@@ -1,0 +1,101 @@
+"""Dashboard views: works / someone else's deployment → 404 / wrong method → 405 / anonymous → login."""
+
+import pytest
+
+from llmhub.deployments.models import Deployment
+from tests.factories import DeploymentFactory
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def signed_in(client, user):
+    client.force_login(user)
+    return client
+
+
+def form_data(**overrides):
+    data = {
+        "model_name": "web-model", "gpu": "CPU", "num_gpus": 1, "max_batch_size": 8,
+        "hf_repo": "llmhub/tiny-random-llama", "hf_revision": "", "hf_token": "hf_private",
+        "min_instances": 1, "max_instances": 1,
+    }  # fmt: skip
+    data.update(overrides)
+    return data
+
+
+def test_anonymous_is_sent_to_login(client):
+    for url in ("/deployments/", "/deployments/new", "/deployments/abc/"):
+        response = client.get(url)
+        assert response.status_code == 302 and response["Location"].startswith("/login/")
+
+
+def test_create_with_the_form(signed_in, cpu_host, user):
+    response = signed_in.post("/deployments/new", form_data())
+
+    deployment = Deployment.objects.get(user=user)
+    assert response.status_code == 302 and response["Location"] == f"/deployments/{deployment.deploy_id}/"
+    page = signed_in.get(response["Location"]).content.decode()
+    assert "alice/web-model" in page and "deploying" in page
+    assert "hf_private" not in page
+
+
+def test_form_errors_are_shown_and_nothing_is_made(signed_in, cpu_host):
+    response = signed_in.post("/deployments/new", form_data(gpu="A100-80GB", min_instances=2, max_instances=1))
+
+    page = response.content.decode()
+    assert response.status_code == 400
+    assert "not offered by any host" in page and "must not be more than max instances" in page
+    assert 'value="hf_private"' not in page  # the token is never rendered back
+    assert not Deployment.objects.exists()
+
+
+def test_list_shows_own_deployments_with_a_polling_badge(signed_in, user, other_user):
+    DeploymentFactory(user=user, model_name="mine")
+    DeploymentFactory(user=other_user, model_name="theirs")
+
+    page = signed_in.get("/deployments/").content.decode()
+
+    assert "alice/mine" in page and "theirs" not in page
+    assert 'hx-trigger="every 2s"' in page
+
+
+def test_status_badge_stops_polling_once_settled(signed_in, user):
+    deployment = DeploymentFactory(user=user)
+    assert signed_in.get(f"/deployments/{deployment.deploy_id}/status").status_code == 200
+
+    Deployment.objects.filter(id=deployment.id).update(status=Deployment.Status.RUNNING)
+    response = signed_in.get(f"/deployments/{deployment.deploy_id}/status")
+
+    assert response.status_code == 286
+    assert "running" in response.content.decode() and "hx-trigger" not in response.content.decode()
+
+
+def test_trash_icon_deletes_in_place(signed_in, user):
+    deployment = DeploymentFactory(user=user)
+
+    response = signed_in.delete(f"/deployments/{deployment.deploy_id}/delete", HTTP_HX_REQUEST="true")
+
+    assert response.status_code == 200
+    assert 'hx-swap-oob="true"' in response.content.decode()
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.DELETING
+
+
+def test_someone_elses_deployment_is_404(signed_in, other_user):
+    theirs = DeploymentFactory(user=other_user)
+    base = f"/deployments/{theirs.deploy_id}"
+
+    assert signed_in.get(f"{base}/").status_code == 404
+    assert signed_in.get(f"{base}/status").status_code == 404
+    assert signed_in.delete(f"{base}/delete").status_code == 404
+    assert signed_in.post(f"{base}/chat", "{}", content_type="application/json").status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.status == Deployment.Status.DEPLOYING
+
+
+def test_wrong_method_is_405(signed_in, user):
+    deployment = DeploymentFactory(user=user)
+
+    assert signed_in.get(f"/deployments/{deployment.deploy_id}/delete").status_code == 405
+    assert signed_in.get(f"/deployments/{deployment.deploy_id}/chat").status_code == 405

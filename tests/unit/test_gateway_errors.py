@@ -1,0 +1,74 @@
+"""Gateway errors in OpenAI's shape: authentication, routing, bad bodies, no instance."""
+
+import json
+
+import pytest
+
+from llmhub.deployments.models import Deployment
+from tests.factories import DeploymentFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def chat(client, headers, **body):
+    payload = {"messages": [{"role": "user", "content": "hi"}], **body}
+    return client.post("/v1/openai/chat/completions", json.dumps(payload), content_type="application/json", **headers)
+
+
+def assert_openai_error(response, status, code):
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"]
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Token abc"])
+def test_missing_or_bad_token_is_401(client, user, header):
+    headers = {"HTTP_AUTHORIZATION": header} if header else {}
+    deployment = DeploymentFactory(user=user)
+
+    assert_openai_error(chat(client, headers, model=deployment.full_name), 401, "invalid_api_key")
+    assert_openai_error(client.get("/v1/openai/models", **headers), 401, "invalid_api_key")
+
+
+def test_unknown_model_is_404(client, auth):
+    assert_openai_error(chat(client, auth, model="alice/nothing"), 404, "model_not_found")
+
+
+def test_another_users_model_is_404_like_an_unknown_one(client, auth, other_user):
+    theirs = DeploymentFactory(user=other_user, model_name="secret", status=Deployment.Status.RUNNING)
+
+    response = chat(client, auth, model=theirs.full_name)
+
+    assert_openai_error(response, 404, "model_not_found")
+    assert client.get("/v1/openai/models", **auth).json()["data"] == []
+
+
+def test_models_lists_the_users_live_deployments(client, auth, user):
+    DeploymentFactory(user=user, model_name="b", status=Deployment.Status.RUNNING)
+    DeploymentFactory(user=user, model_name="a", status=Deployment.Status.DEPLOYING)
+    DeploymentFactory(user=user, model_name="gone", status=Deployment.Status.DELETED)
+
+    data = client.get("/v1/openai/models", **auth).json()
+
+    assert data["object"] == "list"
+    assert [m["id"] for m in data["data"]] == ["alice/a", "alice/b"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [("{not json", "invalid_json"), ("[1, 2]", "invalid_json"), ('{"messages": []}', "missing_model")],
+)
+def test_bad_bodies_are_400(client, auth, raw, code):
+    response = client.post("/v1/openai/completions", raw, content_type="application/json", **auth)
+
+    assert_openai_error(response, 400, code)
+
+
+def test_a_deployment_with_no_ready_instance_is_503(client, auth, user):
+    deployment = DeploymentFactory(user=user, status=Deployment.Status.DEPLOYING)
+
+    assert_openai_error(chat(client, auth, model=deployment.full_name), 503, "no_ready_instance")
+
+
+def test_wrong_method_is_405(client, auth):
+    assert client.get("/v1/openai/chat/completions", **auth).status_code == 405

@@ -1,0 +1,185 @@
+"""The reconcile pass with the engine seam stubbed: convergence, idempotence, crashes, deletion."""
+
+import pytest
+
+from llmhub.deployments.models import Deployment
+from llmhub.fleet import engine, reconcile
+from llmhub.fleet.models import Instance
+from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
+
+pytestmark = pytest.mark.django_db
+
+
+class FakeEngine:
+    """Containers by name, as a Docker Engine would keep them; records every request."""
+
+    def __init__(self):
+        self.containers: dict[str, engine.ContainerInfo] = {}
+        self.runs: list[engine.ContainerSpec] = []
+        self.healthy = True
+        self.next_port = 40000
+
+    def container_run(self, docker_url, spec):
+        self.runs.append(spec)
+        if spec.name not in self.containers:
+            self.next_port += 1
+            self.containers[spec.name] = engine.ContainerInfo(
+                id=f"id-{spec.name}", name=spec.name, status="running", exit_code=None,
+                host_port=self.next_port, labels=spec.labels,
+            )  # fmt: skip
+        return self.containers[spec.name]
+
+    def container_get(self, docker_url, name):
+        return self.containers.get(name)
+
+    def container_remove(self, docker_url, name):
+        return self.containers.pop(name, None) is not None
+
+    def container_logs(self, docker_url, name, tail=40):
+        return "RuntimeError: CUDA out of memory" if name in self.containers else ""
+
+    def containers_list(self, docker_url):
+        return list(self.containers.values())
+
+    def crash(self, name, code=1):
+        info = self.containers[name]
+        self.containers[name] = engine.ContainerInfo(info.id, name, "exited", code, info.host_port, info.labels)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    fake = FakeEngine()
+    for name in ("container_run", "container_get", "container_remove", "container_logs", "containers_list"):
+        monkeypatch.setattr(engine, name, getattr(fake, name))
+    monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: fake.healthy)
+    return fake
+
+
+def snapshot(deployment):
+    instances = list(
+        Instance.objects.filter(deployment=deployment).order_by("id").values_list(
+            "id", "state", "host_id", "gpu_indexes", "container_id", "port"
+        )
+    )
+    deployment.refresh_from_db()
+    return deployment.status, instances, deployment.events.count()
+
+
+def test_a_deployment_converges_to_ready_and_a_second_pass_changes_nothing(fake, cpu_host):
+    deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type, min_instances=1, max_instances=1)
+
+    reconcile.deployment_reconcile(deployment_id=deployment.id)  # place + start
+    reconcile.deployment_reconcile(deployment_id=deployment.id)  # health → ready
+    first = snapshot(deployment)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    reconcile.reconcile_all()
+
+    assert snapshot(deployment) == first
+    status, instances, _ = first
+    assert status == Deployment.Status.RUNNING
+    assert [(i[1], i[2], i[3]) for i in instances] == [("ready", cpu_host.id, [0])]
+    assert list(fake.containers) == [f"llmhub-{instances[0][0]}"]
+    kinds = list(deployment.events.order_by("id").values_list("kind", flat=True))
+    assert kinds == ["scheduled", "starting", "ready", "running"]
+
+
+def test_the_container_gets_the_deployments_engine_arguments(fake, cpu_host):
+    deployment = DeploymentFactory(
+        gpu_type=cpu_host.gpu_type, model_name="chat", max_batch_size=16, hf_revision="abc123"
+    )
+
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+
+    spec = fake.runs[0]
+    assert spec.image == cpu_host.engine_image
+    assert spec.args[:4] == ["--model", "llmhub/tiny-random-llama", "--revision", "abc123"]
+    args = dict(zip(spec.args[4::2], spec.args[5::2]))
+    assert args["--served-model-name"] == f"{deployment.user.username}/chat"
+    assert args["--max-num-seqs"] == "16"
+    assert args["--tensor-parallel-size"] == "1"
+    assert spec.device_ids is None  # CPU host: no device request
+    assert spec.labels[engine.LABEL_DEPLOYMENT] == deployment.deploy_id
+
+
+def test_gpu_hosts_get_device_requests_for_the_reserved_indexes(fake):
+    h100 = GpuTypeFactory(name="H100-80GB", memory_gb=80, uses_devices=True)
+    host = HostFactory(gpu_type=h100, gpu_count=8, address="10.0.0.5")
+    first = DeploymentFactory(gpu_type=h100, num_gpus=2)
+    second = DeploymentFactory(gpu_type=h100, num_gpus=4)
+
+    reconcile.deployment_reconcile(deployment_id=first.id)
+    reconcile.deployment_reconcile(deployment_id=second.id)
+
+    specs = {s.labels[engine.LABEL_DEPLOYMENT]: s for s in fake.runs}
+    assert specs[first.deploy_id].device_ids == ["0", "1"]
+    assert specs[second.deploy_id].device_ids == ["2", "3", "4", "5"]
+    assert "--tensor-parallel-size" in specs[second.deploy_id].args
+    assert specs[second.deploy_id].args[specs[second.deploy_id].args.index("--tensor-parallel-size") + 1] == "4"
+    kwargs = engine.run_kwargs(specs[second.deploy_id])
+    [request] = kwargs["device_requests"]
+    assert request["Driver"] == "nvidia" and request["DeviceIDs"] == ["2", "3", "4", "5"]
+    assert request["Capabilities"] == [["gpu"]]
+    assert kwargs["ports"] == {"8000/tcp": ("10.0.0.5", None)}
+    assert kwargs["restart_policy"] == {"Name": "no"}
+    assert host.instances.count() == 2
+
+
+def test_no_capacity_leaves_the_instance_pending_with_a_reason(fake, cpu_host):
+    deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type, num_gpus=3, min_instances=1, max_instances=1)
+
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+
+    [instance] = Instance.objects.filter(deployment=deployment)
+    assert instance.state == Instance.State.PENDING and instance.started_at is None
+    assert fake.runs == []
+    assert list(deployment.events.filter(kind="pending").values_list("message", flat=True)) == [
+        f"instance {instance.id} waits: no host with 3 free CPU"
+    ]
+
+
+def test_a_crash_restarts_with_backoff_then_fails_the_deployment(fake, cpu_host, settings, monkeypatch):
+    settings.INSTANCE_MAX_RESTARTS = 1
+    monkeypatch.setattr(reconcile, "restart_backoff", lambda n: 0)
+    deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+
+    fake.crash(next(iter(fake.containers)))
+    reconcile.deployment_reconcile(deployment_id=deployment.id)  # crash 1: replaced
+    reconcile.deployment_reconcile(deployment_id=deployment.id)  # replacement starts
+    assert Instance.objects.filter(deployment=deployment, state="starting", restarts=1).count() == 1
+    fake.crash(next(iter(fake.containers)))
+    reconcile.deployment_reconcile(deployment_id=deployment.id)  # crash 2: over the limit
+
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.FAILED
+    assert "exited with code 1" in deployment.fail_reason
+    assert "CUDA out of memory" in deployment.fail_reason
+    assert not Instance.objects.filter(deployment=deployment, state__in=Instance.LIVE_STATES).exists()
+    assert fake.containers == {}
+
+
+def test_delete_removes_the_container_and_keeps_history(fake, cpu_host):
+    deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    Deployment.objects.filter(id=deployment.id).update(status=Deployment.Status.DELETING)
+
+    reconcile.deployment_reconcile(deployment_id=deployment.id)  # stopping
+    reconcile.deployment_reconcile(deployment_id=deployment.id)  # stopped, deleted
+
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.DELETED and deployment.deleted_at
+    assert fake.containers == {}
+    [instance] = Instance.objects.filter(deployment=deployment)
+    assert instance.state == Instance.State.STOPPED
+    assert instance.started_at <= instance.stopped_at
+
+
+def test_orphan_containers_are_swept(fake, cpu_host):
+    spec = engine.ContainerSpec(name="llmhub-999", image="x", args=[], labels={engine.LABEL_INSTANCE: "999"})
+    fake.container_run(cpu_host.docker_url, spec)
+
+    assert reconcile.host_sweep(host=cpu_host) == ["llmhub-999"]
+    assert fake.containers == {}
+
