@@ -17,6 +17,7 @@ from docker.errors import APIError, DockerException, NotFound
 ENGINE_PORT = 8000
 LABEL_INSTANCE = "llmhub.instance"
 LABEL_DEPLOYMENT = "llmhub.deployment"
+LABEL_INSTALLATION = "llmhub.installation"
 HF_CACHE_VOLUME = "llmhub-hf-cache"
 HF_CACHE_PATH = "/root/.cache/huggingface"
 
@@ -182,10 +183,11 @@ def container_logs(docker_url: str, name: str, *, tail: int = 40) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def containers_list(docker_url: str) -> list[ContainerInfo]:
-    """Every container (running or not) on the host that carries an ``llmhub.instance`` label."""
+def containers_list(docker_url: str, *, installation: str) -> list[ContainerInfo]:
+    """Every container (running or not) on the host labelled as an instance of `installation`."""
+    labels = [LABEL_INSTANCE, f"{LABEL_INSTALLATION}={installation}"]
     try:
-        containers = client_for(docker_url).containers.list(all=True, filters={"label": LABEL_INSTANCE})
+        containers = client_for(docker_url).containers.list(all=True, filters={"label": labels})
     except DockerException as exc:
         raise EngineError(f"listing containers on {docker_url} failed: {exc}") from exc
     return [_info(c) for c in containers]

@@ -301,8 +301,9 @@ def engine_image_ensure(
                         continue
                     tail.append(line)
                     if _STEP_RE.match(line):
-                        last_step = line
-                        progress(f"[{time.monotonic() - started:5.0f} s] {line}")
+                        last_step = " ".join(line.split())
+                        shown = last_step if len(last_step) <= 160 else last_step[:157] + "..."
+                        progress(f"[{time.monotonic() - started:5.0f} s] {shown}")
                     elif line.strip() == "---> Using cache":
                         progress(f"[{time.monotonic() - started:5.0f} s]   (cached)")
         if not _image_exists(client, tag):

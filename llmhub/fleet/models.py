@@ -1,5 +1,6 @@
 """Actual state of the fleet: GPU types, hosts (one Docker Engine each) and instances (one container each)."""
 
+from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.db import models
 
@@ -96,7 +97,7 @@ class Instance(models.Model):
 
     @property
     def container_name(self) -> str:
-        return f"llmhub-{self.id}"
+        return f"{settings.CONTAINER_PREFIX}-{self.id}"
 
     @property
     def base_url(self) -> str:

@@ -85,6 +85,7 @@ def container_spec(instance: Instance) -> engine.ContainerSpec:
         labels={
             engine.LABEL_INSTANCE: str(instance.id),
             engine.LABEL_DEPLOYMENT: deployment.deploy_id,
+            engine.LABEL_INSTALLATION: settings.CONTAINER_PREFIX,
         },
         environment=environment,
         device_ids=[str(i) for i in instance.gpu_indexes] if host.gpu_type.uses_devices else None,
@@ -275,12 +276,12 @@ def deployment_reconcile(*, deployment_id: int) -> bool:
 
 
 def host_sweep(*, host: Host) -> list[str]:
-    """Remove containers on `host` labelled as LLMHub instances that have no live instance row.
+    """Remove this installation's containers on `host` that have no live instance row (orphans).
 
     Returns the names of the containers removed. Raises nothing: an unreachable engine sweeps nothing.
     """
     try:
-        containers = engine.containers_list(host.docker_url)
+        containers = engine.containers_list(host.docker_url, installation=settings.CONTAINER_PREFIX)
     except engine.EngineError:
         return []
     ids = {int(c.labels[engine.LABEL_INSTANCE]) for c in containers if c.labels.get(engine.LABEL_INSTANCE, "").isdigit()}

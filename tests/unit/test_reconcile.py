@@ -38,8 +38,8 @@ class FakeEngine:
     def container_logs(self, docker_url, name, tail=40):
         return "RuntimeError: CUDA out of memory" if name in self.containers else ""
 
-    def containers_list(self, docker_url):
-        return list(self.containers.values())
+    def containers_list(self, docker_url, installation):
+        return [c for c in self.containers.values() if c.labels.get(engine.LABEL_INSTALLATION) == installation]
 
     def crash(self, name, code=1):
         info = self.containers[name]
@@ -176,10 +176,12 @@ def test_delete_removes_the_container_and_keeps_history(fake, cpu_host):
     assert instance.started_at <= instance.stopped_at
 
 
-def test_orphan_containers_are_swept(fake, cpu_host):
-    spec = engine.ContainerSpec(name="llmhub-999", image="x", args=[], labels={engine.LABEL_INSTANCE: "999"})
-    fake.container_run(cpu_host.docker_url, spec)
+def test_orphan_containers_are_swept(fake, cpu_host, settings):
+    ours = {engine.LABEL_INSTANCE: "999", engine.LABEL_INSTALLATION: settings.CONTAINER_PREFIX}
+    another_installations = {engine.LABEL_INSTANCE: "999", engine.LABEL_INSTALLATION: "elsewhere"}
+    fake.container_run(cpu_host.docker_url, engine.ContainerSpec(name="ours-999", image="x", args=[], labels=ours))
+    fake.container_run(cpu_host.docker_url, engine.ContainerSpec(name="theirs-999", image="x", args=[], labels=another_installations))
 
-    assert reconcile.host_sweep(host=cpu_host) == ["llmhub-999"]
-    assert fake.containers == {}
+    assert reconcile.host_sweep(host=cpu_host) == ["ours-999"]
+    assert list(fake.containers) == ["theirs-999"]
 

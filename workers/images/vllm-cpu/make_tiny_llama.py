@@ -10,8 +10,8 @@ Layout written (what ``huggingface_hub`` resolves offline for ``llmhub/tiny-rand
 
     <cache>/hub/models--llmhub--tiny-random-llama/
         refs/main                      -> "<rev>" (40 hex chars, sha1 over the snapshot files)
-        snapshots/<rev>/config.json, generation_config.json, model.safetensors,
-                        tokenizer.json, tokenizer_config.json, special_tokens_map.json
+        snapshots/<rev>/config.json, generation_config.json, model.safetensors (bf16, ~3 MB),
+                        tokenizer.json, tokenizer_config.json, chat_template.jinja
 
 Usage: ``python make_tiny_llama.py [CACHE_DIR]`` (default ``$HF_HOME`` or
 ``/root/.cache/huggingface``).
@@ -110,9 +110,9 @@ def build(out: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
-    model = LlamaForCausalLM(config).eval()
+    # bfloat16: the dtype vLLM's CPU backend runs this model in (it would downcast float32).
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     model.generation_config.do_sample = True
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -1,0 +1,105 @@
+"""End to end on the real stack: deploy API → worker → real vLLM container on the real Docker Engine
+→ OpenAI-compatible gateway (official `openai` client) → delete."""
+
+import time
+
+import httpx
+import openai
+import pytest
+from django.conf import settings
+
+from llmhub.fleet import engine
+from llmhub.fleet.services import gpu_type_ensure, host_register
+from tests.factories import UserFactory, token_for
+from tests.stack import engine_image, running_stack, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.vllm, pytest.mark.docker]
+
+DOCKER = "unix:///var/run/docker.sock"
+
+
+@pytest.fixture
+def stack(tmp_path_factory):
+    host_register(
+        name="local", docker_url=DOCKER, address="127.0.0.1",
+        gpu_type=gpu_type_ensure(name="CPU", uses_devices=False), gpu_count=2, engine_image=engine_image(),
+    )  # fmt: skip
+    with running_stack(tmp_path_factory.mktemp("stack-logs")) as url:
+        yield url
+
+
+def test_deploy_chat_stream_and_delete(stack):
+    user = UserFactory(username="e2e")
+    token = token_for(user)
+    api = httpx.Client(base_url=stack, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    created = api.post(
+        "/deploy/llm",
+        json={
+            "model_name": "tiny",
+            "gpu": "CPU",
+            "num_gpus": 1,
+            "max_batch_size": 4,
+            "hf": {"repo": "llmhub/tiny-random-llama"},
+            "settings": {"min_instances": 1, "max_instances": 1},
+        },
+    )
+    assert created.status_code == 200, created.text
+    deploy_id = created.json()["deploy_id"]
+
+    def running():
+        data = api.get(f"/deploy/{deploy_id}").json()
+        assert data["status"] in ("deploying", "running"), data
+        return data if data["status"] == "running" else None
+
+    deployed = wait_for(running, timeout=600, interval=2, what="the deployment to run")
+    assert deployed["instances"] == {"running": 1, "pending": 0}
+    assert deployed["model_name"] == "e2e/tiny"
+    [container] = engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX)
+    assert container.running and container.labels[engine.LABEL_DEPLOYMENT] == deploy_id
+
+    client = openai.OpenAI(base_url=f"{stack}/v1/openai", api_key=token, max_retries=0)
+    assert [m.id for m in client.models.list()] == ["e2e/tiny"]
+
+    chat = client.chat.completions.create(
+        model="e2e/tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=8
+    )
+    assert chat.model == "e2e/tiny"
+    assert chat.choices[0].message.content
+    assert chat.usage.prompt_tokens > 0 and 0 < chat.usage.completion_tokens <= 8
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+
+    arrivals, text = [], ""
+    stream = client.chat.completions.create(
+        model="e2e/tiny",
+        messages=[{"role": "user", "content": "Tell me a story"}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    usage = None
+    for chunk in stream:
+        arrivals.append(time.monotonic())
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        usage = chunk.usage or usage
+    assert len(arrivals) >= 8, "a stream of 8 tokens arrives as several chunks"
+    assert text
+    assert usage.completion_tokens == 8
+
+    completion = client.completions.create(model="e2e/tiny", prompt="Once upon a time", max_tokens=8)
+    assert completion.choices[0].text and completion.usage.completion_tokens <= 8
+    pieces = list(
+        client.completions.create(
+            model="e2e/tiny", prompt="Once upon a time", max_tokens=8, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
+    assert len([p for p in pieces if p.choices and p.choices[0].text]) >= 2
+
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="someone/else", messages=[{"role": "user", "content": "hi"}])
+
+    assert api.delete(f"/deploy/{deploy_id}").json()["status"] == "deleting"
+    wait_for(lambda: api.get(f"/deploy/{deploy_id}").status_code == 404, timeout=120, what="the deletion")
+    assert engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX) == []

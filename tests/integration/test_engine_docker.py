@@ -1,0 +1,79 @@
+"""The engine seam and the reconcile loop against the real Docker Engine (no vLLM: a plain Debian
+container stands in where the engine's behaviour is not what is tested)."""
+
+import time
+
+import pytest
+from django.conf import settings
+
+from llmhub.deployments.models import Deployment
+from llmhub.fleet import engine, images, reconcile
+from llmhub.fleet.models import Instance
+from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
+
+pytestmark = [pytest.mark.docker, pytest.mark.django_db]
+
+DOCKER = "unix:///var/run/docker.sock"
+
+
+@pytest.fixture
+def cleanup():
+    yield
+    for info in engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX):
+        engine.container_remove(DOCKER, info.name)
+
+
+def spec(name, *args):
+    return engine.ContainerSpec(
+        name=name,
+        image=images.BASE_IMAGE,
+        args=list(args),
+        labels={engine.LABEL_INSTANCE: "1", engine.LABEL_INSTALLATION: settings.CONTAINER_PREFIX},
+    )
+
+
+def test_run_is_idempotent_publishes_a_port_and_removes(cleanup):
+    name = f"{settings.CONTAINER_PREFIX}-engine-test"
+
+    first = engine.container_run(DOCKER, spec(name, "sleep", "120"))
+    again = engine.container_run(DOCKER, spec(name, "sleep", "120"))
+
+    assert first.id == again.id and first.running
+    assert first.host_port and first.host_port > 0
+    assert [c.name for c in engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX)] == [name]
+    assert engine.container_remove(DOCKER, name) is True
+    assert engine.container_get(DOCKER, name) is None
+    assert engine.container_remove(DOCKER, name) is False
+
+
+def test_missing_image_is_an_engine_error(cleanup):
+    bad = engine.ContainerSpec(name=f"{settings.CONTAINER_PREFIX}-bad", image="llmhub/nope:missing", args=[], labels={})
+
+    with pytest.raises(engine.EngineError, match="starting"):
+        engine.container_run(DOCKER, bad)
+
+
+def test_a_crashing_engine_fails_the_deployment_with_its_log_tail(cleanup, monkeypatch, settings):
+    """Real containers that exit: restarted, then the deployment is failed with the container's last words."""
+    settings.INSTANCE_MAX_RESTARTS = 1
+    monkeypatch.setattr(reconcile, "restart_backoff", lambda n: 0)
+    host = HostFactory(gpu_type=GpuTypeFactory(name="CPU"), engine_image=images.BASE_IMAGE, docker_url=DOCKER)
+    deployment = DeploymentFactory(gpu_type=host.gpu_type)
+    # The base image has no entrypoint: the engine arguments become the command, which cannot run.
+    monkeypatch.setattr(
+        reconcile, "container_spec",
+        lambda instance: spec(instance.container_name, "sh", "-c", "echo 'ValueError: model does not fit'; exit 3"),
+    )  # fmt: skip
+
+    for _ in range(8):
+        reconcile.deployment_reconcile(deployment_id=deployment.id)
+        deployment.refresh_from_db()
+        if deployment.status == Deployment.Status.FAILED:
+            break
+        time.sleep(0.5)
+
+    assert deployment.status == Deployment.Status.FAILED
+    assert "exited with code 3" in deployment.fail_reason
+    assert "ValueError: model does not fit" in deployment.fail_reason
+    assert Instance.objects.filter(deployment=deployment).count() == 2  # first start + one restart
+    assert engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX) == []

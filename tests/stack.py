@@ -1,0 +1,95 @@
+"""The real platform for end-to-end and browser tests: web (uvicorn) and worker + beat (Celery) as
+subprocesses on the test database, Redis and the local Docker Engine."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import docker
+import httpx
+from django.conf import settings
+from django.db import connection
+
+from llmhub.fleet import engine, images
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def engine_image() -> str:
+    """The CPU engine image tag (built by bin/test before pytest; cached by recipe hash)."""
+    return images.engine_image_ensure(client=docker.from_env(timeout=600), progress=lambda line: None)
+
+
+def database_url() -> str:
+    db = connection.settings_dict
+    return f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
+
+
+@contextmanager
+def running_stack(log_dir: Path):
+    """Start web, worker and beat on the test database; yield the web base URL; stop them after.
+
+    Every container of this test installation (LLMHUB_CONTAINER_PREFIX) is removed at the end.
+    """
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "LLMHUB_RECONCILE_INTERVAL": "1",
+        "LLMHUB_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "LLMHUB_QUEUE": settings.CELERY_TASK_DEFAULT_QUEUE,
+        "LLMHUB_CONTAINER_PREFIX": settings.CONTAINER_PREFIX,
+    }
+    commands = {
+        "web": [str(BIN / "uvicorn"), "llmhub.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
+        "worker": [str(BIN / "celery"), "-A", "workers", "worker", "-B", "-l", "info", "--concurrency", "2",
+                   "--schedule", str(log_dir / "celerybeat-schedule")],
+    }  # fmt: skip
+    log_dir.mkdir(parents=True, exist_ok=True)
+    children = []
+    try:
+        for name, command in commands.items():
+            log = open(log_dir / f"{name}.log", "wb")
+            children.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                httpx.get(f"{url}/login/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        for info in engine.containers_list("unix:///var/run/docker.sock", installation=settings.CONTAINER_PREFIX):
+            engine.container_remove("unix:///var/run/docker.sock", info.name)
+
+
+def wait_for(predicate, *, timeout: float, interval: float = 1.0, what: str = "condition"):
+    """Poll `predicate()` until it returns a truthy value (returned) or `timeout` seconds pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
