@@ -1,6 +1,12 @@
+from pathlib import Path
+
 import pytest
 
+from llmhub.fleet.services import gpu_type_ensure, host_register
 from tests.factories import GpuTypeFactory, HostFactory, UserFactory, token_for
+from tests.stack import DOCKER, engine_image, running_stack
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
 @pytest.fixture
@@ -27,3 +33,18 @@ def cpu_host(db):
 def auth(token):
     """Headers for Django's test client carrying `token` as a Bearer token."""
     return {"HTTP_AUTHORIZATION": f"Bearer {token}"}
+
+
+@pytest.fixture
+def stack(transactional_db, tmp_path_factory):
+    """The real platform (web, worker, beat) with the local Docker Engine as a 2-slot CPU host.
+
+    Yields the web base URL. Tests using it must be `django_db(transaction=True)`: the platform's
+    processes see only committed rows.
+    """
+    host_register(
+        name="local", docker_url=DOCKER, address="127.0.0.1",
+        gpu_type=gpu_type_ensure(name="CPU", uses_devices=False), gpu_count=2, engine_image=engine_image(),
+    )  # fmt: skip
+    with running_stack(tmp_path_factory.mktemp("stack-logs")) as url:
+        yield url

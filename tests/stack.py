@@ -19,6 +19,7 @@ from django.db import connection
 from llmhub.fleet import engine, images
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCKER = "unix:///var/run/docker.sock"
 BIN = Path(sys.executable).parent
 
 
@@ -80,8 +81,8 @@ def running_stack(log_dir: Path):
                 child.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 child.kill()
-        for info in engine.containers_list("unix:///var/run/docker.sock", installation=settings.CONTAINER_PREFIX):
-            engine.container_remove("unix:///var/run/docker.sock", info.name)
+        for info in engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX):
+            engine.container_remove(DOCKER, info.name)
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 1.0, what: str = "condition"):

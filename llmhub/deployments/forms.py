@@ -44,6 +44,8 @@ class DeploymentForm(forms.Form):
     hf_revision = forms.CharField(
         label="Revision", max_length=100, required=False, help_text="Branch, tag or commit (default: main)."
     )
+    min_instances = forms.IntegerField(min_value=0, max_value=64, initial=1)
+    max_instances = forms.IntegerField(min_value=1, max_value=64, initial=1)
     hf_token = forms.CharField(
         label="Hugging Face token",
         max_length=200,
@@ -51,8 +53,6 @@ class DeploymentForm(forms.Form):
         widget=forms.PasswordInput(render_value=False),
         help_text="For private or gated repos. Stored encrypted, never shown again.",
     )
-    min_instances = forms.IntegerField(min_value=0, max_value=64, initial=1)
-    max_instances = forms.IntegerField(min_value=1, max_value=64, initial=1)
 
     def clean(self):
         cleaned = super().clean()

@@ -110,7 +110,7 @@ async def deployment_chat(request, deploy_id):
             "model": deployment.full_name,
             "messages": messages_in,
             "stream": True,
-            "max_tokens": min(int(payload.get("max_tokens", 256)), 4096),
+            "max_tokens": min(int(payload.get("max_tokens", 128)), 4096),
         }
         return await gateway.proxy(deployment, "/v1/chat/completions", body)
     except (json.JSONDecodeError, ValueError, TypeError):

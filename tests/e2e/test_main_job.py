@@ -9,23 +9,10 @@ import pytest
 from django.conf import settings
 
 from llmhub.fleet import engine
-from llmhub.fleet.services import gpu_type_ensure, host_register
 from tests.factories import UserFactory, token_for
-from tests.stack import engine_image, running_stack, wait_for
+from tests.stack import DOCKER, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.vllm, pytest.mark.docker]
-
-DOCKER = "unix:///var/run/docker.sock"
-
-
-@pytest.fixture
-def stack(tmp_path_factory):
-    host_register(
-        name="local", docker_url=DOCKER, address="127.0.0.1",
-        gpu_type=gpu_type_ensure(name="CPU", uses_devices=False), gpu_count=2, engine_image=engine_image(),
-    )  # fmt: skip
-    with running_stack(tmp_path_factory.mktemp("stack-logs")) as url:
-        yield url
 
 
 def test_deploy_chat_stream_and_delete(stack):
@@ -87,6 +74,17 @@ def test_deploy_chat_stream_and_delete(stack):
     assert len(arrivals) >= 8, "a stream of 8 tokens arrives as several chunks"
     assert text
     assert usage.completion_tokens == 8
+
+    # Relayed as they are made, not buffered: a longer stream's chunks arrive spread out in time.
+    arrivals = [
+        time.monotonic()
+        for _ in client.chat.completions.create(
+            model="e2e/tiny", messages=[{"role": "user", "content": "Go on"}], max_tokens=48, stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    ]
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert sum(gap > 0.001 for gap in gaps) >= 4, f"chunks arrived in bursts: {gaps}"
 
     completion = client.completions.create(model="e2e/tiny", prompt="Once upon a time", max_tokens=8)
     assert completion.choices[0].text and completion.usage.completion_tokens <= 8

@@ -25,7 +25,8 @@ from llmhub.accounts.selectors import user_for_token
 from llmhub.accounts.services import api_token_create
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import deployment_create, deployment_delete
-from llmhub.fleet import images
+from llmhub.fleet import engine, images
+from llmhub.fleet.models import Instance
 from llmhub.fleet.services import gpu_type_ensure, host_register
 
 DEMO_USER = "demo"
@@ -144,12 +145,17 @@ class Command(BaseCommand):
     def wait_until_serving(self, deployment: Deployment, timeout: float):
         """Print the deployment's events as they happen until it is running."""
         self.step("Waiting for the instance to become ready (vLLM loads in about a minute on 2 cores)")
-        started, seen = time.monotonic(), set()
+        started, seen, last_line = time.monotonic(), set(), ""
         while True:
             deployment.refresh_from_db()
+            elapsed = time.monotonic() - started
             for event in deployment.events.order_by("created_at", "id").exclude(id__in=seen):
                 seen.add(event.id)
-                self.stdout.write(f"    [{time.monotonic() - started:5.0f}s] {event.kind:<9} {event.message.splitlines()[0]}")
+                self.stdout.write(f"    [{elapsed:5.0f}s] {event.kind:<9} {event.message.splitlines()[0]}")
+            line = self.engine_progress(deployment)
+            if line and line != last_line:
+                self.stdout.write(self.style.HTTP_NOT_MODIFIED(f"    [{elapsed:5.0f}s] engine    {line[:150]}"))
+                last_line = line
             if deployment.status == Deployment.Status.RUNNING:
                 return
             if deployment.status == Deployment.Status.FAILED:
@@ -160,6 +166,17 @@ class Command(BaseCommand):
                 if child.poll() is not None:
                     raise CommandError(f"{child.args[0]} exited; see .llmhub/logs/")
             time.sleep(1)
+
+    def engine_progress(self, deployment: Deployment) -> str:
+        """The last line the starting engine logged (e.g. "Loading weights took 0.05 seconds"), or ''."""
+        instance = deployment.instances.filter(state=Instance.State.STARTING).exclude(container_id="").first()
+        if instance is None:
+            return ""
+        try:
+            tail = engine.container_logs(instance.host.docker_url, instance.container_name, tail=1)
+        except engine.EngineError:
+            return ""
+        return tail.strip().rsplit("\n", 1)[-1]
 
     def wait_for_web(self, url: str):
         for _ in range(60):

@@ -1,0 +1,76 @@
+"""A user in a real browser (Playwright driving Debian's Chromium) against the real stack: sign in,
+create a deployment with the form, watch its badge reach `running` without reloading, chat with it,
+delete it with the trash icon. Screenshots go to test-artifacts/browser/."""
+
+import re
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+from tests.conftest import ARTIFACTS
+from tests.factories import UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.vllm]
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def test_create_watch_chat_and_delete(stack):
+    UserFactory(username="carol", password="carol-password-1")
+    shots = ARTIFACTS / "browser"
+    shots.mkdir(parents=True, exist_ok=True)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 860})
+        page.set_default_timeout(30_000)
+
+        page.goto(f"{stack}/deployments/")
+        expect(page).to_have_url(re.compile(r"/login/"))
+        page.fill("input[name=username]", "carol")
+        page.fill("input[name=password]", "carol-password-1")
+        page.screenshot(path=shots / "01-login.png")
+        page.click("button[type=submit]")
+        expect(page.get_by_text("No deployments yet")).to_be_visible()
+        page.screenshot(path=shots / "02-empty-list.png")
+
+        page.click("text=Create your first deployment")
+        page.fill("input[name=model_name]", "browser-llama")
+        page.select_option("select[name=gpu]", "CPU")
+        page.fill("input[name=max_batch_size]", "4")
+        page.fill("input[name=hf_repo]", "llmhub/tiny-random-llama")
+        page.fill("input[name=min_instances]", "3")
+        page.click("button:has-text('Deploy')")
+        expect(page.locator(".has-error .error")).to_contain_text("must not be more than max instances")
+        page.screenshot(path=shots / "03-form-error.png", full_page=True)
+        page.fill("input[name=min_instances]", "1")
+        page.click("button:has-text('Deploy')")
+
+        badge = page.locator("h1 .badge")
+        expect(badge).to_have_text("deploying")
+        page.screenshot(path=shots / "04-deploying.png", full_page=True)
+        expect(badge).to_have_text("running", timeout=600_000)  # swapped in by htmx polling, no reload
+        expect(page.locator("#live")).to_contain_text("ready", timeout=10_000)
+        page.screenshot(path=shots / "05-running.png", full_page=True)
+
+        page.fill("#chat-input", "Hello, who are you?")
+        page.click("#chat-form button")
+        reply = page.locator(".msg-assistant").last
+        expect(reply).not_to_have_class(re.compile("streaming"), timeout=60_000)
+        expect(reply).not_to_be_empty()
+        expect(reply).not_to_have_class(re.compile("msg-error"))
+        page.screenshot(path=shots / "06-chat.png", full_page=True)
+
+        page.click("nav >> text=Deployments")
+        row = page.locator("tr", has_text="carol/browser-llama")
+        expect(row.locator(".badge")).to_have_text("running")
+        page.screenshot(path=shots / "07-list.png", full_page=True)
+        page.once("dialog", lambda dialog: dialog.accept())
+        row.locator("button[title^='Delete']").click()
+        expect(row).to_have_count(0)
+        expect(page.locator("#messages")).to_contain_text("Deleting carol/browser-llama")
+        page.screenshot(path=shots / "08-deleted.png", full_page=True)
+        browser.close()
