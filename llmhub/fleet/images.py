@@ -52,6 +52,7 @@ LOG_TAIL_LINES = 40
 
 _IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
 _STEP_RE = re.compile(r"^Step \d+/\d+ : ")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class EngineImageError(RuntimeError):
@@ -285,7 +286,7 @@ def engine_image_ensure(
             for chunk in stream:
                 if "error" in chunk:
                     detail = (chunk.get("errorDetail") or {}).get("message") or chunk["error"]
-                    tail.append(str(detail).rstrip())
+                    tail.append(_ANSI_RE.sub("", str(detail)).rstrip())
                     raise EngineImageError(
                         f"build of {tag} failed at {last_step or 'start'}: {str(detail).strip()}",
                         list(tail),
@@ -295,7 +296,7 @@ def engine_image_ensure(
                 text = chunk.get("stream")
                 if not text:
                     continue
-                for line in text.splitlines():
+                for line in _ANSI_RE.sub("", text).splitlines():
                     line = line.rstrip()
                     if not line:
                         continue
