@@ -78,7 +78,7 @@ def test_a_deployment_converges_to_ready_and_a_second_pass_changes_nothing(fake,
     status, instances, _ = first
     assert status == Deployment.Status.RUNNING
     assert [(i[1], i[2], i[3]) for i in instances] == [("ready", cpu_host.id, [0])]
-    assert list(fake.containers) == [f"llmhub-{instances[0][0]}"]
+    assert list(fake.containers) == [Instance.objects.get(id=instances[0][0]).container_name]
     kinds = list(deployment.events.order_by("id").values_list("kind", flat=True))
     assert kinds == ["scheduled", "starting", "ready", "running"]
 
