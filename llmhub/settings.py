@@ -5,12 +5,13 @@ every secret can also be read from a file named by `<NAME>_FILE` (django-environ
 A bad value fails loudly at start-up.
 """
 
+import os
 from pathlib import Path
 
 import environ
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-STATE_DIR = BASE_DIR / ".llmhub"
+STATE_DIR = Path(os.environ.get("LLMHUB_STATE_DIR", BASE_DIR / ".llmhub"))  # secrets, demo facts, logs
 
 env = environ.FileAwareEnv(
     DEBUG=(bool, False),

@@ -5,22 +5,18 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import docker
-import httpx
 from django.conf import settings
 from django.db import connection
 
+from llmhub import processes
 from llmhub.fleet import engine, images
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCKER = "unix:///var/run/docker.sock"
-BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
@@ -54,33 +50,14 @@ def running_stack(log_dir: Path):
         "LLMHUB_QUEUE": settings.CELERY_TASK_DEFAULT_QUEUE,
         "LLMHUB_CONTAINER_PREFIX": settings.CONTAINER_PREFIX,
     }
-    commands = {
-        "web": [str(BIN / "uvicorn"), "llmhub.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
-        "worker": [str(BIN / "celery"), "-A", "workers", "worker", "-B", "-l", "info", "--concurrency", "2",
-                   "--schedule", str(log_dir / "celerybeat-schedule")],
-    }  # fmt: skip
-    log_dir.mkdir(parents=True, exist_ok=True)
-    children = []
+    commands = processes.platform_commands(port=port, schedule=log_dir / "celerybeat-schedule", embedded_beat=True)
+    children = processes.start(commands, log_dir=log_dir, env=env)
     try:
-        for name, command in commands.items():
-            log = open(log_dir / f"{name}.log", "wb")
-            children.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                httpx.get(f"{url}/login/", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        assert processes.wait_for_web(url), f"the web server did not start; see {log_dir}/web.log"
         yield url
     finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        processes.stop(children, grace=20)
         for info in engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX):
             engine.container_remove(DOCKER, info.name)
 

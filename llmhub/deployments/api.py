@@ -144,20 +144,8 @@ def deploy_create(request, user):
     if not form.is_valid():
         errors = field_errors(form.errors.as_data())
         raise ApiError(400, "Invalid deployment: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items()), errors)
-    data = form.cleaned_data
     try:
-        deployment = services.deployment_create(
-            user=user,
-            model_name=data["model_name"],
-            gpu_type=data["gpu"],
-            num_gpus=data["num_gpus"],
-            max_batch_size=data["max_batch_size"],
-            hf_repo=data["hf_repo"],
-            hf_revision=data["hf_revision"],
-            hf_token=data["hf_token"],
-            min_instances=data["min_instances"],
-            max_instances=data["max_instances"],
-        )
+        deployment = services.deployment_create(user=user, **form.service_kwargs())
     except ValidationError as exc:
         errors = field_errors(exc.error_dict)
         raise ApiError(400, " ".join(m for v in errors.values() for m in v), errors) from exc

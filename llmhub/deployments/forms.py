@@ -54,6 +54,12 @@ class DeploymentForm(forms.Form):
         help_text="For private or gated repos. Stored encrypted, never shown again.",
     )
 
+    def service_kwargs(self) -> dict:
+        """The cleaned data as keyword arguments of `services.deployment_create` (after `is_valid()`)."""
+        data = dict(self.cleaned_data)
+        data["gpu_type"] = data.pop("gpu")
+        return data
+
     def clean(self):
         cleaned = super().clean()
         low, high = cleaned.get("min_instances"), cleaned.get("max_instances")

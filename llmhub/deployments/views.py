@@ -33,20 +33,8 @@ def deployment_list(request):
 def deployment_create(request):
     form = DeploymentForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        data = form.cleaned_data
         try:
-            deployment = services.deployment_create(
-                user=request.user,
-                model_name=data["model_name"],
-                gpu_type=data["gpu"],
-                num_gpus=data["num_gpus"],
-                max_batch_size=data["max_batch_size"],
-                hf_repo=data["hf_repo"],
-                hf_revision=data["hf_revision"],
-                hf_token=data["hf_token"],
-                min_instances=data["min_instances"],
-                max_instances=data["max_instances"],
-            )
+            deployment = services.deployment_create(user=request.user, **form.service_kwargs())
         except ValidationError as exc:
             for field, errors in exc.error_dict.items():
                 for error in errors:

@@ -35,6 +35,7 @@ ADVISORY_LOCK_NAMESPACE = 7_001  # pg_try_advisory_lock(namespace, deployment id
 BACKOFF_BASE_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 300.0
 LOG_TAIL_LINES = 12
+CRASH_COUNT_RESET_SECONDS = 600.0
 
 
 def restart_backoff(restarts: int) -> float:
@@ -196,7 +197,9 @@ def _crash(deployment: Deployment, instance: Instance, reason: str) -> None:
         last_error=detail,
     ):  # fmt: skip
         return
-    restarts = instance.restarts + 1
+    # A crash after a long healthy run starts a fresh count, as Kubernetes resets its crash backoff.
+    healthy_for = (now - instance.ready_at).total_seconds() if instance.ready_at else 0
+    restarts = 1 if healthy_for > CRASH_COUNT_RESET_SECONDS else instance.restarts + 1
     if restarts > settings.INSTANCE_MAX_RESTARTS:
         Deployment.objects.filter(id=deployment.id, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING]).update(
             status=Deployment.Status.FAILED, fail_reason=detail, updated_at=now

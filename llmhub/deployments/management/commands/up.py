@@ -9,7 +9,6 @@ writes `.llmhub/demo.env`. Ctrl-C stops the processes it started; the data stays
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from decimal import Decimal
@@ -20,6 +19,7 @@ import httpx
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from llmhub import processes
 from llmhub.accounts.models import User
 from llmhub.accounts.selectors import user_for_token
 from llmhub.accounts.services import api_token_create
@@ -52,7 +52,7 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=1200.0, help="Seconds to wait for the demo to serve.")
 
     def handle(self, *args, port, timeout, **options):
-        self.children: list[subprocess.Popen] = []
+        self.children = []
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         url = f"http://127.0.0.1:{port}"
         try:
@@ -70,14 +70,15 @@ class Command(BaseCommand):
             self.start_processes(port)
             deployment = self.demo_deployment(user, gpu_type)
             self.wait_until_serving(deployment, timeout)
-            self.wait_for_web(url)
+            if not processes.wait_for_web(url):
+                raise CommandError("The web server did not answer; see .llmhub/logs/web.log")
             reply = self.chat(url, token, deployment.full_name)
             self.report(url, password, token, deployment.full_name, reply)
             self.serve_forever()
         except KeyboardInterrupt:
             self.stdout.write("\nStopping…")
         finally:
-            self.stop_processes()
+            processes.stop(self.children)
 
     # --- steps -------------------------------------------------------------------------------
 
@@ -105,19 +106,8 @@ class Command(BaseCommand):
 
     def start_processes(self, port: int):
         self.step("Starting web, worker and beat (logs in .llmhub/logs/)")
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        bin_dir = Path(sys.executable).parent
-        commands = {
-            "web": [str(bin_dir / "uvicorn"), "llmhub.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
-            "worker": [str(bin_dir / "celery"), "-A", "workers", "worker", "-l", "info", "--concurrency", "2"],
-            "beat": [str(bin_dir / "celery"), "-A", "workers", "beat", "-l", "info",
-                     "--schedule", str(settings.STATE_DIR / "celerybeat-schedule")],
-        }  # fmt: skip
-        for name, command in commands.items():
-            log = open(LOG_DIR / f"{name}.log", "ab")
-            self.children.append(
-                subprocess.Popen(command, cwd=settings.BASE_DIR, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-            )
+        commands = processes.platform_commands(port=port, schedule=settings.STATE_DIR / "celerybeat-schedule")
+        self.children = processes.start(commands, log_dir=LOG_DIR)
         time.sleep(2)
         for child, name in zip(self.children, commands):
             if child.poll() is not None:
@@ -178,15 +168,6 @@ class Command(BaseCommand):
             return ""
         return tail.strip().rsplit("\n", 1)[-1]
 
-    def wait_for_web(self, url: str):
-        for _ in range(60):
-            try:
-                httpx.get(f"{url}/login/", timeout=2)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        raise CommandError("The web server did not answer; see .llmhub/logs/web.log")
-
     def chat(self, url: str, token: str, model: str) -> str:
         self.step("Sending a chat completion through the gateway")
         response = httpx.post(
@@ -211,7 +192,7 @@ class Command(BaseCommand):
             f"Login:      {DEMO_USER} / {password}\n"
             f"API token:  {token}\n"
             f"Model:      {model}\n"
-            f"Saved in:   {DEMO_ENV.relative_to(settings.BASE_DIR)}\n\n"
+            f"Saved in:   {os.path.relpath(DEMO_ENV) if DEMO_ENV.is_relative_to(Path.cwd()) else DEMO_ENV}\n\n"
             f"Try it:\n{curl}\n\n"
             "Serving until Ctrl-C.\n"
         )
@@ -221,13 +202,3 @@ class Command(BaseCommand):
             time.sleep(1)
         raise CommandError("A process exited; see .llmhub/logs/")
 
-    def stop_processes(self):
-        for child in self.children:
-            if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + 15
-        for child in self.children:
-            try:
-                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.kill()
