@@ -38,8 +38,9 @@ def start(commands: dict[str, list[str]], *, log_dir: Path, env: dict | None = N
     for name, argv in commands.items():
         with open(log_dir / f"{name}.log", "ab") as log:
             children.append(
-                subprocess.Popen(argv, cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)  # fmt: skip
+                subprocess.Popen(
+                    argv, cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )  # fmt: skip
             )
     return children
 

@@ -96,9 +96,7 @@ def flatten_body(body: dict) -> dict:
         else:
             unknown.append(key)
     if unknown:
-        raise ApiError(
-            400, f"Unknown field(s): {', '.join(unknown)}.", {path: ["Unknown field."] for path in unknown}
-        )
+        raise ApiError(400, f"Unknown field(s): {', '.join(unknown)}.", {path: ["Unknown field."] for path in unknown})
     for field, value in data.items():
         if isinstance(value, (dict, list, bool)):
             raise ApiError(400, f"'{FIELD_PATHS[field]}' has the wrong type.", {FIELD_PATHS[field]: ["Wrong type."]})
@@ -143,7 +141,9 @@ def deploy_create(request, user):
     form = DeploymentForm(flatten_body(parse_json(request.body)))
     if not form.is_valid():
         errors = field_errors(form.errors.as_data())
-        raise ApiError(400, "Invalid deployment: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items()), errors)
+        raise ApiError(
+            400, "Invalid deployment: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items()), errors
+        )
     try:
         deployment = services.deployment_create(user=user, **form.service_kwargs())
     except ValidationError as exc:

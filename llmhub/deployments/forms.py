@@ -64,7 +64,5 @@ class DeploymentForm(forms.Form):
         cleaned = super().clean()
         low, high = cleaned.get("min_instances"), cleaned.get("max_instances")
         if low is not None and high is not None and low > high:
-            self.add_error(
-                "min_instances", f"Min instances ({low}) must not be more than max instances ({high})."
-            )
+            self.add_error("min_instances", f"Min instances ({low}) must not be more than max instances ({high}).")
         return cleaned

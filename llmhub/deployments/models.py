@@ -51,9 +51,7 @@ class Deployment(models.Model):
                 condition=~Q(status="deleted"),
                 name="deployment_unique_live_name_per_user",
             ),
-            models.CheckConstraint(
-                condition=Q(min_instances__lte=F("max_instances")), name="deployment_min_le_max"
-            ),
+            models.CheckConstraint(condition=Q(min_instances__lte=F("max_instances")), name="deployment_min_le_max"),
         ]
 
     def __str__(self):

@@ -103,9 +103,7 @@ def torch_wheel() -> Path:
 def ca_bundle() -> Path:
     """The CA bundle copied into the build so pip reaches PyPI through the host's TLS setup."""
     path = Path(
-        os.environ.get("LLMHUB_CA_BUNDLE")
-        or os.environ.get("PIP_CERT")
-        or "/etc/ssl/certs/ca-certificates.crt"
+        os.environ.get("LLMHUB_CA_BUNDLE") or os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt"
     )
     if not path.is_file():
         raise EngineImageError(f"CA bundle {path} not found (set LLMHUB_CA_BUNDLE)")
@@ -154,9 +152,7 @@ def _host_lock(name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def base_image_ensure(
-    *, client: docker.DockerClient, progress: Callable[[str], None] = print
-) -> str:
+def base_image_ensure(*, client: docker.DockerClient, progress: Callable[[str], None] = print) -> str:
     """Make ``llmhub/debian-bookworm:minbase`` unless it exists; returns that tag.
 
     ``debootstrap --variant=minbase bookworm DIR http://deb.debian.org/debian`` (needs root and
@@ -308,9 +304,7 @@ def engine_image_ensure(
                     elif line.strip() == "---> Using cache":
                         progress(f"[{time.monotonic() - started:5.0f} s]   (cached)")
         if not _image_exists(client, tag):
-            raise EngineImageError(
-                f"build of {tag} ended without an image (id {image_id})", list(tail)
-            )
+            raise EngineImageError(f"build of {tag} ended without an image (id {image_id})", list(tail))
         progress(f"built {tag} in {time.monotonic() - started:.0f} s")
         return tag
 
@@ -324,9 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     client = docker.from_env()
     try:
-        tag = engine_image_ensure(
-            client=client, recipe=args.recipe, progress=lambda line: print(line, flush=True)
-        )
+        tag = engine_image_ensure(client=client, recipe=args.recipe, progress=lambda line: print(line, flush=True))
     except EngineImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

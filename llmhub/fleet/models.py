@@ -10,9 +10,7 @@ class GpuType(models.Model):
 
     name = models.CharField(max_length=32, unique=True)
     memory_gb = models.PositiveIntegerField(default=0, help_text="Memory of one GPU in GB (0: unknown / CPU).")
-    hourly_price = models.DecimalField(
-        max_digits=10, decimal_places=4, default=0, help_text="USD per GPU-hour."
-    )
+    hourly_price = models.DecimalField(max_digits=10, decimal_places=4, default=0, help_text="USD per GPU-hour.")
     uses_devices = models.BooleanField(
         default=True,
         help_text="Pass the reserved GPUs to containers as device requests (off for CPU hosts, "
@@ -73,9 +71,7 @@ class Instance(models.Model):
 
     LIVE_STATES = (State.PENDING, State.STARTING, State.READY, State.STOPPING)
 
-    deployment = models.ForeignKey(
-        "deployments.Deployment", on_delete=models.CASCADE, related_name="instances"
-    )
+    deployment = models.ForeignKey("deployments.Deployment", on_delete=models.CASCADE, related_name="instances")
     host = models.ForeignKey(Host, on_delete=models.PROTECT, null=True, blank=True, related_name="instances")
     gpu_indexes = ArrayField(models.PositiveSmallIntegerField(), default=list, blank=True)
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)

@@ -120,13 +120,13 @@ def _scale(deployment: Deployment, live: list[Instance]) -> None:
 def _place_and_start(deployment: Deployment, instance: Instance) -> None:
     if instance.next_attempt_at and instance.next_attempt_at > timezone.now():
         return  # backing off after a crash
-    placement = instance_place(
-        instance_id=instance.id, gpu_type=deployment.gpu_type, num_gpus=deployment.num_gpus
-    )
+    placement = instance_place(instance_id=instance.id, gpu_type=deployment.gpu_type, num_gpus=deployment.num_gpus)
     if placement is None:
         reason = f"no host with {deployment.num_gpus} free {deployment.gpu_type.name}"
-        if Instance.objects.filter(id=instance.id, state=Instance.State.PENDING).exclude(last_error=reason).update(
-            last_error=reason
+        if (
+            Instance.objects.filter(id=instance.id, state=Instance.State.PENDING)
+            .exclude(last_error=reason)
+            .update(last_error=reason)
         ):
             event_record(deployment=deployment, kind="pending", message=f"instance {instance.id} waits: {reason}")
         return
@@ -201,10 +201,12 @@ def _crash(deployment: Deployment, instance: Instance, reason: str) -> None:
     healthy_for = (now - instance.ready_at).total_seconds() if instance.ready_at else 0
     restarts = 1 if healthy_for > CRASH_COUNT_RESET_SECONDS else instance.restarts + 1
     if restarts > settings.INSTANCE_MAX_RESTARTS:
-        Deployment.objects.filter(id=deployment.id, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING]).update(
-            status=Deployment.Status.FAILED, fail_reason=detail, updated_at=now
+        Deployment.objects.filter(
+            id=deployment.id, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING]
+        ).update(status=Deployment.Status.FAILED, fail_reason=detail, updated_at=now)
+        event_record(
+            deployment=deployment, kind="failed", message=f"instance {instance.id} crashed {restarts} times: {detail}"
         )
-        event_record(deployment=deployment, kind="failed", message=f"instance {instance.id} crashed {restarts} times: {detail}")
         return
     delay = restart_backoff(restarts)
     Instance.objects.create(deployment=deployment, restarts=restarts, next_attempt_at=now + timedelta(seconds=delay))
@@ -223,7 +225,9 @@ def _stop(deployment: Deployment, instance: Instance) -> None:
             log.warning("instance %s: %s", instance.id, exc)
             return  # try again next pass
     now = timezone.now()
-    if _claim(instance, Instance.State.STOPPING, state=Instance.State.STOPPED, stopped_at=now if instance.started_at else None):
+    if _claim(
+        instance, Instance.State.STOPPING, state=Instance.State.STOPPED, stopped_at=now if instance.started_at else None
+    ):
         event_record(deployment=deployment, kind="stopped", message=f"instance {instance.id} stopped")
 
 
@@ -287,7 +291,9 @@ def host_sweep(*, host: Host) -> list[str]:
         containers = engine.containers_list(host.docker_url, installation=settings.CONTAINER_PREFIX)
     except engine.EngineError:
         return []
-    ids = {int(c.labels[engine.LABEL_INSTANCE]) for c in containers if c.labels.get(engine.LABEL_INSTANCE, "").isdigit()}
+    ids = {
+        int(c.labels[engine.LABEL_INSTANCE]) for c in containers if c.labels.get(engine.LABEL_INSTANCE, "").isdigit()
+    }
     live = set(Instance.objects.filter(id__in=ids, state__in=Instance.LIVE_STATES).values_list("id", flat=True))
     removed = []
     for c in containers:

@@ -89,9 +89,7 @@ async def ready_instances(deployment: Deployment) -> list[Instance]:
     """Ready instances of `deployment` with their hosts."""
     return [
         i
-        async for i in Instance.objects.select_related("host").filter(
-            deployment=deployment, state=Instance.State.READY
-        )
+        async for i in Instance.objects.select_related("host").filter(deployment=deployment, state=Instance.State.READY)
     ]
 
 
@@ -138,7 +136,9 @@ async def _relay(instance_id: int, upstream: httpx.Response, *, stream: bool) ->
         try:
             content = await upstream.aread()
         except httpx.HTTPError as exc:
-            raise GatewayError(502, "The engine broke off its answer.", type="server_error", code="engine_error") from exc
+            raise GatewayError(
+                502, "The engine broke off its answer.", type="server_error", code="engine_error"
+            ) from exc
         finally:
             await upstream.aclose()
             outstanding[instance_id] -= 1

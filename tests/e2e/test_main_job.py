@@ -79,7 +79,10 @@ def test_deploy_chat_stream_and_delete(stack):
     arrivals = [
         time.monotonic()
         for _ in client.chat.completions.create(
-            model="e2e/tiny", messages=[{"role": "user", "content": "Go on"}], max_tokens=48, stream=True,
+            model="e2e/tiny",
+            messages=[{"role": "user", "content": "Go on"}],
+            max_tokens=48,
+            stream=True,
             extra_body={"ignore_eos": True},
         )
     ]

@@ -126,7 +126,9 @@ def test_name_taken_is_a_field_error(client, auth, cpu_host):
 
 
 def test_gpu_quota_counts_max_instances_times_gpus(client, auth, cpu_host):
-    assert post(client, auth, body(model_name="a", settings={"min_instances": 0, "max_instances": 3})).status_code == 200
+    assert (
+        post(client, auth, body(model_name="a", settings={"min_instances": 0, "max_instances": 3})).status_code == 200
+    )
 
     response = post(client, auth, body(model_name="b", settings={"min_instances": 0, "max_instances": 2}))
 

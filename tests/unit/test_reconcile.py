@@ -57,9 +57,9 @@ def fake(monkeypatch):
 
 def snapshot(deployment):
     instances = list(
-        Instance.objects.filter(deployment=deployment).order_by("id").values_list(
-            "id", "state", "host_id", "gpu_indexes", "container_id", "port"
-        )
+        Instance.objects.filter(deployment=deployment)
+        .order_by("id")
+        .values_list("id", "state", "host_id", "gpu_indexes", "container_id", "port")
     )
     deployment.refresh_from_db()
     return deployment.status, instances, deployment.events.count()
@@ -180,8 +180,9 @@ def test_orphan_containers_are_swept(fake, cpu_host, settings):
     ours = {engine.LABEL_INSTANCE: "999", engine.LABEL_INSTALLATION: settings.CONTAINER_PREFIX}
     another_installations = {engine.LABEL_INSTANCE: "999", engine.LABEL_INSTALLATION: "elsewhere"}
     fake.container_run(cpu_host.docker_url, engine.ContainerSpec(name="ours-999", image="x", args=[], labels=ours))
-    fake.container_run(cpu_host.docker_url, engine.ContainerSpec(name="theirs-999", image="x", args=[], labels=another_installations))
+    fake.container_run(
+        cpu_host.docker_url, engine.ContainerSpec(name="theirs-999", image="x", args=[], labels=another_installations)
+    )
 
     assert reconcile.host_sweep(host=cpu_host) == ["ours-999"]
     assert list(fake.containers) == ["theirs-999"]
-

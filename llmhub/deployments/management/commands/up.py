@@ -186,7 +186,9 @@ class Command(BaseCommand):
             f"  -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' \\\n"
             f"""  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Hello"}}], "max_tokens": 32}}'"""
         )
-        self.stdout.write(self.style.SUCCESS(f"\nReply from {model} (a tiny model with random weights):\n  {reply!r}\n"))
+        self.stdout.write(
+            self.style.SUCCESS(f"\nReply from {model} (a tiny model with random weights):\n  {reply!r}\n")
+        )
         self.stdout.write(
             f"Dashboard:  {url}/\n"
             f"Login:      {DEMO_USER} / {password}\n"
@@ -201,4 +203,3 @@ class Command(BaseCommand):
         while all(child.poll() is None for child in self.children):
             time.sleep(1)
         raise CommandError("A process exited; see .llmhub/logs/")
-
