@@ -16,7 +16,7 @@ from llmhub.accounts.selectors import bearer_secret, user_for_token
 from llmhub.fleet.selectors import instance_counts
 
 from . import selectors, services
-from .forms import DeploymentForm
+from .forms import DeploymentForm, ScaleForm
 from .models import Deployment
 
 # Request body shape: JSON path → form field.
@@ -112,6 +112,12 @@ def field_errors(error_dict: dict) -> dict[str, list[str]]:
     return out
 
 
+def invalid(error_dict: dict) -> ApiError:
+    """A 400 ApiError from form or service errors, each message under its body path."""
+    errors = field_errors(error_dict)
+    return ApiError(400, "; ".join(f"{path}: {' '.join(msgs)}" for path, msgs in errors.items()), errors)
+
+
 def deploy_json(deployment: Deployment, counts: dict[str, int]) -> dict:
     """The deploy object (DeepInfra shape). The Hugging Face token is never included."""
     return {
@@ -140,15 +146,11 @@ def deploy_create(request, user):
     """POST /deploy/llm: create a deployment; 200 with the deploy object."""
     form = DeploymentForm(flatten_body(parse_json(request.body)))
     if not form.is_valid():
-        errors = field_errors(form.errors.as_data())
-        raise ApiError(
-            400, "Invalid deployment: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in errors.items()), errors
-        )
+        raise invalid(form.errors.as_data())
     try:
         deployment = services.deployment_create(user=user, **form.service_kwargs())
     except ValidationError as exc:
-        errors = field_errors(exc.error_dict)
-        raise ApiError(400, " ".join(m for v in errors.values() for m in v), errors) from exc
+        raise invalid(exc.error_dict) from exc
     return JsonResponse(_one(deployment))
 
 
@@ -161,11 +163,38 @@ def deploy_list(request, user):
     return JsonResponse([deploy_json(d, counts[d.id]) for d in deployments], safe=False)
 
 
-@require_http_methods(["GET", "DELETE"])
+@require_http_methods(["GET", "PUT", "DELETE"])
 @deploy_api
 def deploy_detail(request, user, deploy_id):
-    """GET /deploy/<deploy_id>: the deploy object. DELETE: start deleting it (200 with the object)."""
+    """GET /deploy/<deploy_id>: the deploy object. PUT: change `settings` (min/max instances) without
+    restarting running instances. DELETE: start deleting it. Each answers 200 with the object."""
     deployment = selectors.deployment_get(user, deploy_id)
-    if request.method == "DELETE":
+    if request.method == "PUT":
+        _scale(deployment, parse_json(request.body))
+    elif request.method == "DELETE":
         services.deployment_delete(deployment=deployment)
     return JsonResponse(_one(deployment))
+
+
+def _scale(deployment: Deployment, body: dict) -> None:
+    data = flatten_body(body)
+    fixed = sorted(FIELD_PATHS[f] for f in data if f not in ScaleForm.base_fields)
+    if fixed:
+        raise ApiError(
+            400,
+            f"Only settings.min_instances and settings.max_instances can change once deployed; "
+            f"{', '.join(fixed)} are fixed. Create a new deployment to change them.",
+            {path: ["Fixed once deployed."] for path in fixed},
+        )
+    form = ScaleForm(
+        {
+            "min_instances": data.get("min_instances", deployment.min_instances),
+            "max_instances": data.get("max_instances", deployment.max_instances),
+        }
+    )
+    if not form.is_valid():
+        raise invalid(form.errors.as_data())
+    try:
+        services.deployment_scale(deployment=deployment, **form.cleaned_data)
+    except ValidationError as exc:
+        raise invalid(exc.error_dict) from exc

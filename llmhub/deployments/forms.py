@@ -31,7 +31,35 @@ class GpuTypeField(forms.ModelChoiceField):
             ) from exc
 
 
-class DeploymentForm(forms.Form):
+def bounds_error(min_instances: int, max_instances: int) -> str | None:
+    """The message when min instances exceed max instances, else None."""
+    if min_instances > max_instances:
+        return f"Min instances ({min_instances}) must not be more than max instances ({max_instances})."
+    return None
+
+
+class ScaleForm(forms.Form):
+    """Min and max instances: the part of a deployment its owner may change once it is deployed."""
+
+    min_instances = forms.IntegerField(
+        min_value=0, max_value=64, initial=1, help_text="Kept running even when idle (0: scale to zero)."
+    )
+    max_instances = forms.IntegerField(min_value=1, max_value=64, initial=1, help_text="Upper bound under load.")
+
+    def clean(self):
+        cleaned = super().clean()
+        low, high = cleaned.get("min_instances"), cleaned.get("max_instances")
+        if low is not None and high is not None and (error := bounds_error(low, high)):
+            self.add_error("min_instances", error)
+        return cleaned
+
+
+class DeploymentForm(ScaleForm):
+    field_order = [
+        "model_name", "gpu", "num_gpus", "max_batch_size", "hf_repo", "hf_revision",
+        "min_instances", "max_instances", "hf_token",
+    ]  # fmt: skip
+
     model_name = forms.CharField(
         max_length=64, validators=[model_name_validator], help_text="Served as username/model-name."
     )
@@ -44,8 +72,6 @@ class DeploymentForm(forms.Form):
     hf_revision = forms.CharField(
         label="Revision", max_length=100, required=False, help_text="Branch, tag or commit (default: main)."
     )
-    min_instances = forms.IntegerField(min_value=0, max_value=64, initial=1)
-    max_instances = forms.IntegerField(min_value=1, max_value=64, initial=1)
     hf_token = forms.CharField(
         label="Hugging Face token",
         max_length=200,
@@ -59,10 +85,3 @@ class DeploymentForm(forms.Form):
         data = dict(self.cleaned_data)
         data["gpu_type"] = data.pop("gpu")
         return data
-
-    def clean(self):
-        cleaned = super().clean()
-        low, high = cleaned.get("min_instances"), cleaned.get("max_instances")
-        if low is not None and high is not None and low > high:
-            self.add_error("min_instances", f"Min instances ({low}) must not be more than max instances ({high}).")
-        return cleaned

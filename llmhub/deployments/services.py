@@ -8,6 +8,7 @@ from llmhub import crypto
 from llmhub.accounts.models import User
 from llmhub.fleet.models import GpuType
 
+from .forms import bounds_error
 from .models import Deployment, DeploymentEvent
 
 # Statuses whose deployments count against the GPU quota (they hold or may hold GPUs).
@@ -26,14 +27,26 @@ def reconcile_soon(deployment_id: int) -> None:
     transaction.on_commit(lambda: tasks.reconcile_deployment.delay(deployment_id))
 
 
-def gpus_reserved(user: User) -> int:
-    """GPUs the user's live deployments may hold at most: Σ max_instances × num_gpus."""
-    total = (
-        Deployment.objects.filter(user=user, status__in=QUOTA_STATUSES)
-        .aggregate(n=Sum(F("max_instances") * F("num_gpus")))
-        .get("n")
-    )
-    return total or 0
+def gpus_reserved(user: User, *, excluding: Deployment | None = None) -> int:
+    """GPUs the user's live deployments may hold at most: Σ max_instances × num_gpus (`excluding` one)."""
+    deployments = Deployment.objects.filter(user=user, status__in=QUOTA_STATUSES)
+    if excluding is not None:
+        deployments = deployments.exclude(id=excluding.id)
+    return deployments.aggregate(n=Sum(F("max_instances") * F("num_gpus"))).get("n") or 0
+
+
+def _check_quota(user: User, *, num_gpus: int, max_instances: int, excluding: Deployment | None = None) -> None:
+    """Raise ValidationError on `max_instances` when the user's GPU quota would be exceeded."""
+    wanted = max_instances * num_gpus
+    used = gpus_reserved(user, excluding=excluding)
+    if used + wanted > user.gpu_quota:
+        raise ValidationError(
+            {
+                "max_instances": f"This needs {wanted} GPUs (max instances × GPUs) but only "
+                f"{max(user.gpu_quota - used, 0)} of your quota of {user.gpu_quota} are free. "
+                "Lower max instances or the GPU count, or delete a deployment."
+            }
+        )
 
 
 @transaction.atomic
@@ -62,16 +75,7 @@ def deployment_create(
         raise ValidationError(
             {"model_name": f"You already have a deployment named '{model_name}'. Choose another name."}
         )
-    wanted = max_instances * num_gpus
-    used = gpus_reserved(user)
-    if used + wanted > user.gpu_quota:
-        raise ValidationError(
-            {
-                "max_instances": f"This needs {wanted} GPUs (max instances × GPUs) but only "
-                f"{max(user.gpu_quota - used, 0)} of your quota of {user.gpu_quota} are free. "
-                "Lower max instances or the GPU count, or delete a deployment."
-            }
-        )
+    _check_quota(user, num_gpus=num_gpus, max_instances=max_instances)
     deployment = Deployment.objects.create(
         user=user,
         model_name=model_name,
@@ -88,6 +92,32 @@ def deployment_create(
         deployment=deployment,
         kind="created",
         message=f"{hf_repo} on {num_gpus} × {gpu_type.name}, {min_instances}–{max_instances} instances",
+    )
+    reconcile_soon(deployment.id)
+    return deployment
+
+
+@transaction.atomic
+def deployment_scale(*, deployment: Deployment, min_instances: int, max_instances: int) -> Deployment:
+    """Change a deployment's min and max instances; running instances keep running.
+
+    The reconciler then adds or stops instances to fit the new bounds. Checks the GPU quota with
+    the new max (the user row is locked, as in `deployment_create`). Raises ValidationError keyed by
+    field name (`min_instances`, `max_instances`).
+    """
+    if error := bounds_error(min_instances, max_instances):
+        raise ValidationError({"min_instances": error})
+    User.objects.select_for_update().filter(id=deployment.user_id).first()
+    _check_quota(deployment.user, num_gpus=deployment.num_gpus, max_instances=max_instances, excluding=deployment)
+    old = (deployment.min_instances, deployment.max_instances)
+    if old == (min_instances, max_instances):
+        return deployment
+    deployment.min_instances, deployment.max_instances = min_instances, max_instances
+    deployment.save(update_fields=["min_instances", "max_instances", "updated_at"])
+    event_record(
+        deployment=deployment,
+        kind="scaled",
+        message=f"instances {old[0]}–{old[1]} → {min_instances}–{max_instances} (set by owner)",
     )
     reconcile_soon(deployment.id)
     return deployment

@@ -16,7 +16,7 @@ from llmhub.gateway import services as gateway
 from llmhub.gateway.services import GatewayError
 
 from . import selectors, services
-from .forms import DeploymentForm
+from .forms import DeploymentForm, ScaleForm
 
 
 @login_required
@@ -54,8 +54,38 @@ def deployment_detail(request, deploy_id):
         "counts": instance_counts([deployment.id])[deployment.id],
         "instances": deployment.instances.select_related("host").order_by("-id")[:20],
         "events": deployment.events.all()[:50],
+        "scale_form": ScaleForm(
+            initial={"min_instances": deployment.min_instances, "max_instances": deployment.max_instances}
+        ),
     }
     return render(request, "deployments/detail.html", context)
+
+
+@login_required
+@require_POST
+def deployment_scale(request, deploy_id):
+    """The scaling form (min/max instances): re-rendered in place with errors or the new values."""
+    deployment = selectors.deployment_get(request.user, deploy_id)
+    form = ScaleForm(request.POST)
+    if form.is_valid():
+        try:
+            services.deployment_scale(deployment=deployment, **form.cleaned_data)
+        except ValidationError as exc:
+            for field, errors in exc.error_dict.items():
+                for error in errors:
+                    form.add_error(field, error)
+        else:
+            messages.success(
+                request,
+                f"{deployment.full_name} now runs {deployment.min_instances}–{deployment.max_instances} instances.",
+            )
+            form = ScaleForm(
+                initial={"min_instances": deployment.min_instances, "max_instances": deployment.max_instances}
+            )
+    if not request.htmx:
+        return redirect("deployments:detail", deploy_id=deploy_id)
+    context = {"deployment": deployment, "scale_form": form}
+    return render(request, "deployments/detail.html#scale-form", context, status=400 if form.errors else 200)
 
 
 @login_required

@@ -99,3 +99,42 @@ def test_wrong_method_is_405(signed_in, user):
 
     assert signed_in.get(f"/deployments/{deployment.deploy_id}/delete").status_code == 405
     assert signed_in.get(f"/deployments/{deployment.deploy_id}/chat").status_code == 405
+
+
+def test_scaling_form_changes_min_and_max_in_place(signed_in, user):
+    deployment = DeploymentFactory(user=user)
+
+    response = signed_in.post(
+        f"/deployments/{deployment.deploy_id}/scale", {"min_instances": 0, "max_instances": 2}, HTTP_HX_REQUEST="true"
+    )
+
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert 'id="scale-form"' in page and "now runs 0–2 instances" in page
+    deployment.refresh_from_db()
+    assert (deployment.min_instances, deployment.max_instances) == (0, 2)
+
+
+def test_scaling_form_errors_are_shown_and_change_nothing(signed_in, user):
+    deployment = DeploymentFactory(user=user)
+    url = f"/deployments/{deployment.deploy_id}/scale"
+
+    over_quota = signed_in.post(url, {"min_instances": 1, "max_instances": 9}, HTTP_HX_REQUEST="true")
+    inverted = signed_in.post(url, {"min_instances": 3, "max_instances": 2}, HTTP_HX_REQUEST="true")
+
+    assert over_quota.status_code == 400 and "quota of 4" in over_quota.content.decode()
+    assert inverted.status_code == 400 and "must not be more than max" in inverted.content.decode()
+    deployment.refresh_from_db()
+    assert (deployment.min_instances, deployment.max_instances) == (1, 1)
+
+
+def test_scaling_someone_elses_deployment_is_404(signed_in, other_user, client):
+    theirs = DeploymentFactory(user=other_user)
+
+    assert (
+        signed_in.post(f"/deployments/{theirs.deploy_id}/scale", {"min_instances": 0, "max_instances": 2}).status_code
+        == 404
+    )
+    assert signed_in.get(f"/deployments/{theirs.deploy_id}/scale").status_code == 405
+    theirs.refresh_from_db()
+    assert theirs.max_instances == 1

@@ -179,3 +179,58 @@ def test_another_users_deployment_is_404_everywhere(client, auth, other_user, cp
 def test_wrong_method_is_405(client, auth, cpu_host):
     assert client.get("/deploy/llm", **auth).status_code == 405
     assert client.post("/deploy/list", **auth).status_code == 405
+
+
+def put(client, auth, deploy_id, data):
+    raw = data if isinstance(data, str) else json.dumps(data)
+    return client.put(f"/deploy/{deploy_id}", raw, content_type="application/json", **auth)
+
+
+def test_put_changes_settings_and_records_an_event(client, auth, cpu_host):
+    deploy_id = post(client, auth, body()).json()["deploy_id"]
+
+    response = put(client, auth, deploy_id, {"settings": {"min_instances": 0, "max_instances": 3}})
+
+    assert response.status_code == 200, response.content
+    assert response.json()["settings"] == {"min_instances": 0, "max_instances": 3}
+    deployment = Deployment.objects.get(deploy_id=deploy_id)
+    assert (deployment.min_instances, deployment.max_instances) == (0, 3)
+    assert deployment.events.filter(kind="scaled", message__contains="1–1 → 0–3").exists()
+
+
+def test_put_of_a_fixed_field_says_which_fields_are_fixed(client, auth, cpu_host):
+    deploy_id = post(client, auth, body()).json()["deploy_id"]
+
+    response = put(client, auth, deploy_id, {"num_gpus": 2, "hf": {"repo": "x/y"}, "settings": {"max_instances": 2}})
+
+    assert response.status_code == 400
+    assert set(response.json()["errors"]) == {"num_gpus", "hf.repo"}
+    assert "fixed" in response.json()["detail"]
+    assert Deployment.objects.get(deploy_id=deploy_id).max_instances == 1
+
+
+@pytest.mark.parametrize(
+    ("new_settings", "field", "words"),
+    [
+        ({"min_instances": 2}, "settings.min_instances", "must not be more than max"),
+        ({"max_instances": 5}, "settings.max_instances", "quota of 4"),
+        ({"max_instances": 0}, "settings.max_instances", "greater than or equal to 1"),
+    ],
+)
+def test_put_validates_settings(client, auth, cpu_host, new_settings, field, words):
+    deploy_id = post(client, auth, body()).json()["deploy_id"]
+
+    response = put(client, auth, deploy_id, {"settings": new_settings})
+
+    assert response.status_code == 400
+    assert words in " ".join(response.json()["errors"][field])
+
+
+def test_put_to_another_users_deployment_is_404(client, auth, other_user, cpu_host):
+    theirs = DeploymentFactory(user=other_user, gpu_type=GpuTypeFactory(name="CPU"))
+
+    response = put(client, auth, theirs.deploy_id, {"settings": {"max_instances": 2}})
+
+    assert response.status_code == 404
+    theirs.refresh_from_db()
+    assert theirs.max_instances == 1

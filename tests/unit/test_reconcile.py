@@ -186,3 +186,22 @@ def test_orphan_containers_are_swept(fake, cpu_host, settings):
 
     assert reconcile.host_sweep(host=cpu_host) == ["ours-999"]
     assert list(fake.containers) == ["theirs-999"]
+
+
+def test_scaling_down_stops_extra_instances_and_keeps_the_others_running(fake, cpu_host):
+    from llmhub.deployments.services import deployment_scale
+
+    deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type, min_instances=2, max_instances=2)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    ready = list(Instance.objects.filter(deployment=deployment, state="ready").order_by("id"))
+    assert len(ready) == 2
+
+    deployment_scale(deployment=deployment, min_instances=1, max_instances=1)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+
+    states = dict(Instance.objects.filter(deployment=deployment).values_list("id", "state"))
+    assert states == {ready[0].id: "ready", ready[1].id: "stopped"}  # the newest one stops
+    assert list(fake.containers) == [ready[0].container_name]
+    assert len(fake.runs) == 2  # nothing was restarted
