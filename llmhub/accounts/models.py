@@ -1,6 +1,7 @@
 """Users (a username is the namespace of its model names) and hashed API tokens."""
 
 from django.contrib.auth.models import AbstractUser
+from django.core.exceptions import ValidationError
 from django.core.validators import RegexValidator
 from django.db import models
 
@@ -10,13 +11,21 @@ namespace_validator = RegexValidator(
     "the username is the namespace of your model names (username/model-name).",
 )
 
+# First path segments the site uses itself: a namespace named like one would hide its model pages.
+RESERVED_NAMESPACES = {"admin", "deploy", "deployments", "tokens", "v1", "login", "logout", "static", "metrics"}
+
+
+def validate_not_reserved(value: str) -> None:
+    if value.lower() in RESERVED_NAMESPACES:
+        raise ValidationError(f"'{value}' is reserved by LLMHub; choose another username.")
+
 
 class User(AbstractUser):
     username = models.CharField(
         "username",
         max_length=39,
         unique=True,
-        validators=[namespace_validator],
+        validators=[namespace_validator, validate_not_reserved],
         error_messages={"unique": "A user with that username already exists."},
     )
     gpu_quota = models.PositiveSmallIntegerField(

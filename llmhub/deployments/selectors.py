@@ -23,3 +23,14 @@ def deployment_get(user: User, deploy_id: str) -> Deployment:
     if deployment is None:
         raise Http404("No such deployment.")
     return deployment
+
+
+def model_get(user: User, username: str, model_name: str) -> Deployment:
+    """The user's live deployment served as `username/model_name`. Raises Http404 otherwise (also
+    when `username` is someone else: their models do not exist for this user)."""
+    deployment = None
+    if username == user.username:
+        deployment = deployments_visible(user).filter(model_name=model_name).first()
+    if deployment is None:
+        raise Http404("No such model.")
+    return deployment

@@ -90,6 +90,15 @@ def deployment_scale(request, deploy_id):
 
 @login_required
 @require_GET
+def model_page(request, username, model_name, tab="demo"):
+    """`/<username>/<model_name>` (chat demo) and `/<username>/<model_name>/api` (code examples)."""
+    deployment = selectors.model_get(request.user, username, model_name)
+    counts = instance_counts([deployment.id])[deployment.id]
+    return render(request, "models/page.html", {"deployment": deployment, "counts": counts, "tab": tab})
+
+
+@login_required
+@require_GET
 def deployment_status(request, deploy_id):
     """The status badge fragment; HTTP 286 (htmx: stop polling) once the status is settled."""
     deployment = selectors.deployment_get(request.user, deploy_id)

@@ -25,7 +25,7 @@ def form_data(**overrides):
 
 
 def test_anonymous_is_sent_to_login(client):
-    for url in ("/deployments/", "/deployments/new", "/deployments/abc/"):
+    for url in ("/deployments/", "/deployments/new", "/deployments/abc/", "/alice/model", "/alice/model/api"):
         response = client.get(url)
         assert response.status_code == 302 and response["Location"].startswith("/login/")
 
@@ -138,3 +138,33 @@ def test_scaling_someone_elses_deployment_is_404(signed_in, other_user, client):
     assert signed_in.get(f"/deployments/{theirs.deploy_id}/scale").status_code == 405
     theirs.refresh_from_db()
     assert theirs.max_instances == 1
+
+
+def test_model_pages_show_the_chat_and_filled_in_examples(signed_in, user, settings):
+    settings.PUBLIC_URL = "https://llm.example.org"
+    DeploymentFactory(user=user, model_name="chatty")
+
+    demo = signed_in.get("/alice/chatty")
+    api = signed_in.get("/alice/chatty/api").content.decode()
+
+    assert demo.status_code == 200 and 'id="chat-form"' in demo.content.decode()
+    assert "https://llm.example.org/v1/openai/chat/completions" in api
+    assert 'model="alice/chatty"' in api and 'base_url="https://llm.example.org/v1/openai"' in api
+    assert "baseURL:" in api
+
+
+def test_model_pages_of_others_and_unknown_models_are_404(signed_in, user, other_user):
+    DeploymentFactory(user=other_user, model_name="hidden")
+
+    assert signed_in.get("/bob/hidden").status_code == 404
+    assert signed_in.get("/bob/hidden/api").status_code == 404
+    assert signed_in.get("/alice/nothing").status_code == 404
+
+
+def test_reserved_usernames_are_refused():
+    from django.core.exceptions import ValidationError
+
+    from llmhub.accounts.models import User
+
+    with pytest.raises(ValidationError, match="reserved"):
+        User(username="deploy", password="x").full_clean()
