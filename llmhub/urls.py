@@ -3,6 +3,8 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from llmhub.deployments import views as deployment_views
+
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="deployments:list", permanent=False)),
     path("login/", auth_views.LoginView.as_view(), name="login"),
@@ -10,5 +12,9 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("deploy/", include("llmhub.deployments.api_urls")),
     path("deployments/", include("llmhub.deployments.urls")),
+    path("tokens/", include("llmhub.accounts.urls")),
     path("v1/openai/", include("llmhub.gateway.urls")),
+    # Model pages last: `/<username>/<model_name>` would otherwise shadow the paths above.
+    path("<str:username>/<str:model_name>", deployment_views.model_page, name="model"),
+    path("<str:username>/<str:model_name>/api", deployment_views.model_page, {"tab": "api"}, name="model-api"),
 ]

@@ -1,4 +1,6 @@
-"""Reads for accounts: who a Bearer token belongs to."""
+"""Reads for accounts: who a Bearer token belongs to; a user's live tokens."""
+
+from django.db.models import QuerySet
 
 from .models import ApiToken, User
 from .services import token_hash
@@ -30,3 +32,8 @@ async def auser_for_token(secret: str | None) -> User | None:
     """Async form of `user_for_token`, for the gateway."""
     token = await _live_tokens(secret).afirst() if secret else None
     return token.user if token else None
+
+
+def api_tokens_live(user: User) -> QuerySet[ApiToken]:
+    """The user's API tokens that are not revoked, newest first. Anyone else's tokens are never included."""
+    return ApiToken.objects.filter(user=user, revoked_at__isnull=True).order_by("-created_at", "-id")
