@@ -1,11 +1,16 @@
 """Reads for deployments. A user sees only their own deployments: anyone else's do not exist."""
 
+from decimal import Decimal
+
 from django.db.models import QuerySet
 from django.http import Http404
 
 from llmhub.accounts.models import User
+from llmhub.fleet.models import GpuType
 
 from .models import Deployment
+
+HOURS_PER_MONTH = Decimal(730)  # 8,760 hours a year / 12
 
 
 def deployments_visible(user: User) -> QuerySet[Deployment]:
@@ -34,3 +39,17 @@ def model_get(user: User, username: str, model_name: str) -> Deployment:
     if deployment is None:
         raise Http404("No such model.")
     return deployment
+
+
+def hourly_cost(gpu_type: GpuType, num_gpus: int, instances: int) -> Decimal:
+    """USD per hour for `instances` instances of `num_gpus` GPUs: instances × GPUs × the GPU-hour price."""
+    return gpu_type.hourly_price * num_gpus * instances
+
+
+def cost_estimate(gpu_type: GpuType, num_gpus: int, min_instances: int, max_instances: int) -> dict:
+    """{"min": {"hourly", "monthly"}, "max": {…}} in USD; monthly = hourly × 730 h (always-on)."""
+    out = {}
+    for bound, instances in (("min", min_instances), ("max", max_instances)):
+        hourly = hourly_cost(gpu_type, num_gpus, instances)
+        out[bound] = {"instances": instances, "hourly": hourly, "monthly": hourly * HOURS_PER_MONTH}
+    return out

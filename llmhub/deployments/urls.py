@@ -6,6 +6,7 @@ app_name = "deployments"
 urlpatterns = [
     path("", views.deployment_list, name="list"),
     path("new", views.deployment_create, name="create"),
+    path("new/estimate", views.deployment_estimate, name="estimate"),
     path("<str:deploy_id>/", views.deployment_detail, name="detail"),
     path("<str:deploy_id>/status", views.deployment_status, name="status"),
     path("<str:deploy_id>/scale", views.deployment_scale, name="scale"),

@@ -24,8 +24,23 @@ from .forms import DeploymentForm, ScaleForm
 def deployment_list(request):
     deployments = list(selectors.deployments_visible(request.user))
     counts = instance_counts([d.id for d in deployments])
-    rows = [(d, counts[d.id]) for d in deployments]
+    rows = [
+        (d, counts[d.id], selectors.hourly_cost(d.gpu_type, d.num_gpus, counts[d.id]["running"])) for d in deployments
+    ]
     return render(request, "deployments/list.html", {"rows": rows})
+
+
+@login_required
+@require_POST
+def deployment_estimate(request):
+    """The create form's live cost panel: hourly and monthly cost at min and at max instances."""
+    form = DeploymentForm(request.POST)
+    form.is_valid()  # the estimate needs only some fields; the others may still be empty
+    data = form.cleaned_data
+    estimate = None
+    if all(data.get(f) is not None for f in ("gpu", "num_gpus", "min_instances", "max_instances")):
+        estimate = selectors.cost_estimate(data["gpu"], data["num_gpus"], data["min_instances"], data["max_instances"])
+    return render(request, "deployments/create.html#estimate", {"estimate": estimate, "gpu": data.get("gpu")})
 
 
 @login_required

@@ -43,6 +43,8 @@ def test_create_watch_chat_and_delete(stack):
         page.fill("input[name=max_batch_size]", "4")
         page.fill("input[name=hf_repo]", "llmhub/tiny-random-llama")
         page.fill("input[name=min_instances]", "3")
+        page.fill("input[name=max_instances]", "1")
+        expect(page.locator("#estimate")).to_contain_text("Per month")  # live cost as the user types
         page.click("button:has-text('Deploy')")
         expect(page.locator(".has-error .error")).to_contain_text("must not be more than max instances")
         page.screenshot(path=shots / "03-form-error.png", full_page=True)

@@ -168,3 +168,35 @@ def test_reserved_usernames_are_refused():
 
     with pytest.raises(ValidationError, match="reserved"):
         User(username="deploy", password="x").full_clean()
+
+
+def test_create_form_shows_cost_at_min_and_max(signed_in, cpu_host):
+    from decimal import Decimal
+
+    cpu_host.gpu_type.hourly_price = Decimal("2.50")
+    cpu_host.gpu_type.save()
+
+    response = signed_in.post(
+        "/deployments/new/estimate", {"gpu": "CPU", "num_gpus": 2, "min_instances": 1, "max_instances": 3}
+    )
+
+    page = response.content.decode()
+    assert response.status_code == 200
+    assert "$5.00" in page and "$3650.00" in page  # 1 × 2 GPUs × 2.50 USD/h; × 730 h
+    assert "$15.00" in page and "$10950.00" in page  # at max: 3 instances
+    empty = signed_in.post("/deployments/new/estimate", {"gpu": "CPU"}).content.decode()
+    assert "Choose a GPU type" in empty
+
+
+def test_list_shows_the_hourly_cost_at_current_scale(signed_in, user, cpu_host):
+    from decimal import Decimal
+
+    from llmhub.fleet.models import Instance
+
+    cpu_host.gpu_type.hourly_price = Decimal("1.25")
+    cpu_host.gpu_type.save()
+    deployment = DeploymentFactory(user=user, gpu_type=cpu_host.gpu_type, num_gpus=2, max_instances=2)
+    Instance.objects.create(deployment=deployment, host=cpu_host, state=Instance.State.READY)
+    Instance.objects.create(deployment=deployment, state=Instance.State.PENDING)  # pending costs nothing
+
+    assert "$2.50/h" in signed_in.get("/deployments/").content.decode()
