@@ -10,6 +10,7 @@ urlpatterns = [
     path("<str:deploy_id>/", views.deployment_detail, name="detail"),
     path("<str:deploy_id>/status", views.deployment_status, name="status"),
     path("<str:deploy_id>/scale", views.deployment_scale, name="scale"),
+    path("<str:deploy_id>/instances/<int:instance_id>/logs", views.instance_logs, name="instance-logs"),
     path("<str:deploy_id>/delete", views.deployment_delete, name="delete"),
     path("<str:deploy_id>/chat", views.deployment_chat, name="chat"),
 ]

@@ -7,11 +7,11 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.http import JsonResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseStopPolling
 
-from llmhub.fleet.selectors import instance_counts
+from llmhub.fleet.selectors import instance_counts, instance_log_tail
 from llmhub.gateway import services as gateway
 from llmhub.gateway.services import GatewayError
 
@@ -110,6 +110,16 @@ def model_page(request, username, model_name, tab="demo"):
     deployment = selectors.model_get(request.user, username, model_name)
     counts = instance_counts([deployment.id])[deployment.id]
     return render(request, "models/page.html", {"deployment": deployment, "counts": counts, "tab": tab})
+
+
+@login_required
+@require_GET
+def instance_logs(request, deploy_id, instance_id):
+    """The log tail of one instance's container (an htmx fragment on the deployment page)."""
+    deployment = selectors.deployment_get(request.user, deploy_id)
+    instance = get_object_or_404(deployment.instances.select_related("host"), id=instance_id)
+    context = {"instance": instance, "log": instance_log_tail(instance)}
+    return render(request, "deployments/detail.html#instance-log", context)
 
 
 @login_required

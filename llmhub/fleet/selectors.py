@@ -2,6 +2,7 @@
 
 from django.db.models import QuerySet
 
+from . import engine
 from .models import GpuType, Host, Instance
 
 
@@ -20,3 +21,14 @@ def instance_counts(deployment_ids: list[int]) -> dict[int, dict[str, int]]:
     for deployment_id, state in rows:
         counts[deployment_id]["running" if state == Instance.State.READY else "pending"] += 1
     return counts
+
+
+def instance_log_tail(instance: Instance, *, lines: int = 100) -> str:
+    """The last `lines` lines of the instance's container log, or a sentence saying why there are none."""
+    if instance.host is None or not instance.container_id:
+        return "This instance has not started a container yet."
+    try:
+        text = engine.container_logs(instance.host.docker_url, instance.container_name, tail=lines)
+    except engine.EngineError as exc:
+        return f"The host's Docker Engine did not answer: {exc}"
+    return text or instance.last_error or "The container is gone and left no log."

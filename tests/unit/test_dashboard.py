@@ -200,3 +200,20 @@ def test_list_shows_the_hourly_cost_at_current_scale(signed_in, user, cpu_host):
     Instance.objects.create(deployment=deployment, state=Instance.State.PENDING)  # pending costs nothing
 
     assert "$2.50/h" in signed_in.get("/deployments/").content.decode()
+
+
+def test_instance_log_tail(signed_in, user, other_user, cpu_host, monkeypatch):
+    from llmhub.fleet import engine
+    from llmhub.fleet.models import Instance
+
+    monkeypatch.setattr(engine, "container_logs", lambda url, name, tail: f"INFO engine {name} ready\n")
+    mine = DeploymentFactory(user=user)
+    instance = Instance.objects.create(deployment=mine, host=cpu_host, state="ready", container_id="abc")
+    theirs = DeploymentFactory(user=other_user)
+    their_instance = Instance.objects.create(deployment=theirs, host=cpu_host, state="ready", container_id="def")
+
+    page = signed_in.get(f"/deployments/{mine.deploy_id}/instances/{instance.id}/logs").content.decode()
+
+    assert f"INFO engine {instance.container_name} ready" in page
+    assert signed_in.get(f"/deployments/{theirs.deploy_id}/instances/{their_instance.id}/logs").status_code == 404
+    assert signed_in.get(f"/deployments/{mine.deploy_id}/instances/{their_instance.id}/logs").status_code == 404
