@@ -12,7 +12,8 @@ from django.http import Http404, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from llmhub.accounts.selectors import bearer_secret, user_for_token
+from llmhub.accounts.selectors import bearer_secret
+from llmhub.accounts.services import api_token_authenticate
 from llmhub.fleet.selectors import instance_counts
 
 from . import selectors, services
@@ -52,7 +53,7 @@ def deploy_api(view):
 
     @functools.wraps(view)
     def wrapper(request, *args, **kwargs):
-        user = user_for_token(bearer_secret(request.headers.get("Authorization")))
+        user = api_token_authenticate(bearer_secret(request.headers.get("Authorization")))
         try:
             if user is None:
                 raise ApiError(401, "Missing or invalid API token: send 'Authorization: Bearer <token>'.")

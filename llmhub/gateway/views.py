@@ -6,7 +6,8 @@ from django.http import JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 
-from llmhub.accounts.selectors import auser_for_token, bearer_secret
+from llmhub.accounts.selectors import bearer_secret
+from llmhub.accounts.services import aapi_token_authenticate
 from llmhub.deployments.models import Deployment
 
 from . import services
@@ -19,7 +20,7 @@ def openai_api(view):
     @functools.wraps(view)
     async def wrapper(request, *args, **kwargs):
         try:
-            user = await auser_for_token(bearer_secret(request.headers.get("Authorization")))
+            user = await aapi_token_authenticate(bearer_secret(request.headers.get("Authorization")))
             if user is None:
                 raise GatewayError(401, "Missing or invalid API token: send 'Authorization: Bearer <token>'.",
                                    code="invalid_api_key")  # fmt: skip

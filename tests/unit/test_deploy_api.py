@@ -234,3 +234,26 @@ def test_put_to_another_users_deployment_is_404(client, auth, other_user, cpu_ho
     assert response.status_code == 404
     theirs.refresh_from_db()
     assert theirs.max_instances == 1
+
+
+def test_token_use_is_recorded_to_the_minute(client, user, cpu_host):
+    from datetime import timedelta
+
+    from llmhub.accounts.models import ApiToken
+
+    secret = token_for(user)
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+    token = ApiToken.objects.get(user=user)
+    assert token.last_used_at is None
+
+    client.get("/deploy/list", **headers)
+    token.refresh_from_db()
+    first = token.last_used_at
+    client.get("/deploy/list", **headers)
+    token.refresh_from_db()
+    assert token.last_used_at == first  # not rewritten within the minute
+
+    ApiToken.objects.filter(id=token.id).update(last_used_at=first - timedelta(minutes=5))
+    client.get("/deploy/list", **headers)
+    token.refresh_from_db()
+    assert token.last_used_at > first - timedelta(minutes=5)

@@ -6,8 +6,7 @@ import pytest
 from django.utils import timezone
 
 from llmhub.accounts.models import ApiToken
-from llmhub.accounts.selectors import user_for_token
-from llmhub.accounts.services import api_token_create
+from llmhub.accounts.services import api_token_authenticate, api_token_create
 
 pytestmark = pytest.mark.django_db
 
@@ -41,7 +40,7 @@ def test_create_shows_the_secret_once_and_it_authenticates(signed_in, user):
     assert "will not be shown again" in page
     assert "no-store" in response["Cache-Control"]
     secret = shown_secret(page)
-    assert user_for_token(secret) == user
+    assert api_token_authenticate(secret) == user
     token = ApiToken.objects.get(user=user)
     assert token.name == "laptop" and secret.startswith(token.prefix) and secret not in token.key_hash
 
@@ -93,7 +92,7 @@ def test_trash_icon_revokes_in_place(signed_in, user):
     assert response.status_code == 200
     assert 'hx-swap-oob="true"' in body and "Revoked ci" in body
     assert "<tr" not in body  # the row is swapped for nothing
-    assert user_for_token(secret) is None
+    assert api_token_authenticate(secret) is None
     assert "ci" not in signed_in.get("/tokens/").content.decode().split("<tbody>")[1].split("</tbody>")[0]
 
 
@@ -103,7 +102,7 @@ def test_revoke_with_a_plain_post_redirects_to_the_list(signed_in, user):
     response = signed_in.post(f"/tokens/{token.id}/revoke")
 
     assert response.status_code == 302 and response["Location"] == "/tokens/"
-    assert user_for_token(secret) is None
+    assert api_token_authenticate(secret) is None
     assert "Revoked ci" in signed_in.get("/tokens/").content.decode()
 
 
@@ -112,7 +111,7 @@ def test_someone_elses_token_is_404_and_stays_live(signed_in, other_user):
 
     assert signed_in.delete(f"/tokens/{theirs.id}/revoke", HTTP_HX_REQUEST="true").status_code == 404
     assert signed_in.post(f"/tokens/{theirs.id}/revoke").status_code == 404
-    assert user_for_token(secret) == other_user
+    assert api_token_authenticate(secret) == other_user
 
 
 def test_revoked_or_missing_token_is_404(signed_in, user):
@@ -128,4 +127,4 @@ def test_wrong_method_is_405(signed_in, user):
 
     assert signed_in.get(f"/tokens/{token.id}/revoke").status_code == 405
     assert signed_in.put("/tokens/").status_code == 405
-    assert user_for_token(secret) == user
+    assert api_token_authenticate(secret) == user

@@ -21,8 +21,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from llmhub import processes
 from llmhub.accounts.models import User
-from llmhub.accounts.selectors import user_for_token
-from llmhub.accounts.services import api_token_create
+from llmhub.accounts.services import api_token_authenticate, api_token_create
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import deployment_create, deployment_delete
 from llmhub.fleet import engine, images
@@ -100,7 +99,7 @@ class Command(BaseCommand):
         user.is_staff = user.is_superuser = True
         user.save()
         token = saved.get("LLMHUB_TOKEN", "")
-        if user_for_token(token) != user:
+        if api_token_authenticate(token) != user:
             _, token = api_token_create(user=user, name="demo")
         return user, password, token
 
