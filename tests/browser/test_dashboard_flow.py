@@ -1,6 +1,7 @@
 """A user in a real browser (Playwright driving Debian's Chromium) against the real stack: sign in,
-create a deployment with the form, watch its badge reach `running` without reloading, chat with it,
-delete it with the trash icon. Screenshots go to test-artifacts/browser/."""
+create a deployment with the form (live cost estimate), watch its badge reach `running` without
+reloading, chat with it, change its scale, read its API examples, create an API token, delete the
+deployment with the trash icon. Screenshots go to test-artifacts/browser/."""
 
 import re
 
@@ -68,13 +69,31 @@ def test_create_watch_chat_and_delete(stack):
         expect(reply).not_to_have_class(re.compile("msg-error"))
         page.screenshot(path=shots / "06-chat.png", full_page=True)
 
+        page.fill("#scale-form input[name=max_instances]", "2")
+        page.click("#scale-form button")
+        expect(page.locator("#messages")).to_contain_text("now runs 1–2 instances")
+        page.screenshot(path=shots / "07-scaled.png", full_page=True)
+
+        page.click("text=examples")
+        expect(page.locator("pre.code").first).to_contain_text('"model": "carol/browser-llama"')
+        page.screenshot(path=shots / "08-model-api.png", full_page=True)
+
+        page.click("nav >> text=API tokens")
+        page.fill("input[name=name]", "laptop")
+        page.click("button:has-text('Create token')")
+        secret = page.locator("#new-token-secret").inner_text()
+        assert secret.startswith("lh-")
+        page.screenshot(path=shots / "09-token-created.png", full_page=True)
+        page.goto(page.url)  # a fresh GET of the tokens page
+        expect(page.get_by_text(secret)).to_have_count(0)  # shown once
+
         page.click("nav >> text=Deployments")
         row = page.locator("tr", has_text="carol/browser-llama")
         expect(row.locator(".badge")).to_have_text("running")
-        page.screenshot(path=shots / "07-list.png", full_page=True)
+        page.screenshot(path=shots / "10-list.png", full_page=True)
         page.once("dialog", lambda dialog: dialog.accept())
         row.locator("button[title^='Delete']").click()
         expect(row).to_have_count(0)
         expect(page.locator("#messages")).to_contain_text("Deleting carol/browser-llama")
-        page.screenshot(path=shots / "08-deleted.png", full_page=True)
+        page.screenshot(path=shots / "11-deleted.png", full_page=True)
         browser.close()

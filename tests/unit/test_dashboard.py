@@ -111,6 +111,7 @@ def test_scaling_form_changes_min_and_max_in_place(signed_in, user):
     assert response.status_code == 200
     page = response.content.decode()
     assert 'id="scale-form"' in page and "now runs 0–2 instances" in page
+    assert "0–2 instances</p>" in page  # the summary line is swapped out of band
     deployment.refresh_from_db()
     assert (deployment.min_instances, deployment.max_instances) == (0, 2)
 
