@@ -85,7 +85,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL},
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "llmhub",
+    },
 }
 
 AUTH_USER_MODEL = "accounts.User"
@@ -124,6 +128,10 @@ CONTAINER_PREFIX = env.str("LLMHUB_CONTAINER_PREFIX", default="llmhub")
 INSTANCE_MAX_RESTARTS = env.int("LLMHUB_INSTANCE_MAX_RESTARTS", default=3)
 # Seconds an instance may take from container start to a healthy engine before it counts as crashed.
 INSTANCE_START_TIMEOUT = env.float("LLMHUB_INSTANCE_START_TIMEOUT", default=900.0)
+# Hugging Face cache the web process reads config.json from for model-fit estimates (None: the
+# library's default), and whether it may ask the hub at all.
+HF_CACHE_DIR = env.str("LLMHUB_HF_CACHE_DIR", default=None)
+HF_HUB_OFFLINE = env.bool("HF_HUB_OFFLINE", default=False)
 # Public base URL of the gateway, shown in the dashboard's examples.
 PUBLIC_URL = env.str("LLMHUB_PUBLIC_URL", default="http://127.0.0.1:8000")
 # Seconds the gateway waits for an engine's response headers (the body streams without a limit).

@@ -152,7 +152,10 @@ def deploy_create(request, user):
         deployment = services.deployment_create(user=user, **form.service_kwargs())
     except ValidationError as exc:
         raise invalid(exc.error_dict) from exc
-    return JsonResponse(_one(deployment))
+    body = _one(deployment)
+    if form.fit_warning:
+        body["warnings"] = [form.fit_warning]
+    return JsonResponse(body)
 
 
 @require_GET

@@ -5,6 +5,8 @@ from django.core.validators import RegexValidator
 
 from llmhub.fleet.selectors import gpu_types_offered
 
+from .fit import Fit, model_fit
+
 model_name_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
     "Use letters, digits, '-', '_' or '.', starting with a letter or digit.",
@@ -79,6 +81,35 @@ class DeploymentForm(ScaleForm):
         widget=forms.PasswordInput(render_value=False),
         help_text="For private or gated repos. Stored encrypted, never shown again.",
     )
+
+    fit: Fit | None = None
+
+    def clean(self):
+        cleaned = super().clean()
+        gpu, num_gpus, repo = cleaned.get("gpu"), cleaned.get("num_gpus"), cleaned.get("hf_repo")
+        if gpu is not None and num_gpus and repo:
+            self.fit = model_fit(
+                repo=repo, revision=cleaned.get("hf_revision", ""), token=cleaned.get("hf_token", ""),
+                gpu_memory_gb=gpu.memory_gb, num_gpus=num_gpus,
+            )  # fmt: skip
+            if self.fit.fits is False:
+                self.add_error(
+                    "num_gpus",
+                    f"{repo} needs about {self.fit.needed_gb:.0f} GB ({self.fit.weights_gb:.0f} GB of weights and "
+                    f"room for the KV cache) but {num_gpus} × {gpu.name} have {self.fit.available_gb:.0f} GB. "
+                    "Use more GPUs or a GPU type with more memory.",
+                )
+        return cleaned
+
+    @property
+    def fit_warning(self) -> str | None:
+        """A note when the model's size could not be read (the deployment is accepted anyway)."""
+        if self.fit is not None and self.fit.weights_gb is None:
+            return (
+                f"The size of {self.cleaned_data['hf_repo']} could not be read (no config.json or safetensors "
+                "metadata reachable), so LLMHub could not check that it fits the GPUs."
+            )
+        return None
 
     def service_kwargs(self) -> dict:
         """The cleaned data as keyword arguments of `services.deployment_create` (after `is_valid()`)."""

@@ -33,14 +33,15 @@ def deployment_list(request):
 @login_required
 @require_POST
 def deployment_estimate(request):
-    """The create form's live cost panel: hourly and monthly cost at min and at max instances."""
+    """The create form's live panel: the model-fit estimate, and hourly and monthly cost at min and max instances."""
     form = DeploymentForm(request.POST)
     form.is_valid()  # the estimate needs only some fields; the others may still be empty
     data = form.cleaned_data
     estimate = None
     if all(data.get(f) is not None for f in ("gpu", "num_gpus", "min_instances", "max_instances")):
         estimate = selectors.cost_estimate(data["gpu"], data["num_gpus"], data["min_instances"], data["max_instances"])
-    return render(request, "deployments/create.html#estimate", {"estimate": estimate, "gpu": data.get("gpu")})
+    context = {"estimate": estimate, "gpu": data.get("gpu"), "fit": form.fit, "fit_error": form.errors.get("num_gpus")}
+    return render(request, "deployments/create.html#estimate", context)
 
 
 @login_required
@@ -56,6 +57,8 @@ def deployment_create(request):
                     form.add_error(field, error)
         else:
             messages.success(request, f"Deploying {deployment.full_name}.")
+            if form.fit_warning:
+                messages.warning(request, form.fit_warning)
             return redirect("deployments:detail", deploy_id=deployment.deploy_id)
     return render(request, "deployments/create.html", {"form": form}, status=400 if form.errors else 200)
 

@@ -1,0 +1,126 @@
+"""Will a model fit its GPUs? The weights' memory, estimated before anything is deployed.
+
+Sources, best first: the repo's safetensors metadata on the Hugging Face hub (exact parameter
+counts per dtype, `huggingface_hub.get_safetensors_metadata`), then its `config.json` (from the
+local Hugging Face cache, else the hub) with the parameter count of a Llama-style decoder:
+embeddings V·h (twice unless tied) + per layer attention h·(q + 2·kv + o heads × head_dim) and a
+gated MLP 3·h·i (× experts for mixture-of-experts). The weights must leave at least
+`KV_CACHE_SHARE` of the GPUs' memory free for vLLM's KV cache and activations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.cache import cache
+
+log = logging.getLogger(__name__)
+
+GB = 1e9
+KV_CACHE_SHARE = 0.2  # of num_gpus × GPU memory, kept for the KV cache and activations
+DTYPE_BYTES = {"float32": 4, "F32": 4, "float16": 2, "F16": 2, "bfloat16": 2, "BF16": 2, "F8_E4M3": 1, "I8": 1}
+CACHE_SECONDS = 3600
+UNKNOWN, UNKNOWN_CACHE_SECONDS = -1.0, 300  # "size unknown" is remembered briefly, so typing stays fast
+
+
+@dataclass(frozen=True)
+class Fit:
+    """`weights_gb` None: size unknown. `available_gb` None: the GPU type's memory is unknown (e.g. CPU)."""
+
+    weights_gb: float | None
+    available_gb: float | None
+
+    @property
+    def needed_gb(self) -> float | None:
+        return None if self.weights_gb is None else self.weights_gb / (1 - KV_CACHE_SHARE)
+
+    @property
+    def fits(self) -> bool | None:
+        """True/False when both sizes are known, None otherwise."""
+        if self.needed_gb is None or not self.available_gb:
+            return None
+        return self.needed_gb <= self.available_gb
+
+
+def parameter_count(config: dict) -> int | None:
+    """Parameters of a Llama-style decoder described by a transformers `config.json` dict, or None."""
+    config = config.get("text_config", config)
+    try:
+        h, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+        heads = config["num_attention_heads"]
+    except KeyError:
+        return None
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    attention = h * head_dim * (2 * heads + 2 * kv_heads)
+    experts = config.get("num_local_experts") or config.get("num_experts") or config.get("n_routed_experts") or 1
+    intermediate = (config.get("moe_intermediate_size") if experts > 1 else None) or config.get(
+        "intermediate_size", 4 * h
+    )
+    mlp = 3 * h * intermediate * experts
+    embeddings = vocab * h * (1 if config.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def weights_bytes_from_config(config: dict) -> int | None:
+    """Bytes of the weights at the config's `torch_dtype` (2 bytes when unstated)."""
+    params = parameter_count(config)
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+    return None if params is None else params * DTYPE_BYTES.get(dtype, 2)
+
+
+def _config(repo: str, revision: str, token: str) -> dict | None:
+    from huggingface_hub import hf_hub_download
+
+    for local_only in (True, False):
+        try:
+            path = hf_hub_download(
+                repo, "config.json", revision=revision or None, token=token or None,
+                cache_dir=settings.HF_CACHE_DIR, local_files_only=local_only, etag_timeout=3,
+            )  # fmt: skip
+        except Exception:  # noqa: BLE001 - any hub or network failure means "unknown"
+            continue
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _safetensors_bytes(repo: str, revision: str, token: str) -> int | None:
+    from huggingface_hub import get_safetensors_metadata
+
+    try:
+        meta = get_safetensors_metadata(repo, revision=revision or None, token=token or None, timeout=3)
+    except Exception:  # noqa: BLE001 - offline, private, no safetensors: fall back to config.json
+        return None
+    return sum(count * DTYPE_BYTES.get(dtype, 2) for dtype, count in meta.parameter_count.items())
+
+
+def weights_gb(repo: str, revision: str = "", token: str = "") -> float | None:
+    """Estimated GB (10^9 bytes) of the weights of `repo` at `revision`, or None when unknown.
+
+    Cached per repo and revision, an hour when found and 5 minutes when unknown (the token is not
+    part of the key: a size is no secret). Network calls time out after 3 s.
+    """
+    key = f"fit:weights:{repo}@{revision or 'main'}"
+    cached = cache.get(key)
+    if cached is not None:
+        return cached if cached >= 0 else None
+    size = None
+    if not settings.HF_HUB_OFFLINE:
+        size = _safetensors_bytes(repo, revision, token)
+    if size is None and (config := _config(repo, revision, token)) is not None:
+        size = weights_bytes_from_config(config)
+    if size is None:
+        cache.set(key, UNKNOWN, UNKNOWN_CACHE_SECONDS)
+        return None
+    cache.set(key, size / GB, CACHE_SECONDS)
+    return size / GB
+
+
+def model_fit(*, repo: str, revision: str, token: str, gpu_memory_gb: int, num_gpus: int) -> Fit:
+    """The fit of `repo` on `num_gpus` GPUs of `gpu_memory_gb` each (0: memory unknown)."""
+    available = gpu_memory_gb * num_gpus if gpu_memory_gb else None
+    return Fit(weights_gb=weights_gb(repo, revision, token), available_gb=available)
