@@ -42,7 +42,7 @@ def token_revoke(request, token_id):
     """
     token = get_object_or_404(selectors.api_tokens_live(request.user), id=token_id)
     services.api_token_revoke(token=token)
-    messages.success(request, f"Revoked {token.name} ({token.prefix}…). Requests using it are refused from now on.")
+    messages.success(request, f"Revoked “{token.name}” ({token.prefix}…). Requests using it are refused from now on.")
     if request.htmx:
         return render(request, "accounts/tokens.html#revoked", {})
     return redirect("accounts:tokens")

@@ -39,6 +39,7 @@ def test_create_shows_the_secret_once_and_it_authenticates(signed_in, user):
     assert response.status_code == 200
     assert "will not be shown again" in page
     assert "no-store" in response["Cache-Control"]
+    assert "history.replaceState" in page  # a reload must not POST again and make a second token
     secret = shown_secret(page)
     assert api_token_authenticate(secret) == user
     token = ApiToken.objects.get(user=user)
@@ -90,7 +91,7 @@ def test_trash_icon_revokes_in_place(signed_in, user):
 
     body = response.content.decode()
     assert response.status_code == 200
-    assert 'hx-swap-oob="true"' in body and "Revoked ci" in body
+    assert 'hx-swap-oob="true"' in body and "Revoked “ci”" in body
     assert "<tr" not in body  # the row is swapped for nothing
     assert api_token_authenticate(secret) is None
     assert "ci" not in signed_in.get("/tokens/").content.decode().split("<tbody>")[1].split("</tbody>")[0]
@@ -103,7 +104,7 @@ def test_revoke_with_a_plain_post_redirects_to_the_list(signed_in, user):
 
     assert response.status_code == 302 and response["Location"] == "/tokens/"
     assert api_token_authenticate(secret) is None
-    assert "Revoked ci" in signed_in.get("/tokens/").content.decode()
+    assert "Revoked “ci”" in signed_in.get("/tokens/").content.decode()
 
 
 def test_someone_elses_token_is_404_and_stays_live(signed_in, other_user):
