@@ -22,6 +22,13 @@ def deployments_visible(user: User) -> QuerySet[Deployment]:
     )
 
 
+def model_name_taken(user: User, model_name: str) -> bool:
+    """True when one of the user's deployments that is not deleted already has this name."""
+    return (
+        Deployment.objects.filter(user=user, model_name=model_name).exclude(status=Deployment.Status.DELETED).exists()
+    )
+
+
 def deployment_get(user: User, deploy_id: str) -> Deployment:
     """The user's deployment `deploy_id`. Raises Http404 when missing, deleted or someone else's."""
     deployment = deployments_visible(user).filter(deploy_id=deploy_id).first()

@@ -10,7 +10,9 @@ from llmhub.fleet.models import GpuType
 
 from .forms import bounds_error
 from .models import Deployment, DeploymentEvent
+from .selectors import model_name_taken
 
+NAME_TAKEN = "You already have a deployment named '{name}'. Choose another name."
 # Statuses whose deployments count against the GPU quota (they hold or may hold GPUs).
 QUOTA_STATUSES = (Deployment.Status.DEPLOYING, Deployment.Status.RUNNING, Deployment.Status.SUSPENDED)
 
@@ -71,10 +73,8 @@ def deployment_create(
     creates cannot both pass the quota. Raises ValidationError keyed by field name.
     """
     User.objects.select_for_update().filter(id=user.id).first()
-    if Deployment.objects.filter(user=user, model_name=model_name).exclude(status=Deployment.Status.DELETED).exists():
-        raise ValidationError(
-            {"model_name": f"You already have a deployment named '{model_name}'. Choose another name."}
-        )
+    if model_name_taken(user, model_name):
+        raise ValidationError({"model_name": NAME_TAKEN.format(name=model_name)})
     _check_quota(user, num_gpus=num_gpus, max_instances=max_instances)
     deployment = Deployment.objects.create(
         user=user,

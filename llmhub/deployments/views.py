@@ -33,14 +33,23 @@ def deployment_list(request):
 @login_required
 @require_POST
 def deployment_estimate(request):
-    """The create form's live panel: the model-fit estimate, and hourly and monthly cost at min and max instances."""
+    """The create form's live panel (model fit, hourly and monthly cost at min and max instances) and the
+    errors of the fields filled in so far."""
     form = DeploymentForm(request.POST)
     form.is_valid()  # the estimate needs only some fields; the others may still be empty
     data = form.cleaned_data
     estimate = None
     if all(data.get(f) is not None for f in ("gpu", "num_gpus", "min_instances", "max_instances")):
         estimate = selectors.cost_estimate(data["gpu"], data["num_gpus"], data["min_instances"], data["max_instances"])
-    context = {"estimate": estimate, "gpu": data.get("gpu"), "fit": form.fit, "fit_error": form.errors.get("num_gpus")}
+    if data.get("model_name") and selectors.model_name_taken(request.user, data["model_name"]):
+        form.add_error("model_name", services.NAME_TAKEN.format(name=data["model_name"]))
+    # Live validation: errors of the fields the user has filled in so far, swapped in out of band.
+    live_fields = [form[name] for name in form.fields if request.POST.get(name, "") != ""]
+    context = {
+        "estimate": estimate, "gpu": data.get("gpu"), "fit": form.fit, "fit_error": form.errors.get("num_gpus") if form.fit and form.fit.fits is False else None,
+        "live_fields": live_fields,
+        "cost_blocked": any(f in form.errors and request.POST.get(f) for f in ("gpu", "num_gpus", "min_instances", "max_instances")),
+    }  # fmt: skip
     return render(request, "deployments/create.html#estimate", context)
 
 

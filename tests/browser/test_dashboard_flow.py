@@ -46,6 +46,7 @@ def test_create_watch_chat_and_delete(stack):
         page.fill("input[name=min_instances]", "3")
         page.fill("input[name=max_instances]", "1")
         expect(page.locator("#estimate")).to_contain_text("Per month")  # live cost as the user types
+        expect(page.locator("#errors-min_instances")).to_contain_text("must not be more than")  # live validation
         page.click("button:has-text('Deploy')")
         expect(page.locator(".has-error .error")).to_contain_text("must not be more than max instances")
         page.screenshot(path=shots / "03-form-error.png", full_page=True)
@@ -61,6 +62,13 @@ def test_create_watch_chat_and_delete(stack):
         expect(page.locator("#live")).to_contain_text("ready", timeout=10_000)
         page.screenshot(path=shots / "05-running.png", full_page=True)
 
+        page.fill("#scale-form input[name=max_instances]", "2")
+        page.click("#scale-form button")
+        expect(page.locator("#messages")).to_contain_text("now runs 1–2 instances")
+        page.screenshot(path=shots / "07-scaled.png", full_page=True)
+
+        page.click("text=model page")  # the web demo, /carol/browser-llama
+        expect(page).to_have_url(re.compile(r"/carol/browser-llama$"))
         page.fill("#chat-input", "Hello, who are you?")
         page.click("#chat-form button")
         reply = page.locator(".msg-assistant").last
@@ -69,12 +77,7 @@ def test_create_watch_chat_and_delete(stack):
         expect(reply).not_to_have_class(re.compile("msg-error"))
         page.screenshot(path=shots / "06-chat.png", full_page=True)
 
-        page.fill("#scale-form input[name=max_instances]", "2")
-        page.click("#scale-form button")
-        expect(page.locator("#messages")).to_contain_text("now runs 1–2 instances")
-        page.screenshot(path=shots / "07-scaled.png", full_page=True)
-
-        page.click("text=examples")
+        page.click("nav.tabs >> text=API")
         expect(page.locator("pre.code").first).to_contain_text('"model": "carol/browser-llama"')
         page.screenshot(path=shots / "08-model-api.png", full_page=True)
 

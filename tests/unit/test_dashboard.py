@@ -187,6 +187,8 @@ def test_create_form_shows_cost_at_min_and_max(signed_in, cpu_host):
     assert "$15.00" in page and "$10950.00" in page  # at max: 3 instances
     empty = signed_in.post("/deployments/new/estimate", {"gpu": "CPU"}).content.decode()
     assert "Choose a GPU type" in empty
+    inverted = {"gpu": "CPU", "num_gpus": 1, "min_instances": 3, "max_instances": 1}
+    assert "Fix the fields marked in red" in signed_in.post("/deployments/new/estimate", inverted).content.decode()
 
 
 def test_list_shows_the_hourly_cost_at_current_scale(signed_in, user, cpu_host):
@@ -218,3 +220,15 @@ def test_instance_log_tail(signed_in, user, other_user, cpu_host, monkeypatch):
     assert f"INFO engine {instance.container_name} ready" in page
     assert signed_in.get(f"/deployments/{theirs.deploy_id}/instances/{their_instance.id}/logs").status_code == 404
     assert signed_in.get(f"/deployments/{mine.deploy_id}/instances/{their_instance.id}/logs").status_code == 404
+
+
+def test_create_form_validates_filled_in_fields_as_the_user_types(signed_in, user, cpu_host):
+    DeploymentFactory(user=user, model_name="taken", gpu_type=cpu_host.gpu_type)
+
+    page = signed_in.post(
+        "/deployments/new/estimate", {"model_name": "taken", "max_batch_size": "999", "hf_repo": ""}
+    ).content.decode()
+
+    assert 'id="errors-model_name" hx-swap-oob="true"' in page and "already have a deployment named" in page
+    assert 'id="errors-max_batch_size" hx-swap-oob="true"' in page and "less than or equal to 256" in page
+    assert 'id="errors-hf_repo"' not in page  # untouched fields are not shouted at
