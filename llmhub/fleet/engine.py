@@ -140,6 +140,25 @@ def container_run(docker_url: str, spec: ContainerSpec) -> ContainerInfo:
         raise EngineError(f"starting {spec.name} failed: {exc}") from exc
 
 
+def image_present(docker_url: str, image: str) -> bool:
+    """True when the host's engine has `image` (name:tag) locally. Raises EngineError."""
+    try:
+        client_for(docker_url).images.get(image)
+        return True
+    except NotFound:
+        return False
+    except DockerException as exc:
+        raise EngineError(f"inspecting image {image} failed: {exc}") from exc
+
+
+def image_pull(docker_url: str, image: str) -> None:
+    """Pull `image` (name:tag) onto the host from its registry; blocks until done. Raises EngineError."""
+    try:
+        client_for(docker_url).images.pull(image)  # docker-py parses name:tag (tag "latest" when absent)
+    except DockerException as exc:
+        raise EngineError(f"pulling {image} failed: {exc}") from exc
+
+
 def container_get(docker_url: str, name: str) -> ContainerInfo | None:
     """Info on container `name`, or None when it does not exist. Raises EngineError."""
     try:

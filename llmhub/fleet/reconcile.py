@@ -141,9 +141,16 @@ def _place_and_start(deployment: Deployment, instance: Instance) -> None:
 
 
 def _start_container(deployment: Deployment, instance: Instance) -> None:
-    """Create (or adopt) the instance's container and record its id, port and start time."""
+    """Create (or adopt) the instance's container and record its id, port and start time.
+
+    A host that lacks the engine image pulls it first (event "pulling").
+    """
+    host = instance.host
     try:
-        info = engine.container_run(instance.host.docker_url, container_spec(instance))
+        if not engine.image_present(host.docker_url, host.engine_image):
+            event_record(deployment=deployment, kind="pulling", message=f"host {host.name} pulls {host.engine_image}")
+            engine.image_pull(host.docker_url, host.engine_image)
+        info = engine.container_run(host.docker_url, container_spec(instance))
     except engine.EngineError as exc:
         _crash(deployment, instance, str(exc))
         return

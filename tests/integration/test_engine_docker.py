@@ -53,6 +53,13 @@ def test_missing_image_is_an_engine_error(cleanup):
         engine.container_run(DOCKER, bad)
 
 
+def test_image_presence_and_a_failed_pull():
+    assert engine.image_present(DOCKER, images.BASE_IMAGE) is True
+    assert engine.image_present(DOCKER, "llmhub/nope:missing") is False
+    with pytest.raises(engine.EngineError, match="pulling llmhub/nope:missing failed"):
+        engine.image_pull(DOCKER, "llmhub/nope:missing")  # no registry answers here
+
+
 def test_a_crashing_engine_fails_the_deployment_with_its_log_tail(cleanup, monkeypatch, settings):
     """Real containers that exit: restarted, then the deployment is failed with the container's last words."""
     settings.INSTANCE_MAX_RESTARTS = 1

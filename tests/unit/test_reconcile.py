@@ -18,6 +18,8 @@ class FakeEngine:
         self.runs: list[engine.ContainerSpec] = []
         self.healthy = True
         self.next_port = 40000
+        self.images = {"llmhub/vllm-cpu:test"}
+        self.pulls: list[str] = []
 
     def container_run(self, docker_url, spec):
         self.runs.append(spec)
@@ -28,6 +30,13 @@ class FakeEngine:
                 host_port=self.next_port, labels=spec.labels,
             )  # fmt: skip
         return self.containers[spec.name]
+
+    def image_present(self, docker_url, image):
+        return image in self.images
+
+    def image_pull(self, docker_url, image):
+        self.pulls.append(image)
+        self.images.add(image)
 
     def container_get(self, docker_url, name):
         return self.containers.get(name)
@@ -49,7 +58,10 @@ class FakeEngine:
 @pytest.fixture
 def fake(monkeypatch):
     fake = FakeEngine()
-    for name in ("container_run", "container_get", "container_remove", "container_logs", "containers_list"):
+    for name in (
+        "container_run", "container_get", "container_remove", "container_logs", "containers_list",
+        "image_present", "image_pull",
+    ):  # fmt: skip
         monkeypatch.setattr(engine, name, getattr(fake, name))
     monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: fake.healthy)
     return fake
@@ -205,3 +217,27 @@ def test_scaling_down_stops_extra_instances_and_keeps_the_others_running(fake, c
     assert states == {ready[0].id: "ready", ready[1].id: "stopped"}  # the newest one stops
     assert list(fake.containers) == [ready[0].container_name]
     assert len(fake.runs) == 2  # nothing was restarted
+
+
+def test_a_host_without_the_engine_image_pulls_it_first(fake, cpu_host):
+    fake.images.clear()
+    deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
+
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+
+    assert fake.pulls == [cpu_host.engine_image]  # once
+    kinds = list(deployment.events.order_by("id").values_list("kind", flat=True))
+    assert kinds[:3] == ["scheduled", "pulling", "starting"]
+
+
+def test_the_hugging_face_token_reaches_the_container_and_nothing_else(fake, cpu_host):
+    from llmhub import crypto
+
+    deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type, hf_token_encrypted=crypto.encrypt("hf_private_123"))
+
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+
+    assert fake.runs[0].environment == {"HF_TOKEN": "hf_private_123"}
+    assert "hf_private_123" not in " ".join(fake.runs[0].args)
+    assert "hf_private_123" not in " ".join(deployment.events.values_list("message", flat=True))
