@@ -75,20 +75,6 @@ def test_deploy_chat_stream_and_delete(stack):
     assert text
     assert usage.completion_tokens == 8
 
-    # Relayed as they are made, not buffered: a longer stream's chunks arrive spread out in time.
-    arrivals = [
-        time.monotonic()
-        for _ in client.chat.completions.create(
-            model="e2e/tiny",
-            messages=[{"role": "user", "content": "Go on"}],
-            max_tokens=48,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-    ]
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    assert sum(gap > 0.001 for gap in gaps) >= 4, f"chunks arrived in bursts: {gaps}"
-
     completion = client.completions.create(model="e2e/tiny", prompt="Once upon a time", max_tokens=8)
     assert completion.choices[0].text and completion.usage.completion_tokens <= 8
     pieces = list(

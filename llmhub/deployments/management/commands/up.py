@@ -68,10 +68,9 @@ class Command(BaseCommand):
             )  # fmt: skip
             self.start_processes(port)
             deployment = self.demo_deployment(user, gpu_type)
-            self.wait_until_serving(deployment, timeout)
             if not processes.wait_for_web(url):
                 raise CommandError("The web server did not answer; see .llmhub/logs/web.log")
-            reply = self.chat(url, token, deployment.full_name)
+            reply = self.wait_until_serving(deployment, timeout, url, token)
             self.report(url, password, token, deployment.full_name, reply)
             self.serve_forever()
         except KeyboardInterrupt:
@@ -131,8 +130,9 @@ class Command(BaseCommand):
             self.step(f"Reusing deployment {deployment.full_name} ({deployment.status})")
         return deployment
 
-    def wait_until_serving(self, deployment: Deployment, timeout: float):
-        """Print the deployment's events as they happen until it is running."""
+    def wait_until_serving(self, deployment: Deployment, timeout: float, url: str, token: str) -> str:
+        """Print the deployment's events as they happen until a chat completion through the gateway
+        succeeds; return its reply. A reused deployment may still be replacing a stale instance."""
         self.step("Waiting for the instance to become ready (vLLM loads in about a minute on 2 cores)")
         started, seen, last_line = time.monotonic(), set(), ""
         while True:
@@ -145,8 +145,11 @@ class Command(BaseCommand):
             if line and line != last_line:
                 self.stdout.write(self.style.HTTP_NOT_MODIFIED(f"    [{elapsed:5.0f}s] engine    {line[:150]}"))
                 last_line = line
-            if deployment.status == Deployment.Status.RUNNING:
-                return
+            ready = deployment.instances.filter(state=Instance.State.READY).exists()
+            if deployment.status == Deployment.Status.RUNNING and ready:
+                reply = self.chat(url, token, deployment.full_name)
+                if reply is not None:
+                    return reply
             if deployment.status == Deployment.Status.FAILED:
                 raise CommandError(f"The demo deployment failed:\n{deployment.fail_reason}")
             if time.monotonic() - started > timeout:
@@ -167,7 +170,8 @@ class Command(BaseCommand):
             return ""
         return tail.strip().rsplit("\n", 1)[-1]
 
-    def chat(self, url: str, token: str, model: str) -> str:
+    def chat(self, url: str, token: str, model: str) -> str | None:
+        """One chat completion through the gateway: the reply, or None while no instance can answer (502/503)."""
         self.step("Sending a chat completion through the gateway")
         response = httpx.post(
             f"{url}/v1/openai/chat/completions",
@@ -175,6 +179,9 @@ class Command(BaseCommand):
             json={"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}], "max_tokens": 24},
             timeout=120,
         )
+        if response.status_code in (502, 503):
+            self.stdout.write(f"    not yet: {response.json()['error']['message']}")
+            return None
         if response.status_code != 200:
             raise CommandError(f"The gateway answered {response.status_code}: {response.text}")
         return response.json()["choices"][0]["message"]["content"]
