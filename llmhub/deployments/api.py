@@ -31,6 +31,7 @@ BODY_FIELDS = {
     "hf.token": "hf_token",
     "settings.min_instances": "min_instances",
     "settings.max_instances": "max_instances",
+    "settings.cooldown_seconds": "cooldown_seconds",
 }
 FIELD_PATHS = {field: path for path, field in BODY_FIELDS.items()}
 NESTED = {"hf", "settings"}
@@ -130,7 +131,11 @@ def deploy_json(deployment: Deployment, counts: dict[str, int]) -> dict:
         "num_gpus": deployment.num_gpus,
         "max_batch_size": deployment.max_batch_size,
         "hf": {"repo": deployment.hf_repo, "revision": deployment.hf_revision or None},
-        "settings": {"min_instances": deployment.min_instances, "max_instances": deployment.max_instances},
+        "settings": {
+            "min_instances": deployment.min_instances,
+            "max_instances": deployment.max_instances,
+            "cooldown_seconds": deployment.cooldown_seconds,
+        },
         "instances": counts,
         "created_at": deployment.created_at.isoformat(),
         "updated_at": deployment.updated_at.isoformat(),
@@ -186,7 +191,7 @@ def _scale(deployment: Deployment, body: dict) -> None:
     if fixed:
         raise ApiError(
             400,
-            f"Only settings.min_instances and settings.max_instances can change once deployed; "
+            f"Only settings (min_instances, max_instances, cooldown_seconds) can change once deployed; "
             f"{', '.join(fixed)} are fixed. Create a new deployment to change them.",
             {path: ["Fixed once deployed."] for path in fixed},
         )
@@ -194,6 +199,7 @@ def _scale(deployment: Deployment, body: dict) -> None:
         {
             "min_instances": data.get("min_instances", deployment.min_instances),
             "max_instances": data.get("max_instances", deployment.max_instances),
+            "cooldown_seconds": data.get("cooldown_seconds", deployment.cooldown_seconds),
         }
     )
     if not form.is_valid():

@@ -47,6 +47,10 @@ class ScaleForm(forms.Form):
         min_value=0, max_value=64, initial=1, help_text="Kept running even when idle (0: scale to zero)."
     )
     max_instances = forms.IntegerField(min_value=1, max_value=64, initial=1, help_text="Upper bound under load.")
+    cooldown_seconds = forms.IntegerField(
+        label="Cooldown (s)", min_value=0, max_value=86400, required=False, initial=300,
+        help_text="Idle seconds before scaling down (and to zero when min is 0).",
+    )  # fmt: skip
 
     def clean(self):
         cleaned = super().clean()
@@ -59,7 +63,7 @@ class ScaleForm(forms.Form):
 class DeploymentForm(ScaleForm):
     field_order = [
         "model_name", "gpu", "num_gpus", "max_batch_size", "hf_repo", "hf_revision",
-        "min_instances", "max_instances", "hf_token",
+        "min_instances", "max_instances", "cooldown_seconds", "hf_token",
     ]  # fmt: skip
 
     model_name = forms.CharField(

@@ -39,6 +39,15 @@ class Deployment(models.Model):
     hf_token_encrypted = models.TextField(blank=True, help_text="Fernet ciphertext; never shown.")
     min_instances = models.PositiveSmallIntegerField(default=1)
     max_instances = models.PositiveSmallIntegerField(default=1)
+    cooldown_seconds = models.PositiveIntegerField(
+        default=300, help_text="Seconds the load must stay below the current scale before scaling down."
+    )
+    target_instances = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="The autoscaler's recommendation (clamped to min..max); null: min."
+    )
+    busy_at = models.DateTimeField(
+        null=True, blank=True, help_text="Last time the load justified the current scale (starts the cooldown)."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
@@ -68,9 +77,11 @@ class Deployment(models.Model):
 
     @property
     def desired_instances(self) -> int:
-        """Instances the reconciler converges to: min instances while live, 0 once stopped or failed."""
+        """Instances the reconciler converges to: the autoscaler's target clamped to min..max while live,
+        0 once suspended, failed or deleted."""
         if self.status in (self.Status.DEPLOYING, self.Status.RUNNING):
-            return self.min_instances
+            target = self.min_instances if self.target_instances is None else self.target_instances
+            return max(self.min_instances, min(self.max_instances, target))
         return 0
 
 

@@ -3,6 +3,7 @@
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import F, Sum
+from django.utils import timezone
 
 from llmhub import crypto
 from llmhub.accounts.models import User
@@ -12,6 +13,7 @@ from .forms import bounds_error
 from .models import Deployment, DeploymentEvent
 from .selectors import model_name_taken
 
+DEFAULT_COOLDOWN = 300  # seconds
 NAME_TAKEN = "You already have a deployment named '{name}'. Choose another name."
 # Statuses whose deployments count against the GPU quota (they hold or may hold GPUs).
 QUOTA_STATUSES = (Deployment.Status.DEPLOYING, Deployment.Status.RUNNING, Deployment.Status.SUSPENDED)
@@ -64,6 +66,7 @@ def deployment_create(
     hf_token: str = "",
     min_instances: int = 1,
     max_instances: int = 1,
+    cooldown_seconds: int | None = None,
 ) -> Deployment:
     """Store a new deployment in status `deploying` and ask a worker to start its instances.
 
@@ -87,6 +90,10 @@ def deployment_create(
         hf_token_encrypted=crypto.encrypt(hf_token),
         min_instances=min_instances,
         max_instances=max_instances,
+        cooldown_seconds=DEFAULT_COOLDOWN if cooldown_seconds is None else cooldown_seconds,
+        # Start warm even when min is 0: the autoscaler scales to zero after the cooldown if idle.
+        target_instances=max(min_instances, 1),
+        busy_at=timezone.now(),
     )
     event_record(
         deployment=deployment,
@@ -98,8 +105,11 @@ def deployment_create(
 
 
 @transaction.atomic
-def deployment_scale(*, deployment: Deployment, min_instances: int, max_instances: int) -> Deployment:
-    """Change a deployment's min and max instances; running instances keep running.
+def deployment_scale(
+    *, deployment: Deployment, min_instances: int, max_instances: int, cooldown_seconds: int | None = None
+) -> Deployment:
+    """Change a deployment's min and max instances (and scale-down cooldown, seconds; None keeps it);
+    running instances keep running.
 
     The reconciler then adds or stops instances to fit the new bounds. Checks the GPU quota with
     the new max (the user row is locked, as in `deployment_create`). Raises ValidationError keyed by
@@ -110,14 +120,16 @@ def deployment_scale(*, deployment: Deployment, min_instances: int, max_instance
     User.objects.select_for_update().filter(id=deployment.user_id).first()
     _check_quota(deployment.user, num_gpus=deployment.num_gpus, max_instances=max_instances, excluding=deployment)
     old = (deployment.min_instances, deployment.max_instances)
-    if old == (min_instances, max_instances):
+    cooldown = deployment.cooldown_seconds if cooldown_seconds is None else cooldown_seconds
+    if old == (min_instances, max_instances) and cooldown == deployment.cooldown_seconds:
         return deployment
     deployment.min_instances, deployment.max_instances = min_instances, max_instances
-    deployment.save(update_fields=["min_instances", "max_instances", "updated_at"])
+    deployment.cooldown_seconds = cooldown
+    deployment.save(update_fields=["min_instances", "max_instances", "cooldown_seconds", "updated_at"])
     event_record(
         deployment=deployment,
         kind="scaled",
-        message=f"instances {old[0]}–{old[1]} → {min_instances}–{max_instances} (set by owner)",
+        message=f"instances {old[0]}–{old[1]} → {min_instances}–{max_instances}, cooldown {cooldown} s (set by owner)",
     )
     reconcile_soon(deployment.id)
     return deployment

@@ -19,6 +19,10 @@ from . import selectors, services
 from .forms import DeploymentForm, ScaleForm
 
 
+def scale_initial(deployment) -> dict:
+    return {f: getattr(deployment, f) for f in ScaleForm.base_fields}
+
+
 @login_required
 @require_GET
 def deployment_list(request):
@@ -81,9 +85,7 @@ def deployment_detail(request, deploy_id):
         "counts": instance_counts([deployment.id])[deployment.id],
         "instances": deployment.instances.select_related("host").order_by("-id")[:20],
         "events": deployment.events.all()[:50],
-        "scale_form": ScaleForm(
-            initial={"min_instances": deployment.min_instances, "max_instances": deployment.max_instances}
-        ),
+        "scale_form": ScaleForm(initial=scale_initial(deployment)),
     }
     return render(request, "deployments/detail.html", context)
 
@@ -106,9 +108,7 @@ def deployment_scale(request, deploy_id):
                 request,
                 f"{deployment.full_name} now runs {deployment.min_instances}–{deployment.max_instances} instances.",
             )
-            form = ScaleForm(
-                initial={"min_instances": deployment.min_instances, "max_instances": deployment.max_instances}
-            )
+            form = ScaleForm(initial=scale_initial(deployment))
     if not request.htmx:
         return redirect("deployments:detail", deploy_id=deploy_id)
     context = {"deployment": deployment, "scale_form": form}
