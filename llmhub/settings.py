@@ -134,6 +134,16 @@ HF_CACHE_DIR = env.str("LLMHUB_HF_CACHE_DIR", default=None)
 HF_HUB_OFFLINE = env.bool("HF_HUB_OFFLINE", default=False)
 # Public base URL of the gateway, shown in the dashboard's examples.
 PUBLIC_URL = env.str("LLMHUB_PUBLIC_URL", default="http://127.0.0.1:8000")
+# Requests per minute per API token at the gateway (0: no limit).
+GATEWAY_RATE_LIMIT_PER_MINUTE = env.int("LLMHUB_RATE_LIMIT_PER_MINUTE", default=600)
+# Seconds a request to a deployment with no ready instance (e.g. scaled to zero) is held before a 503.
+GATEWAY_HOLD_TIMEOUT = env.float("LLMHUB_HOLD_TIMEOUT", default=600.0)
+# Seconds between SSE keepalive comments while a stream waits for its first token.
+GATEWAY_KEEPALIVE_INTERVAL = env.float("LLMHUB_KEEPALIVE_INTERVAL", default=10.0)
+# Bearer token that GET /metrics requires (unset: /metrics answers 404).
+METRICS_TOKEN = env.str("LLMHUB_METRICS_TOKEN", default="")
+# Seconds between two autoscaler passes (beat).
+AUTOSCALE_INTERVAL = env.float("LLMHUB_AUTOSCALE_INTERVAL", default=2.0)
 # Seconds the gateway waits for an engine's response headers (the body streams without a limit).
 GATEWAY_UPSTREAM_TIMEOUT = env.float("LLMHUB_GATEWAY_UPSTREAM_TIMEOUT", default=300.0)
 

@@ -4,6 +4,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 
 from llmhub.deployments import views as deployment_views
+from llmhub.gateway import views as gateway_views
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="deployments:list", permanent=False)),
@@ -14,6 +15,7 @@ urlpatterns = [
     path("deployments/", include("llmhub.deployments.urls")),
     path("tokens/", include("llmhub.accounts.urls")),
     path("v1/openai/", include("llmhub.gateway.urls")),
+    path("metrics", gateway_views.metrics_view, name="metrics"),
     # Model pages last: `/<username>/<model_name>` would otherwise shadow the paths above.
     path("<str:username>/<str:model_name>", deployment_views.model_page, name="model"),
     path("<str:username>/<str:model_name>/api", deployment_views.model_page, {"tab": "api"}, name="model-api"),

@@ -9,6 +9,18 @@ from tests.stack import DOCKER, engine_image, running_stack
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+@pytest.fixture(autouse=True)
+def fresh_gateway_state():
+    """The gateway's per-process caches and counters start empty in every test."""
+    from llmhub.gateway import load, routing
+
+    routing.cache.clear()
+    routing.cache.generation, routing.cache.checked_at = None, 0.0
+    load.inflight.clear()
+    load.outstanding.clear()
+    load.usage_buffer.clear()
+
+
 @pytest.fixture
 def user(db):
     return UserFactory(username="alice")

@@ -11,4 +11,9 @@ def beat_schedule() -> dict:
             "schedule": settings.RECONCILE_INTERVAL,
             "options": {"expires": settings.RECONCILE_INTERVAL * 2},
         },
+        "autoscale-all": {
+            "task": "workers.tasks.autoscale_all",
+            "schedule": settings.AUTOSCALE_INTERVAL,
+            "options": {"expires": settings.AUTOSCALE_INTERVAL * 2},
+        },
     }

@@ -6,6 +6,8 @@ from datetime import timedelta
 
 from django.utils import timezone
 
+from llmhub.gateway.generation import routing_changed
+
 from .models import ApiToken, User
 
 TOKEN_PREFIX = "lh-"
@@ -24,12 +26,14 @@ def api_token_create(*, user: User, name: str) -> tuple[ApiToken, str]:
     """
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken.objects.create(user=user, name=name, prefix=secret[:10], key_hash=token_hash(secret))
+    routing_changed()  # the gateway may have cached this secret as unknown
     return token, secret
 
 
 def api_token_revoke(*, token: ApiToken) -> None:
     """Revoke `token`; it stops authenticating at once. Revoking twice keeps the first time."""
-    ApiToken.objects.filter(id=token.id, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    if ApiToken.objects.filter(id=token.id, revoked_at__isnull=True).update(revoked_at=timezone.now()):
+        routing_changed()
 
 
 # `last_used_at` is written at most once a minute per token, not on every request.

@@ -8,6 +8,7 @@ from django.utils import timezone
 from llmhub import crypto
 from llmhub.accounts.models import User
 from llmhub.fleet.models import GpuType
+from llmhub.gateway.generation import routing_changed
 
 from .forms import bounds_error
 from .models import Deployment, DeploymentEvent
@@ -25,10 +26,12 @@ def event_record(*, deployment: Deployment, kind: str, message: str) -> Deployme
 
 
 def reconcile_soon(deployment_id: int) -> None:
-    """Ask a worker to reconcile `deployment_id` once the current transaction commits."""
+    """Ask a worker to reconcile `deployment_id` once the current transaction commits, and tell the
+    gateway that routing may have changed (this is called on every change of desired state)."""
     from workers import tasks
 
     transaction.on_commit(lambda: tasks.reconcile_deployment.delay(deployment_id))
+    routing_changed()
 
 
 def gpus_reserved(user: User, *, excluding: Deployment | None = None) -> int:

@@ -13,6 +13,7 @@ from django_htmx.http import HttpResponseStopPolling
 
 from llmhub.fleet.selectors import instance_counts, instance_log_tail
 from llmhub.gateway import services as gateway
+from llmhub.gateway.routing import Caller
 from llmhub.gateway.services import GatewayError
 
 from . import selectors, services
@@ -176,7 +177,8 @@ async def deployment_chat(request, deploy_id):
             "stream": True,
             "max_tokens": min(int(payload.get("max_tokens", 128)), 4096),
         }
-        return await gateway.proxy(deployment, "/v1/chat/completions", body)
+        caller = Caller(user_id=user.id, username=user.username, token_key=f"session-{user.id}")
+        return await gateway.handle(caller, "chat/completions", json.dumps(body).encode())
     except (json.JSONDecodeError, ValueError, TypeError):
         return GatewayError(400, "The chat request is not valid JSON.").response()
     except GatewayError as exc:

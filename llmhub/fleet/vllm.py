@@ -23,3 +23,24 @@ def served_models(base_url: str, *, timeout: float = 3.0) -> list[str]:
         return [m["id"] for m in response.json().get("data", [])]
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return []
+
+
+def engine_load(base_url: str, *, timeout: float = 2.0) -> tuple[float, float] | None:
+    """(requests running, requests waiting) from `GET {base_url}/metrics` (vLLM's Prometheus gauges
+    `vllm:num_requests_running` and `vllm:num_requests_waiting`, summed over models), or None when the
+    engine does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        response = httpx.get(f"{base_url}/metrics", timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError:
+        return None
+    running = waiting = 0.0
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            if sample.name == "vllm:num_requests_running":
+                running += sample.value
+            elif sample.name == "vllm:num_requests_waiting":
+                waiting += sample.value
+    return running, waiting

@@ -2,7 +2,11 @@
 
 Protocol: OpenAI Chat Completions / Completions (JSON in, JSON or Server-Sent Events out), as
 served by vLLM's OpenAI-compatible server. Errors use OpenAI's shape:
-``{"error": {"message", "type", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``.
+
+The hot path makes no database query: callers and routes come from `routing.cache`; usage records
+are buffered and written by the background task in `load`. A request to a deployment scaled to zero
+wakes it and is held until an instance is ready (streams get SSE keepalive comments meanwhile).
 """
 
 from __future__ import annotations
@@ -10,46 +14,50 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import defaultdict
-from weakref import WeakKeyDictionary
+import math
+import time
+from dataclasses import dataclass
 
 import httpx
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db.models import Q
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
 
-from llmhub.accounts.models import User
 from llmhub.deployments.models import Deployment
-from llmhub.fleet.models import Instance
+
+from . import load, metrics
+from .clients import http_client, redis_async
+from .models import UsageRecord
+from .routing import Caller, Route, cache
 
 log = logging.getLogger(__name__)
 
-# In-flight requests per instance id in this process (least-outstanding-requests balancing).
-outstanding: defaultdict[int, int] = defaultdict(int)
-
-_clients: WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = WeakKeyDictionary()
+KEEPALIVE = b": keepalive\n\n"
+HOLD_POLL_INTERVAL = 0.5  # seconds between two looks for a ready instance while a request is held
 
 
 class GatewayError(Exception):
-    """An error to return to the client in OpenAI's shape."""
+    """An error to return to the client in OpenAI's shape; `retry_after` (seconds) sets Retry-After."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 retry_after: int | None = None):  # fmt: skip
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type, code
+        self.status, self.message, self.type, self.code, self.retry_after = status, message, type, code, retry_after
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
 
     def response(self) -> JsonResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
-        return JsonResponse(body, status=self.status)
+        response = JsonResponse(self.body(), status=self.status)
+        if self.retry_after is not None:
+            response["Retry-After"] = str(self.retry_after)
+        return response
 
-
-def _client() -> httpx.AsyncClient:
-    """One pooled HTTP client per event loop."""
-    loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        timeout = httpx.Timeout(connect=5.0, read=settings.GATEWAY_UPSTREAM_TIMEOUT, write=30.0, pool=30.0)
-        client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1000))
-        _clients[loop] = client
-    return client
+    def sse(self) -> bytes:
+        """The error as a final SSE event, for a stream whose 200 headers are already sent."""
+        return f"data: {json.dumps(self.body())}\n\n".encode()
 
 
 def parse_body(raw: bytes) -> dict:
@@ -65,96 +73,318 @@ def parse_body(raw: bytes) -> dict:
     if not isinstance(model, str) or not model:
         raise GatewayError(400, "Missing 'model': give the deployment's name, e.g. 'username/model-name'.",
                            code="missing_model")  # fmt: skip
+    if "stream_options" in body and not isinstance(body["stream_options"], dict):
+        raise GatewayError(400, "'stream_options' must be an object.", code="invalid_stream_options")
     return body
 
 
-async def deployment_for(user: User, model: str) -> Deployment:
-    """The deployment `model` (``username/model_name``) that `user` may use. Raises GatewayError(404)."""
-    owner, _, name = model.partition("/")
-    deployment = None
-    if owner == user.username and name:
-        deployment = await (
-            Deployment.objects.select_related("user")
-            .filter(user=user, model_name=name)
-            .exclude(status__in=[Deployment.Status.DELETING, Deployment.Status.DELETED])
-            .afirst()
-        )
-    if deployment is None:
-        raise GatewayError(404, f"The model '{model}' does not exist or you do not have access to it.",
-                           code="model_not_found")  # fmt: skip
-    return deployment
+async def rate_limit(caller: Caller) -> None:
+    """Per-token fixed window of 60 s in Redis (GATEWAY_RATE_LIMIT_PER_MINUTE; 0: off).
 
-
-async def ready_instances(deployment: Deployment) -> list[Instance]:
-    """Ready instances of `deployment` with their hosts."""
-    return [
-        i
-        async for i in Instance.objects.select_related("host").filter(deployment=deployment, state=Instance.State.READY)
-    ]
-
-
-def pick_instance(instances: list[Instance], exclude: set[int] = frozenset()) -> Instance | None:
-    """The instance with the fewest outstanding requests in this process, ties by id; None if none left."""
-    candidates = [i for i in instances if i.id not in exclude]
-    return min(candidates, key=lambda i: (outstanding[i.id], i.id), default=None)
-
-
-async def proxy(deployment: Deployment, path: str, body: dict) -> HttpResponse:
-    """Relay `body` to `path` (e.g. ``/v1/chat/completions``) on a ready instance of `deployment`.
-
-    Streams (``"stream": true``) are relayed chunk by chunk as they arrive; other answers are
-    returned whole with the engine's status. A connect failure is retried on another instance.
-    Raises GatewayError 503 (no ready instance) or 502 (engine failed).
+    Raises GatewayError(429) with Retry-After = seconds left in the window.
     """
-    if deployment.status == Deployment.Status.FAILED:
-        raise GatewayError(503, f"The deployment '{deployment.full_name}' failed: {deployment.fail_reason[:200]}",
+    limit = settings.GATEWAY_RATE_LIMIT_PER_MINUTE
+    if not limit:
+        return
+    now = time.time()
+    window = int(now // 60)
+    key = f"llmhub:ratelimit:{caller.token_key[:24]}:{window}"
+    pipe = redis_async().pipeline()
+    pipe.incr(key)
+    pipe.expire(key, 61)
+    count, _ = await pipe.execute()
+    if count > limit:
+        retry = max(1, math.ceil((window + 1) * 60 - now))
+        raise GatewayError(429, f"Rate limit of {limit} requests per minute for this API token reached; "
+                           f"retry in {retry} s.", type="rate_limit_error", code="rate_limit_exceeded",
+                           retry_after=retry)  # fmt: skip
+
+
+@dataclass
+class Call:
+    """One request passing through: where it goes and what it costs (filled in as it proceeds)."""
+
+    caller: Caller
+    route: Route
+    endpoint: str
+    body: dict
+    stream: bool
+    client_wants_usage: bool
+    started: float
+    first_event: float | None = None
+    status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def finish(self) -> None:
+        """Record usage (buffered) and metrics; release the in-flight count."""
+        now = time.monotonic()
+        load.inflight[self.route.deployment_id] -= 1
+        name = self.route.full_name
+        metrics.inflight_requests.labels(name).dec()
+        metrics.requests_total.labels(name, str(self.status)).inc()
+        metrics.request_duration.labels(name).observe(now - self.started)
+        if self.first_event is not None:
+            metrics.time_to_first_token.labels(name).observe(self.first_event - self.started)
+        ttft = self.first_event if self.first_event is not None else (now if not self.stream else None)
+        load.usage_buffer.append(
+            UsageRecord(
+                deployment_id=self.route.deployment_id,
+                user_id=self.caller.user_id,
+                created_at=timezone.now(),
+                endpoint=self.endpoint,
+                stream=self.stream,
+                status=self.status,
+                prompt_tokens=self.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                latency_ms=round((now - self.started) * 1000),
+                ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None,
+            )  # fmt: skip
+        )
+
+    def take_usage(self, usage: dict | None) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+
+async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
+    """Serve one OpenAI request for `caller` at `endpoint` ("chat/completions" or "completions").
+
+    Raises GatewayError: 400 bad body, 404 unknown model, 429 rate limit, 503 failed deployment or no
+    instance in time, 502 engine failure.
+    """
+    load.ensure_background()
+    await rate_limit(caller)
+    body = parse_body(raw)
+    route = await cache.route(caller, body["model"])
+    if route is None:
+        raise GatewayError(404, f"The model '{body['model']}' does not exist or you do not have access to it.",
+                           code="model_not_found")  # fmt: skip
+    check_servable(route)
+    stream = bool(body.get("stream"))
+    client_wants_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
+    if stream:  # always ask vLLM for usage; the extra final chunk is dropped unless the client asked
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    call = Call(caller, route, endpoint, body, stream, client_wants_usage, started=time.monotonic())
+    load.inflight[route.deployment_id] += 1
+    metrics.inflight_requests.labels(route.full_name).inc()
+    if stream:
+        return _stream_response(relay_stream(call))
+    try:
+        return await forward_whole(call)
+    except GatewayError as exc:
+        call.status = exc.status
+        raise
+    finally:
+        call.finish()
+
+
+def check_servable(route: Route) -> None:
+    """Raise GatewayError(503) for a deployment that cannot serve (failed)."""
+    if route.status == Deployment.Status.FAILED:
+        raise GatewayError(503, f"The deployment '{route.full_name}' failed: {route.fail_reason[:200]}",
                            type="server_error", code="deployment_failed")  # fmt: skip
-    instances = await ready_instances(deployment)
+
+
+async def ready_route(call: Call) -> Route:
+    """The route with at least one ready instance: at once when there is one, else wake the deployment
+    (scale from zero) and hold until an instance is ready. Raises GatewayError(503) after
+    GATEWAY_HOLD_TIMEOUT seconds."""
+    route = call.route
+    if route.instances:
+        return route
+    if route.desired_instances == 0:
+        await wake(route)
+    deadline = call.started + settings.GATEWAY_HOLD_TIMEOUT
+    while time.monotonic() < deadline:
+        await asyncio.sleep(HOLD_POLL_INTERVAL)
+        cache.forget(call.caller, route.full_name)
+        fresh = await cache.route(call.caller, route.full_name)
+        if fresh is None:
+            raise GatewayError(404, f"The model '{route.full_name}' was deleted.", code="model_not_found")
+        check_servable(fresh)
+        if fresh.instances:
+            call.route = fresh
+            return fresh
+    raise GatewayError(503, f"No instance of '{route.full_name}' became ready within "
+                       f"{settings.GATEWAY_HOLD_TIMEOUT:.0f} s; retry shortly.", type="server_error",
+                       code="no_ready_instance", retry_after=30)  # fmt: skip
+
+
+async def wake(route: Route) -> bool:
+    """Scale a deployment at zero to one instance. Any number of concurrent callers start exactly one
+    (a conditional UPDATE claims the wake-up). Returns True for the caller that claimed it."""
+    claimed = await (
+        Deployment.objects.filter(
+            id=route.deployment_id, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING]
+        )
+        .filter(Q(target_instances=0) | Q(target_instances__isnull=True, min_instances=0))
+        .filter(max_instances__gte=1)
+        .aupdate(target_instances=1, busy_at=timezone.now())
+    )
+    if claimed:
+        await sync_to_async(_woken)(route.deployment_id)
+    return bool(claimed)
+
+
+def _woken(deployment_id: int) -> None:
+    from llmhub.deployments.services import event_record, reconcile_soon
+
+    deployment = Deployment.objects.get(id=deployment_id)
+    event_record(deployment=deployment, kind="scaled", message="0 → 1 instance: a request is waiting (scale from zero)")
+    reconcile_soon(deployment_id)
+
+
+def pick_instance(route: Route, exclude: set[int]) -> tuple[int, str] | None:
+    """The ready instance with the fewest outstanding requests in this process (ties by id)."""
+    candidates = [i for i in route.instances if i[0] not in exclude]
+    return min(candidates, key=lambda i: (load.outstanding[i[0]], i[0]), default=None)
+
+
+async def open_upstream(call: Call) -> tuple[int, httpx.Response]:
+    """Send the request to a ready instance, trying the others on a connect failure.
+
+    Returns (instance id, streaming response). Raises GatewayError 503/502.
+    """
+    route = await ready_route(call)
     tried: set[int] = set()
-    while (instance := pick_instance(instances, tried)) is not None:
-        tried.add(instance.id)
-        request = _client().build_request("POST", f"{instance.base_url}{path}", json=body)
-        outstanding[instance.id] += 1
+    while (choice := pick_instance(route, tried)) is not None:
+        instance_id, base_url = choice
+        tried.add(instance_id)
+        request = http_client().build_request("POST", f"{base_url}/v1/{call.endpoint}", json=call.body)
+        load.outstanding[instance_id] += 1
         try:
-            upstream = await _client().send(request, stream=True)
+            return instance_id, await http_client().send(request, stream=True)
         except httpx.ConnectError:
-            outstanding[instance.id] -= 1
-            log.warning("instance %s refused a connection; trying another", instance.id)
-            continue
+            load.outstanding[instance_id] -= 1
+            cache.forget(call.caller, route.full_name)
+            log.warning("instance %s refused a connection; trying another", instance_id)
         except httpx.HTTPError as exc:
-            outstanding[instance.id] -= 1
+            load.outstanding[instance_id] -= 1
             raise GatewayError(502, f"The engine failed to answer: {exc.__class__.__name__}.", type="server_error",
                                code="engine_error") from exc  # fmt: skip
-        return await _relay(instance.id, upstream, stream=bool(body.get("stream")))
-    raise GatewayError(503, f"The deployment '{deployment.full_name}' has no ready instance yet; retry shortly.",
-                       type="server_error", code="no_ready_instance")  # fmt: skip
+    raise GatewayError(503, f"No instance of '{route.full_name}' answered; retry shortly.", type="server_error",
+                       code="no_ready_instance", retry_after=5)  # fmt: skip
 
 
-async def _relay(instance_id: int, upstream: httpx.Response, *, stream: bool) -> HttpResponse:
-    content_type = upstream.headers.get("content-type", "application/json")
-    if not stream or upstream.status_code != 200:
+async def forward_whole(call: Call) -> HttpResponse:
+    """A non-streamed request: the engine's answer whole, with its status; usage taken from it."""
+    instance_id, upstream = await open_upstream(call)
+    try:
+        content = await upstream.aread()
+    except httpx.HTTPError as exc:
+        raise GatewayError(502, "The engine broke off its answer.", type="server_error", code="engine_error") from exc
+    finally:
+        await upstream.aclose()
+        load.outstanding[instance_id] -= 1
+    call.status = upstream.status_code
+    if upstream.status_code == 200:
         try:
-            content = await upstream.aread()
-        except httpx.HTTPError as exc:
-            raise GatewayError(
-                502, "The engine broke off its answer.", type="server_error", code="engine_error"
-            ) from exc
-        finally:
-            await upstream.aclose()
-            outstanding[instance_id] -= 1
-        return HttpResponse(content, status=upstream.status_code, content_type=content_type)
+            call.take_usage(json.loads(content).get("usage"))
+        except (ValueError, AttributeError):
+            pass
+    return HttpResponse(content, status=upstream.status_code, content_type=upstream.headers.get("content-type"))
 
-    async def chunks():
-        try:
-            async for chunk in upstream.aiter_raw():
-                yield chunk
-        except httpx.HTTPError:
-            log.warning("instance %s broke off a stream", instance_id)
-        finally:
-            await upstream.aclose()
-            outstanding[instance_id] -= 1
 
-    response = StreamingHttpResponse(chunks(), content_type=content_type)
+def _stream_response(events) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
+
+
+async def _with_keepalives(awaitable, interval: float):
+    """Await `awaitable`, yielding KEEPALIVE every `interval` seconds meanwhile; then yield its result."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=interval)
+            if done:
+                yield task.result()
+                return
+            yield KEEPALIVE
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def relay_stream(call: Call):
+    """Relay an SSE stream event by event as the engine makes it.
+
+    Before the first event (while held for an instance, or while the engine computes the first
+    token) the client gets a KEEPALIVE comment every GATEWAY_KEEPALIVE_INTERVAL seconds. The usage
+    chunk vLLM sends last is read for the usage record and dropped unless the client asked for it.
+    A client that disconnects cancels this generator, which closes the upstream request.
+    """
+    interval = settings.GATEWAY_KEEPALIVE_INTERVAL
+    instance_id, upstream = None, None
+    try:
+        async for item in _with_keepalives(open_upstream(call), interval):
+            if item is KEEPALIVE:
+                yield KEEPALIVE
+            else:
+                instance_id, upstream = item
+        call.status = upstream.status_code
+        if upstream.status_code != 200:  # an engine error (e.g. prompt too long): pass it on as an event
+            content = await upstream.aread()
+            yield b"data: " + content.replace(b"\n", b" ") + b"\n\n"
+            return
+        chunks = upstream.aiter_raw().__aiter__()
+        buffer = b""
+        while True:
+            data = None
+            if call.first_event is None:  # keepalives until the first token
+                async for item in _with_keepalives(_next_or_none(chunks), interval):
+                    if item is KEEPALIVE:
+                        yield KEEPALIVE
+                    else:
+                        data = item
+            else:
+                data = await _next_or_none(chunks)
+            if data is None:
+                break
+            buffer += data
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                if call.first_event is None:
+                    call.first_event = time.monotonic()
+                if _is_usage_event(event, call) and not call.client_wants_usage:
+                    continue
+                yield event + b"\n\n"
+        if buffer:
+            yield buffer
+    except GatewayError as exc:
+        call.status = exc.status
+        yield exc.sse()
+    except httpx.HTTPError:
+        call.status = 502
+        yield GatewayError(502, "The engine broke off the stream.", type="server_error", code="engine_error").sse()
+    except asyncio.CancelledError:
+        call.status = 499  # the client went away; closing upstream below aborts the engine's work
+        raise
+    finally:
+        if upstream is not None:
+            await upstream.aclose()
+        if instance_id is not None:
+            load.outstanding[instance_id] -= 1
+        call.finish()
+
+
+async def _next_or_none(chunks):
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _is_usage_event(event: bytes, call: Call) -> bool:
+    """True for vLLM's final usage-only chunk (`"choices": []` with `usage`); takes its token counts."""
+    if b'"usage"' not in event or b'"usage":null' in event or b'"usage": null' in event:
+        return False
+    try:
+        chunk = json.loads(event.split(b"data:", 1)[1])
+    except (IndexError, ValueError):
+        return False
+    call.take_usage(chunk.get("usage"))
+    return not chunk.get("choices")

@@ -1,16 +1,19 @@
-"""OpenAI-compatible endpoints under /v1/openai/ (Bearer API token auth)."""
+"""OpenAI-compatible endpoints under /v1/openai/ (Bearer API token auth), and /metrics."""
 
 import functools
+import hmac
 
-from django.http import JsonResponse
+from django.conf import settings
+from django.http import Http404, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmhub.accounts.selectors import bearer_secret
-from llmhub.accounts.services import aapi_token_authenticate
 from llmhub.deployments.models import Deployment
 
-from . import services
+from . import metrics, services
+from .routing import cache
 from .services import GatewayError
 
 
@@ -20,45 +23,52 @@ def openai_api(view):
     @functools.wraps(view)
     async def wrapper(request, *args, **kwargs):
         try:
-            user = await aapi_token_authenticate(bearer_secret(request.headers.get("Authorization")))
-            if user is None:
+            caller = await cache.caller(bearer_secret(request.headers.get("Authorization")))
+            if caller is None:
                 raise GatewayError(401, "Missing or invalid API token: send 'Authorization: Bearer <token>'.",
                                    code="invalid_api_key")  # fmt: skip
-            return await view(request, user, *args, **kwargs)
+            return await view(request, caller, *args, **kwargs)
         except GatewayError as exc:
             return exc.response()
 
     return csrf_exempt(wrapper)
 
 
-async def _proxy(request, user, path: str):
-    body = services.parse_body(request.body)
-    deployment = await services.deployment_for(user, body["model"])
-    return await services.proxy(deployment, path, body)
-
-
 @require_POST
 @openai_api
-async def chat_completions(request, user):
+async def chat_completions(request, caller):
     """POST /v1/openai/chat/completions (OpenAI Chat Completions API)."""
-    return await _proxy(request, user, "/v1/chat/completions")
+    return await services.handle(caller, "chat/completions", request.body)
 
 
 @require_POST
 @openai_api
-async def completions(request, user):
+async def completions(request, caller):
     """POST /v1/openai/completions (OpenAI Completions API)."""
-    return await _proxy(request, user, "/v1/completions")
+    return await services.handle(caller, "completions", request.body)
 
 
 @require_GET
 @openai_api
-async def models(request, user):
-    """GET /v1/openai/models: the user's live deployments as OpenAI model objects."""
+async def models(request, caller):
+    """GET /v1/openai/models: the caller's live deployments as OpenAI model objects."""
     data = [
-        {"id": d.full_name, "object": "model", "created": int(d.created_at.timestamp()), "owned_by": user.username}
+        {"id": d.full_name, "object": "model", "created": int(d.created_at.timestamp()), "owned_by": caller.username}
         async for d in Deployment.objects.select_related("user")
-        .filter(user=user, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING])
+        .filter(user_id=caller.user_id, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING])
         .order_by("model_name")
     ]
     return JsonResponse({"object": "list", "data": data})
+
+
+@require_GET
+def metrics_view(request):
+    """GET /metrics in Prometheus' text format; needs `Authorization: Bearer <LLMHUB_METRICS_TOKEN>`."""
+    if not settings.METRICS_TOKEN:
+        raise Http404("Metrics are off: set LLMHUB_METRICS_TOKEN.")
+    given = bearer_secret(request.headers.get("Authorization")) or ""
+    if not hmac.compare_digest(given.encode(), settings.METRICS_TOKEN.encode()):
+        return HttpResponse(
+            "Send Authorization: Bearer <LLMHUB_METRICS_TOKEN>.\n", status=401, content_type="text/plain"
+        )
+    return HttpResponse(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)

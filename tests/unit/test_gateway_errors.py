@@ -64,10 +64,35 @@ def test_bad_bodies_are_400(client, auth, raw, code):
     assert_openai_error(response, 400, code)
 
 
-def test_a_deployment_with_no_ready_instance_is_503(client, auth, user):
+def test_no_instance_ready_within_the_hold_timeout_is_503_with_retry_after(client, auth, user, settings):
+    settings.GATEWAY_HOLD_TIMEOUT = 1.0
     deployment = DeploymentFactory(user=user, status=Deployment.Status.DEPLOYING)
 
-    assert_openai_error(chat(client, auth, model=deployment.full_name), 503, "no_ready_instance")
+    response = chat(client, auth, model=deployment.full_name)
+
+    assert_openai_error(response, 503, "no_ready_instance")
+    assert int(response["Retry-After"]) > 0
+
+
+def test_a_failed_deployment_is_503_with_its_reason(client, auth, user):
+    deployment = DeploymentFactory(user=user, status=Deployment.Status.FAILED, fail_reason="CUDA out of memory")
+
+    response = chat(client, auth, model=deployment.full_name)
+
+    assert_openai_error(response, 503, "deployment_failed")
+    assert "CUDA out of memory" in response.json()["error"]["message"]
+
+
+def test_rate_limit_per_token_is_429_with_retry_after(client, auth, user, settings):
+    settings.GATEWAY_RATE_LIMIT_PER_MINUTE = 2
+    deployment = DeploymentFactory(user=user, status=Deployment.Status.FAILED)  # answers at once
+
+    codes = [chat(client, auth, model=deployment.full_name).status_code for _ in range(3)]
+    limited = chat(client, auth, model=deployment.full_name)
+
+    assert codes[:2] == [503, 503]
+    assert_openai_error(limited, 429, "rate_limit_exceeded")
+    assert 1 <= int(limited["Retry-After"]) <= 60
 
 
 def test_wrong_method_is_405(client, auth):

@@ -1,0 +1,19 @@
+"""The routing generation: a Redis counter every gateway process watches to drop its cached routes.
+
+Kept free of model imports so that any service can call `routing_changed` without import cycles.
+"""
+
+import redis
+from django.conf import settings
+from django.db import transaction
+
+GENERATION_KEY = "llmhub:routing:generation"
+
+
+def routing_changed() -> None:
+    """Tell every gateway process to reload its routing tables (once the current transaction commits).
+
+    Call after anything a request's routing depends on changes: tokens created or revoked,
+    deployments created, scaled, deleted or changing status, instances becoming ready or stopping.
+    """
+    transaction.on_commit(lambda: redis.Redis.from_url(settings.REDIS_URL).incr(GENERATION_KEY))

@@ -1,0 +1,85 @@
+"""Load the gateway carries, shared with the autoscaler, and usage records written off the hot path.
+
+Each web process counts its in-flight requests per deployment (and outstanding requests per
+instance, for least-outstanding-requests balancing) in memory. A background task per event loop
+publishes the per-deployment counts to Redis every `PUBLISH_INTERVAL` seconds, as a hash per process
+that expires after `PROCESS_TTL` seconds (so a dead process's counts vanish), and writes buffered
+usage records to PostgreSQL in one INSERT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import defaultdict
+from weakref import WeakKeyDictionary
+
+import redis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from .clients import redis_async
+from .models import UsageRecord
+
+log = logging.getLogger(__name__)
+
+INFLIGHT_PREFIX = "llmhub:inflight:"
+PROCESS_KEY = f"{INFLIGHT_PREFIX}{socket.gethostname()}:{os.getpid()}"
+PUBLISH_INTERVAL = 1.0  # seconds
+PROCESS_TTL = 5  # seconds
+
+inflight: defaultdict[int, int] = defaultdict(int)  # deployment id → requests in this process
+outstanding: defaultdict[int, int] = defaultdict(int)  # instance id → requests in this process
+usage_buffer: list[UsageRecord] = []
+_tasks: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = WeakKeyDictionary()
+
+
+def ensure_background() -> None:
+    """Start this event loop's publisher task if it is not running (called by every gateway request)."""
+    loop = asyncio.get_running_loop()
+    task = _tasks.get(loop)
+    if task is None or task.done():
+        _tasks[loop] = loop.create_task(_background())
+
+
+async def _background():
+    while True:
+        await asyncio.sleep(PUBLISH_INTERVAL)
+        try:
+            await publish_inflight()
+            await flush_usage()
+        except Exception:  # noqa: BLE001 - never let the publisher die; the next round retries
+            log.exception("gateway background round failed")
+
+
+async def publish_inflight() -> None:
+    """Write this process's non-zero in-flight counts to its Redis hash (or delete it when idle)."""
+    counts = {str(d): n for d, n in inflight.items() if n > 0}
+    pipe = redis_async().pipeline()
+    pipe.delete(PROCESS_KEY)
+    if counts:
+        pipe.hset(PROCESS_KEY, mapping=counts)
+        pipe.expire(PROCESS_KEY, PROCESS_TTL)
+    await pipe.execute()
+
+
+async def flush_usage() -> int:
+    """Insert the buffered usage records in one query. Returns how many were written."""
+    if not usage_buffer:
+        return 0
+    batch = usage_buffer[:]
+    del usage_buffer[: len(batch)]
+    await sync_to_async(UsageRecord.objects.bulk_create)(batch)
+    return len(batch)
+
+
+def inflight_totals() -> dict[int, int]:
+    """{deployment id: in-flight requests summed over every live gateway process} (for the autoscaler)."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    totals: defaultdict[int, int] = defaultdict(int)
+    for key in client.scan_iter(match=f"{INFLIGHT_PREFIX}*"):
+        for deployment_id, count in client.hgetall(key).items():
+            totals[int(deployment_id)] += int(count)
+    return dict(totals)

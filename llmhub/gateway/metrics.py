@@ -1,0 +1,68 @@
+"""Prometheus metrics (prometheus-client). Gateway series are counted in the web process; fleet series
+(instances by state, pending instances, GPU-hours) are read from the database at scrape time.
+
+With several web processes, run prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR).
+"""
+
+from __future__ import annotations
+
+from django.db.models import Count, DurationField, ExpressionWrapper, F, Sum
+from django.db.models.functions import Coalesce, Now
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import REGISTRY, GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+requests_total = Counter(
+    "llmhub_gateway_requests", "Gateway requests by deployment and HTTP status.", ["deployment", "status"]
+)
+request_duration = Histogram(
+    "llmhub_gateway_request_duration_seconds", "Request received → last byte sent.", ["deployment"],
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+time_to_first_token = Histogram(
+    "llmhub_gateway_time_to_first_token_seconds", "Request received → first streamed event.", ["deployment"],
+    buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+inflight_requests = Gauge("llmhub_gateway_inflight_requests", "Requests in flight in this process.", ["deployment"])
+
+
+class FleetCollector:
+    """Instances by state, pending instances and GPU-hours accrued, per deployment, from the database."""
+
+    def describe(self):
+        """The series' names without querying (REGISTRY.register calls this at import time)."""
+        yield GaugeMetricFamily("llmhub_instances", "Instances by state.", labels=["state"])
+        yield GaugeMetricFamily("llmhub_pending_instances", "Instances waiting for capacity.")
+        yield GaugeMetricFamily("llmhub_gpu_hours", "GPU-hours accrued.", labels=["deployment", "deploy_id"])
+
+    def collect(self):
+        from llmhub.fleet.models import Instance
+
+        by_state = GaugeMetricFamily("llmhub_instances", "Instances by state.", labels=["state"])
+        rows = Instance.objects.exclude(state=Instance.State.STOPPED).values("state").annotate(n=Count("id"))
+        counts = {row["state"]: row["n"] for row in rows}
+        for state in Instance.LIVE_STATES:
+            by_state.add_metric([state], counts.get(state, 0))
+        yield by_state
+        pending = GaugeMetricFamily("llmhub_pending_instances", "Instances waiting for capacity.")
+        pending.add_metric([], counts.get(Instance.State.PENDING, 0))
+        yield pending
+        uptime = ExpressionWrapper(Coalesce(F("stopped_at"), Now()) - F("started_at"), output_field=DurationField())
+        gpu_hours = GaugeMetricFamily(
+            "llmhub_gpu_hours", "GPU-hours accrued by instances since they started, per deployment.",
+            labels=["deployment", "deploy_id"],
+        )  # fmt: skip
+        rows = (
+            Instance.objects.filter(started_at__isnull=False)
+            .values("deployment__deploy_id", "deployment__user__username", "deployment__model_name")
+            .annotate(seconds=Sum(uptime), gpus=F("deployment__num_gpus"))
+        )
+        for row in rows:
+            name = f"{row['deployment__user__username']}/{row['deployment__model_name']}"
+            hours = row["seconds"].total_seconds() / 3600 * row["gpus"] if row["seconds"] else 0.0
+            gpu_hours.add_metric([name, row["deployment__deploy_id"]], hours)
+        yield gpu_hours
+
+
+REGISTRY.register(FleetCollector())

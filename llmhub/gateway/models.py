@@ -1,0 +1,23 @@
+"""What the gateway records: one row per request (usage, status, latency), written in batches."""
+
+from django.conf import settings
+from django.db import models
+
+
+class UsageRecord(models.Model):
+    """One gateway request. Tokens come from the engine's `usage` (OpenAI Chat Completions API)."""
+
+    deployment = models.ForeignKey("deployments.Deployment", on_delete=models.CASCADE, related_name="usage")
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage")
+    created_at = models.DateTimeField(db_index=True)
+    endpoint = models.CharField(max_length=32)  # "chat/completions" or "completions"
+    stream = models.BooleanField(default=False)
+    status = models.PositiveSmallIntegerField()  # HTTP status; 499 when the client went away
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.PositiveIntegerField(help_text="Request received → last byte sent, milliseconds.")
+    ttft_ms = models.PositiveIntegerField(null=True, blank=True, help_text="Time to first token, milliseconds.")
+
+    class Meta:
+        indexes = [models.Index(fields=["deployment", "created_at"])]
+        ordering = ["-created_at"]
