@@ -1,6 +1,7 @@
-"""The gateway relays a stream as it is made, not buffered: measured against an upstream that paces its
-chunks 50 ms apart (vLLM's own pacing on a loaded 2-core machine is too irregular to measure against),
-through Django's real ASGI application."""
+"""The gateway's stream handling through Django's real ASGI application, against an OpenAI-compatible
+upstream whose pacing the test controls (vLLM's own pacing on a loaded 2-core machine is too irregular
+to measure against): chunks relayed as they come, keepalives before the first token, the usage chunk,
+client disconnects, and no database query per request once warm."""
 
 import asyncio
 import json
@@ -9,8 +10,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+from django.db.backends import utils as db_utils
 
 from llmhub.fleet.models import Instance
+from llmhub.gateway import load
+from llmhub.gateway.models import UsageRecord
 from tests.factories import DeploymentFactory, HostFactory, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -18,81 +24,173 @@ pytestmark = pytest.mark.django_db(transaction=True)
 CHUNKS, PACE = 6, 0.05
 
 
-class PacedSSE(BaseHTTPRequestHandler):
-    """An OpenAI-compatible stream: CHUNKS deltas, PACE seconds apart, then [DONE]."""
+class Upstream(ThreadingHTTPServer):
+    """Streams CHUNKS deltas PACE seconds apart after `first_delay` s; like vLLM, adds a final usage-only
+    chunk when the request asked for `stream_options.include_usage`. Records what it saw."""
 
+    first_delay = 0.0
+    requests: list
+    disconnected: threading.Event
+
+
+class Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 - http.server's naming
-        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
-        for i in range(CHUNKS):
-            chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": f"t{i} "}}]}
-            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        time.sleep(self.server.first_delay)
+        try:
+            for i in range(CHUNKS):
+                chunk = {"choices": [{"index": 0, "delta": {"content": f"t{i} "}}], "usage": None}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(PACE)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": 7, "completion_tokens": CHUNKS, "total_tokens": 7 + CHUNKS}
+                self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-            time.sleep(PACE)
-        self.wfile.write(b"data: [DONE]\n\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.server.disconnected.set()
 
     def log_message(self, *args):
         pass
 
 
 @pytest.fixture
-def paced_upstream():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), PacedSSE)
+def upstream():
+    server = Upstream(("127.0.0.1", 0), Handler)
+    server.requests, server.disconnected = [], threading.Event()
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
+    yield server
     server.shutdown()
 
 
-async def asgi_post(path: str, headers: dict, body: dict) -> list[tuple[float, bytes]]:
-    """POST through Django's ASGI application; return (seconds since start, body bytes) per message sent."""
+@pytest.fixture
+def target(upstream):
+    """A running deployment with one ready instance listening at the upstream; returns (model, headers)."""
+    deployment = DeploymentFactory(status="running")
+    Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready", port=upstream.server_address[1])
+    return deployment, {"authorization": f"Bearer {token_for(deployment.user)}"}
+
+
+async def asgi_post(path, headers, body, *, disconnect_after_chunks=None):
+    """POST through Django's ASGI application; return [(seconds since start, body bytes)] as sent.
+
+    With `disconnect_after_chunks`, the client goes away after that many data events.
+    """
     from llmhub.asgi import application
 
     raw = json.dumps(body).encode()
+    all_headers = {**headers, "content-type": "application/json", "content-length": str(len(raw))}
     scope = {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
         "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in {**headers, "content-type": "application/json",
-                                                                   "content-length": str(len(raw))}.items()],
+        "headers": [(k.encode(), v.encode()) for k, v in all_headers.items()],
         "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
     }  # fmt: skip
     messages = [{"type": "http.request", "body": raw, "more_body": False}]
-    disconnect = asyncio.Event()
-    sent: list[tuple[float, bytes]] = []
-    start = time.monotonic()
+    gone = asyncio.Event()
+    sent, start = [], time.monotonic()
 
     async def receive():
         if messages:
             return messages.pop(0)
-        await disconnect.wait()
+        await gone.wait()
         return {"type": "http.disconnect"}
 
     async def send(message):
         if message["type"] == "http.response.body":
             sent.append((time.monotonic() - start, message.get("body", b"")))
-            if not message.get("more_body"):
-                disconnect.set()
+            data_events = sum(body.startswith(b"data: {") for _, body in sent)
+            if not message.get("more_body") or (disconnect_after_chunks and data_events >= disconnect_after_chunks):
+                gone.set()
 
     await application(scope, receive, send)
+    await load.flush_usage()
+    await sync_to_async(connections.close_all)()  # the ORM's worker thread lets go of the test database
     return sent
 
 
-def test_stream_chunks_leave_the_gateway_as_they_arrive(paced_upstream):
-    instance = Instance.objects.create(
-        deployment=DeploymentFactory(status="running"), host=HostFactory(), state=Instance.State.READY,
-        port=paced_upstream,
-    )  # fmt: skip
-    deployment = instance.deployment
-    headers = {"authorization": f"Bearer {token_for(deployment.user)}"}
+def chat(model, **extra):
+    return {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}], **extra}
 
-    sent = asyncio.run(
-        asgi_post("/v1/openai/chat/completions", headers, {"model": deployment.full_name, "stream": True,
-                                                           "messages": [{"role": "user", "content": "hi"}]})
-    )  # fmt: skip
+
+def test_chunks_leave_the_gateway_as_they_arrive(target):
+    deployment, headers = target
+
+    sent = asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name)))
 
     data = [(t, body) for t, body in sent if body.startswith(b"data: {")]
     assert len(data) == CHUNKS
     # Relayed one by one: the first chunk left long before the upstream finished, each about PACE apart.
     assert data[-1][0] - data[0][0] >= (CHUNKS - 1) * PACE * 0.8
     assert b"data: [DONE]" in b"".join(body for _, body in sent)
+
+
+def test_the_usage_chunk_is_asked_for_recorded_and_dropped_unless_the_client_asked(target, upstream):
+    deployment, headers = target
+
+    plain = asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name)))
+    asked = asyncio.run(
+        asgi_post("/v1/openai/chat/completions", headers,
+                  chat(deployment.full_name, stream_options={"include_usage": True}))
+    )  # fmt: skip
+
+    assert all(r["stream_options"]["include_usage"] is True for r in upstream.requests)  # always asked upstream
+    assert b'"choices": []' not in b"".join(body for _, body in plain)
+    assert b'"choices": []' in b"".join(body for _, body in asked)
+    records = list(UsageRecord.objects.filter(deployment=deployment).order_by("id"))
+    assert [(r.prompt_tokens, r.completion_tokens, r.status, r.stream) for r in records] == [(7, CHUNKS, 200, True)] * 2
+    assert all(r.ttft_ms is not None and r.latency_ms >= r.ttft_ms for r in records)
+
+
+def test_keepalives_flow_while_the_first_token_is_awaited(target, upstream, settings):
+    settings.GATEWAY_KEEPALIVE_INTERVAL = 0.1
+    upstream.first_delay = 0.55
+    deployment, headers = target
+
+    sent = asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name)))
+
+    bodies = [body for _, body in sent if body]
+    first_data = next(i for i, body in enumerate(bodies) if body.startswith(b"data:"))
+    assert bodies[:first_data].count(b": keepalive\n\n") >= 3
+    assert b": keepalive" not in b"".join(bodies[first_data:])  # only until the first token
+
+
+def test_a_client_that_disconnects_cancels_the_upstream_request(target, upstream):
+    deployment, headers = target
+
+    asyncio.run(
+        asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name), disconnect_after_chunks=2)
+    )
+
+    assert upstream.disconnected.wait(timeout=5), "the engine kept streaming to nobody"
+    [record] = UsageRecord.objects.filter(deployment=deployment)
+    assert record.status == 499
+    assert load.inflight[deployment.id] == 0
+
+
+def test_a_warm_gateway_makes_no_database_query_per_request(target, monkeypatch):
+    deployment, headers = target
+    asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name)))  # warms the caches
+    queries = []
+    real_execute = db_utils.CursorWrapper.execute
+
+    def counting_execute(self, sql, params=None):
+        queries.append(sql)
+        return real_execute(self, sql, params)
+
+    monkeypatch.setattr(db_utils.CursorWrapper, "execute", counting_execute)
+    monkeypatch.setattr(load, "flush_usage", _no_flush)  # batches are written off the hot path
+
+    for _ in range(3):
+        asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name)))
+
+    assert queries == []
+
+
+async def _no_flush():
+    return 0
