@@ -11,9 +11,11 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from django_htmx.http import HttpResponseStopPolling
 
+from llmhub.charts import Series, line_chart
 from llmhub.fleet.selectors import instance_counts, instance_log_tail
 from llmhub.gateway import services as gateway
 from llmhub.gateway.routing import Caller
+from llmhub.gateway.selectors import usage_series
 from llmhub.gateway.services import GatewayError
 
 from . import selectors, services
@@ -58,6 +60,21 @@ def deployment_estimate(request):
     return render(request, "deployments/create.html#estimate", context)
 
 
+def usage_charts(deployment) -> list:
+    """SVG charts of the last hour per minute: requests, tokens, latency p50/p95."""
+    series = usage_series(deployment.id, minutes=60)
+    labels = [t.strftime("%H:%M") for t in series["t"]]
+    return [
+        line_chart([Series("requests", series["requests"])], labels, title="Requests per minute"),
+        line_chart(
+            [Series("prompt", series["prompt_tokens"]), Series("completion", series["completion_tokens"])],
+            labels,
+            title="Tokens per minute",
+        ),  # fmt: skip
+        line_chart([Series("p50", series["p50"]), Series("p95", series["p95"])], labels, title="Latency", unit=" ms"),
+    ]
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def deployment_create(request):
@@ -87,6 +104,7 @@ def deployment_detail(request, deploy_id):
         "instances": deployment.instances.select_related("host").order_by("-id")[:20],
         "events": deployment.events.all()[:50],
         "scale_form": ScaleForm(initial=scale_initial(deployment)),
+        "charts": usage_charts(deployment),
     }
     return render(request, "deployments/detail.html", context)
 

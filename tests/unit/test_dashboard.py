@@ -232,3 +232,29 @@ def test_create_form_validates_filled_in_fields_as_the_user_types(signed_in, use
     assert 'id="errors-model_name" hx-swap-oob="true"' in page and "already have a deployment named" in page
     assert 'id="errors-max_batch_size" hx-swap-oob="true"' in page and "less than or equal to 256" in page
     assert 'id="errors-hf_repo"' not in page  # untouched fields are not shouted at
+
+
+def test_deployment_page_plots_requests_tokens_and_latency(signed_in, user):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from llmhub.gateway.models import UsageRecord
+    from llmhub.gateway.selectors import usage_series
+
+    deployment = DeploymentFactory(user=user)
+    now = timezone.now().replace(second=30, microsecond=0)
+    for latency in (100, 200, 300, 400):
+        UsageRecord.objects.create(deployment=deployment, user=user, created_at=now, endpoint="chat/completions",
+                                   status=200, prompt_tokens=10, completion_tokens=5, latency_ms=latency)  # fmt: skip
+    UsageRecord.objects.create(deployment=deployment, user=user, created_at=now - timedelta(minutes=2),
+                               endpoint="completions", status=200, latency_ms=50)  # fmt: skip
+
+    series = usage_series(deployment.id, minutes=60, now=now)
+    page = signed_in.get(f"/deployments/{deployment.deploy_id}/").content.decode()
+
+    assert len(series["t"]) == 60
+    assert series["requests"][-1] == 4 and series["requests"][-3] == 1 and sum(series["requests"]) == 5
+    assert series["prompt_tokens"][-1] == 40 and series["completion_tokens"][-1] == 20
+    assert series["p50"][-1] == 250 and series["p95"][-1] == pytest.approx(385)
+    assert page.count('<svg class="chart"') == 3 and "Latency" in page
