@@ -46,6 +46,7 @@ def running_stack(log_dir: Path):
         **os.environ,
         "DATABASE_URL": database_url(),
         "LLMHUB_RECONCILE_INTERVAL": "1",
+        "LLMHUB_AUTOSCALE_INTERVAL": "1",
         "LLMHUB_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "LLMHUB_QUEUE": settings.CELERY_TASK_DEFAULT_QUEUE,
         "LLMHUB_CONTAINER_PREFIX": settings.CONTAINER_PREFIX,

@@ -5,7 +5,8 @@ ready engine's `vllm:num_requests_running` + `vllm:num_requests_waiting` (vLLM /
 the larger of the two; each instance should carry `target_concurrency(max_batch_size)` requests
 (75 % of its batch slots), so the recommendation is ceil(load / that). Scaling up happens at once;
 scaling down only once the load has stayed below the current scale for the deployment's cooldown
-(like Kubernetes' HPA stabilization window), which also keeps a steady load from flapping. With
+(like Kubernetes' HPA stabilization window), which also keeps a steady load from flapping; while
+instances are still pending or starting the cooldown does not run. With
 min_instances = 0 an idle deployment goes to zero; the gateway wakes it (`gateway.services.wake`).
 """
 
@@ -33,6 +34,7 @@ class Signals:
     inflight: int = 0
     running: float = 0
     waiting: float = 0
+    starting: int = 0  # instances pending or starting: no scale-down while they warm up
 
     @property
     def load(self) -> float:
@@ -52,14 +54,19 @@ def recommend(load: float, max_batch_size: int) -> int:
     return math.ceil(load / target_concurrency(max_batch_size))
 
 
-def engine_signals(deployment: Deployment) -> tuple[float, float]:
-    """(running, waiting) summed over the deployment's ready instances' /metrics."""
+def engine_signals(deployment: Deployment) -> tuple[float, float, int]:
+    """(running, waiting) summed over the deployment's ready instances' /metrics, and how many of its
+    instances are still pending or starting."""
     running = waiting = 0.0
-    for instance in Instance.objects.filter(deployment=deployment, state=Instance.State.READY).select_related("host"):
-        measured = vllm.engine_load(instance.base_url)
-        if measured:
+    starting = 0
+    for instance in Instance.objects.filter(deployment=deployment, state__in=Instance.LIVE_STATES).select_related(
+        "host"
+    ):
+        if instance.state in (Instance.State.PENDING, Instance.State.STARTING):
+            starting += 1
+        elif instance.state == Instance.State.READY and (measured := vllm.engine_load(instance.base_url)):
             running, waiting = running + measured[0], waiting + measured[1]
-    return running, waiting
+    return running, waiting, starting
 
 
 def deployment_autoscale(*, deployment: Deployment, signals: Signals, now: datetime | None = None) -> int | None:
@@ -77,9 +84,9 @@ def deployment_autoscale(*, deployment: Deployment, signals: Signals, now: datet
         deployment.min_instances, min(deployment.max_instances, recommend(signals.load, deployment.max_batch_size))
     )
     rows = Deployment.objects.filter(id=deployment.id, target_instances=deployment.target_instances)
-    if wanted >= current:
+    if wanted >= current or signals.starting:
         updated = rows.update(busy_at=now, **({"target_instances": wanted} if wanted > current else {}))
-        if wanted == current or not updated:
+        if wanted <= current or not updated:
             return None
         reason = "load above target"
     else:
@@ -107,7 +114,7 @@ def autoscale_all(*, inflight: dict[int, int], now: datetime | None = None) -> i
     changed = 0
     live = Deployment.objects.filter(status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING])
     for deployment in live.select_related("user"):
-        running, waiting = engine_signals(deployment)
-        signals = Signals(inflight=inflight.get(deployment.id, 0), running=running, waiting=waiting)
+        running, waiting, starting = engine_signals(deployment)
+        signals = Signals(inflight.get(deployment.id, 0), running, waiting, starting)
         changed += deployment_autoscale(deployment=deployment, signals=signals, now=now) is not None
     return changed

@@ -83,6 +83,14 @@ def test_an_idle_deployment_with_min_zero_scales_to_zero_after_the_cooldown():
     assert deployment.desired_instances == 0
 
 
+def test_no_scale_down_while_instances_are_still_starting():
+    deployment = make(min_instances=0, cooldown_seconds=5)
+
+    assert step(deployment, 60, inflight=0, starting=1) is None  # warming up: the cooldown restarts
+    assert step(deployment, 64, inflight=0) is None
+    assert step(deployment, 66, inflight=0) == 0
+
+
 def test_suspended_or_failed_deployments_are_left_alone():
     for status in (Deployment.Status.SUSPENDED, Deployment.Status.FAILED):
         assert step(make(status=status), 1, inflight=50) is None
@@ -108,7 +116,7 @@ def test_concurrent_requests_wake_a_deployment_at_zero_exactly_once():
 
 def test_autoscale_all_reads_the_engines_metrics(monkeypatch):
     deployment = make()
-    monkeypatch.setattr(autoscaler, "engine_signals", lambda d: (2.0, 4.0) if d.id == deployment.id else (0, 0))
+    monkeypatch.setattr(autoscaler, "engine_signals", lambda d: (2.0, 4.0, 0) if d.id == deployment.id else (0, 0, 0))
 
     assert autoscaler.autoscale_all(inflight={deployment.id: 1}) == 1
 
