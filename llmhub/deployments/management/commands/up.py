@@ -53,6 +53,8 @@ class Command(BaseCommand):
     def handle(self, *args, port, timeout, **options):
         self.children = []
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        # Ctrl-C must stop us even when started from a shell that ignores SIGINT for background jobs.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         url = f"http://127.0.0.1:{port}"
         try:
             image = self.engine_image()

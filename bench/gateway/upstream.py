@@ -1,0 +1,56 @@
+"""A fast local OpenAI-compatible upstream for the gateway benchmark: `POST /v1/chat/completions`
+streams CHUNKS deltas PACE_MS apart (SSE, with a final usage chunk when asked), or answers whole.
+
+Run: python bench/gateway/upstream.py PORT [CHUNKS] [PACE_MS]  (a plain ASGI app under uvicorn)
+"""
+
+import asyncio
+import json
+import sys
+
+import uvicorn
+
+CHUNKS = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+PACE = (float(sys.argv[3]) if len(sys.argv) > 3 else 5.0) / 1000
+
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    raw = b""
+    while True:
+        message = await receive()
+        raw += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if scope["path"] == "/health":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    body = json.loads(raw or b"{}")
+    model = body.get("model", "bench")
+    if not body.get("stream"):
+        await asyncio.sleep(PACE * CHUNKS)
+        answer = {
+            "id": "b", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x " * CHUNKS}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": CHUNKS, "total_tokens": 8 + CHUNKS},
+        }  # fmt: skip
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    for i in range(CHUNKS):
+        await asyncio.sleep(PACE)
+        chunk = {"id": "b", "object": "chat.completion.chunk", "created": 0, "model": model,
+                 "choices": [{"index": 0, "delta": {"content": f"x{i} "}, "finish_reason": None}]}  # fmt: skip
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(), "more_body": True})
+    if (body.get("stream_options") or {}).get("include_usage"):
+        usage = {"id": "b", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
+                 "usage": {"prompt_tokens": 8, "completion_tokens": CHUNKS, "total_tokens": 8 + CHUNKS}}  # fmt: skip
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(usage)}\n\n".encode(), "more_body": True})
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+if __name__ == "__main__":
+    uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
