@@ -13,6 +13,7 @@ urlpatterns = [
     path("deploy/", include("llmhub.deployments.api_urls")),
     path("deployments/", include("llmhub.deployments.urls")),
     path("tokens/", include("llmhub.accounts.urls")),
+    path("billing/", include("llmhub.billing.urls")),
     path("v1/openai/", include("llmhub.gateway.urls")),
     # Model pages last: `/<username>/<model_name>` would otherwise shadow the paths above.
     path("<str:username>/<str:model_name>", deployment_views.model_page, name="model"),
