@@ -104,11 +104,17 @@ async def proxy(deployment: Deployment, path: str, body: dict) -> HttpResponse:
 
     Streams (``"stream": true``) are relayed chunk by chunk as they arrive; other answers are
     returned whole with the engine's status. A connect failure is retried on another instance.
-    Raises GatewayError 503 (no ready instance) or 502 (engine failed).
+    Raises GatewayError 503 (no ready instance), 502 (engine failed) or 402 (suspended by its owner's
+    spending limit; code ``spending_limit_reached``, the message names the limit).
     """
     if deployment.status == Deployment.Status.FAILED:
         raise GatewayError(503, f"The deployment '{deployment.full_name}' failed: {deployment.fail_reason[:200]}",
                            type="server_error", code="deployment_failed")  # fmt: skip
+    if deployment.status == Deployment.Status.SUSPENDED:
+        from llmhub.billing.selectors import spending_limit_message
+
+        raise GatewayError(402, await spending_limit_message(deployment), type="insufficient_quota",
+                           code="spending_limit_reached")  # fmt: skip
     instances = await ready_instances(deployment)
     tried: set[int] = set()
     while (instance := pick_instance(instances, tried)) is not None:
