@@ -86,7 +86,7 @@ def invoice_create(
         },
         options={"idempotency_key": idempotency_key},
     )
-    return StripeInvoice(invoice.id, invoice.status or "", invoice.get("hosted_invoice_url") or "")
+    return StripeInvoice(invoice.id, invoice.status or "", getattr(invoice, "hosted_invoice_url", None) or "")
 
 
 def invoice_item_create(
@@ -125,7 +125,7 @@ def invoice_finalize(*, invoice_id: str, idempotency_key: str) -> StripeInvoice:
         params={"auto_advance": True},
         options={"idempotency_key": idempotency_key},
     )
-    return StripeInvoice(invoice.id, invoice.status or "", invoice.get("hosted_invoice_url") or "")
+    return StripeInvoice(invoice.id, invoice.status or "", getattr(invoice, "hosted_invoice_url", None) or "")
 
 
 def webhook_event(*, payload: bytes, signature: str) -> dict:
