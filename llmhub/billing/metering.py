@@ -5,7 +5,8 @@ now while it runs): seconds × GPUs × the GPU type's price per GPU-hour ÷ 3600
 (no `started_at`) accrue nothing. Three things cut an interval short or into pieces:
 
 - its host was lost (`Host.state` unreachable): billed up to the host's last heartbeat;
-- its deployment was suspended by the spending limit: nothing from `suspended_at` to `resumed_at`;
+- its deployment was suspended by the spending limit while it ran: nothing from `suspended_at` to
+  `resumed_at` (or the stop);
 - boundaries asked for by the caller (weeks, days) and price changes (`GpuPrice.effective_at`).
 
 Nothing here rounds: money is rounded once per invoice line (see services.invoice_build).
@@ -149,7 +150,10 @@ def usage_pieces(
         e = min(billed_end(instance, now=now), end, now)
         if e <= s:
             continue
-        for part_start, part_end in _subtract(s, e, holes.get(instance.deployment_id, [])):
+        # Only a container already running when the limit held it is cut; one started later (e.g. after an
+        # operator changed the status by hand) is billed like any other.
+        held = [(a, b) for a, b in holes.get(instance.deployment_id, []) if instance.started_at < a]
+        for part_start, part_end in _subtract(s, e, held):
             inner = [t for t in cuts if part_start < t < part_end]
             inner += prices.changes_between(deployment.gpu_type_id, part_start, part_end)
             edges = [part_start, *sorted(set(inner)), part_end]
@@ -178,16 +182,16 @@ def running_hourly_cost(*, user_ids: Iterable[int], now: datetime) -> dict[int, 
         .exclude(host__state=Host.State.UNREACHABLE)
         .select_related("deployment")
     )
-    held = set(
+    held = dict(
         Suspension.objects.filter(
             deployment_id__in={i.deployment_id for i in instances}, resumed_at__isnull=True
-        ).values_list("deployment_id", flat=True)
+        ).values_list("deployment_id", "suspended_at")
     )
     prices = PriceBook({i.deployment.gpu_type_id for i in instances})
     out = {user_id: Decimal(0) for user_id in ids}
     for instance in instances:
-        if instance.deployment_id in held:
-            continue
+        if instance.deployment_id in held and instance.started_at < held[instance.deployment_id]:
+            continue  # held by the spending limit: its container is being stopped, not billed
         deployment = instance.deployment
         out[deployment.user_id] += deployment.num_gpus * prices.rate_at(deployment.gpu_type_id, now)
     return out

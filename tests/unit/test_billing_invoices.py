@@ -229,6 +229,10 @@ def test_usage_pieces_leave_out_suspended_time(account, user, gpu_host, h100):
     Suspension.objects.create(account=account, deployment=deployment, previous_status="running",
                               suspended_at=at(2, 20))  # fmt: skip
 
+    run(deployment, gpu_host, at(2, 21), at(2, 22))  # started while suspended (status changed by hand)
+
     pieces = usage_pieces(start=MONDAY, end=at(9), now=at(9), user_ids=[user.id])
 
-    assert sorted((p.start, p.end) for p in pieces) == [(at(2), at(2, 6)), (at(2, 7), at(2, 20))]
+    assert sorted((p.start, p.end) for p in pieces) == [
+        (at(2), at(2, 6)), (at(2, 7), at(2, 20)), (at(2, 21), at(2, 22))
+    ]  # fmt: skip
