@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "llmhub.fleet",
     "llmhub.deployments",
     "llmhub.gateway",
+    "llmhub.billing",
 ]
 
 MIDDLEWARE = [
@@ -72,6 +73,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "llmhub.context_processors.gateway",
+                "llmhub.billing.context_processors.billing_banner",
             ],
         },
     },
@@ -146,6 +148,25 @@ METRICS_TOKEN = env.str("LLMHUB_METRICS_TOKEN", default="")
 AUTOSCALE_INTERVAL = env.float("LLMHUB_AUTOSCALE_INTERVAL", default=2.0)
 # Seconds the gateway waits for an engine's response headers (the body streams without a limit).
 GATEWAY_UPSTREAM_TIMEOUT = env.float("LLMHUB_GATEWAY_UPSTREAM_TIMEOUT", default=300.0)
+
+# Billing. Stripe collects payment only when STRIPE_SECRET_KEY is set (also STRIPE_SECRET_KEY_FILE);
+# without it invoices are still built and shown. Secrets are never logged or shown.
+STRIPE_SECRET_KEY = env.str("STRIPE_SECRET_KEY", default="")
+STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
+STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="https://api.stripe.com")
+# Seconds between two spending-limit checks: the spend passes a limit by at most this long at the running cost.
+BILLING_CHECK_INTERVAL = env.float("LLMHUB_BILLING_CHECK_INTERVAL", default=30.0)
+# Seconds after a week's end before its invoices are built (lost hosts are known by then), weeks looked back.
+BILLING_INVOICE_GRACE = env.float("LLMHUB_BILLING_INVOICE_GRACE", default=3600.0)
+BILLING_INVOICE_WEEKS_BACK = env.int("LLMHUB_BILLING_INVOICE_WEEKS_BACK", default=8)
+BILLING_INVOICE_DAYS_UNTIL_DUE = env.int("LLMHUB_BILLING_INVOICE_DAYS_UNTIL_DUE", default=14)
+BILLING_WEBHOOK_TIMEOUT = env.float("LLMHUB_BILLING_WEBHOOK_TIMEOUT", default=10.0)
+if BILLING_CHECK_INTERVAL <= 0:
+    raise environ.ImproperlyConfigured("LLMHUB_BILLING_CHECK_INTERVAL must be more than 0 seconds")
+# Alert e-mail through Django's mail: EMAIL_URL such as smtp+tls://user:password@smtp.example.com:587
+# (also EMAIL_URL_FILE); tests use Django's locmem backend.
+vars().update(env.email_url("EMAIL_URL", default="smtp://localhost:25"))
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="LLMHub <billing@localhost>")
 
 LOGGING = {
     "version": 1,

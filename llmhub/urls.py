@@ -14,6 +14,7 @@ urlpatterns = [
     path("deploy/", include("llmhub.deployments.api_urls")),
     path("deployments/", include("llmhub.deployments.urls")),
     path("tokens/", include("llmhub.accounts.urls")),
+    path("billing/", include("llmhub.billing.urls")),
     path("v1/openai/", include("llmhub.gateway.urls")),
     path("metrics", gateway_views.metrics_view, name="metrics"),
     # Model pages last: `/<username>/<model_name>` would otherwise shadow the paths above.

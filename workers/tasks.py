@@ -32,6 +32,41 @@ def autoscale_all() -> None:
     run(inflight=inflight_totals())
 
 
+@app.task(name="workers.tasks.billing_check")
+def billing_check() -> None:
+    """Spending limits: alerts, suspension, resumption (beat, every BILLING_CHECK_INTERVAL s); scheduled
+    GPU prices coming into force."""
+    from llmhub.billing.services import gpu_prices_sync, spending_check_all
+
+    gpu_prices_sync()
+    spending_check_all()
+
+
+@app.task(name="workers.tasks.billing_alerts_deliver")
+def billing_alerts_deliver() -> None:
+    """Deliver due spending alerts (e-mail, webhook) from the outbox (beat, and when an alert is written)."""
+    from llmhub.billing.services import alerts_deliver
+
+    alerts_deliver()
+
+
+@app.task(name="workers.tasks.billing_invoices")
+def billing_invoices() -> None:
+    """Build the weekly invoices that are due, then send unsent ones to Stripe (beat, hourly)."""
+    from llmhub.billing.services import invoices_build_due, invoices_push_pending
+
+    invoices_build_due()
+    invoices_push_pending()
+
+
+@app.task(name="workers.tasks.billing_invoice_push")
+def billing_invoice_push(invoice_id: int) -> None:
+    """Send one invoice to Stripe (enqueued when it is built)."""
+    from llmhub.billing.services import invoice_push
+
+    invoice_push(invoice_id=invoice_id)
+
+
 @contextmanager
 def _routing_watch():
     """Bump the gateway's routing generation when the wrapped work changed ready instances or statuses."""

@@ -12,7 +12,9 @@ namespace_validator = RegexValidator(
 )
 
 # First path segments the site uses itself: a namespace named like one would hide its model pages.
-RESERVED_NAMESPACES = {"admin", "deploy", "deployments", "tokens", "v1", "login", "logout", "static", "metrics"}
+RESERVED_NAMESPACES = {
+    "admin", "deploy", "deployments", "tokens", "v1", "login", "logout", "static", "metrics", "billing",
+}  # fmt: skip
 
 
 def validate_not_reserved(value: str) -> None:

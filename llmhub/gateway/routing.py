@@ -39,6 +39,7 @@ class Route:
     """A deployment as the gateway needs it: where its ready instances listen."""
 
     deployment_id: int
+    user_id: int
     full_name: str
     status: str
     fail_reason: str
@@ -121,6 +122,7 @@ async def load_route(caller: Caller, model: str) -> Route | None:
     ]
     return Route(
         deployment_id=deployment.id,
+        user_id=deployment.user_id,
         full_name=deployment.full_name,
         status=deployment.status,
         fail_reason=deployment.fail_reason,

@@ -151,8 +151,8 @@ class Call:
 async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
     """Serve one OpenAI request for `caller` at `endpoint` ("chat/completions" or "completions").
 
-    Raises GatewayError: 400 bad body, 404 unknown model, 429 rate limit, 503 failed deployment or no
-    instance in time, 502 engine failure.
+    Raises GatewayError: 400 bad body, 402 suspended by the spending limit, 404 unknown model, 429 rate
+    limit, 503 failed deployment or no instance in time, 502 engine failure.
     """
     load.ensure_background()
     await rate_limit(caller)
@@ -161,7 +161,7 @@ async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
     if route is None:
         raise GatewayError(404, f"The model '{body['model']}' does not exist or you do not have access to it.",
                            code="model_not_found")  # fmt: skip
-    check_servable(route)
+    await check_servable(route)
     stream = bool(body.get("stream"))
     client_wants_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
     if stream:  # always ask vLLM for usage; the extra final chunk is dropped unless the client asked
@@ -180,11 +180,17 @@ async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
         call.finish()
 
 
-def check_servable(route: Route) -> None:
-    """Raise GatewayError(503) for a deployment that cannot serve (failed)."""
+async def check_servable(route: Route) -> None:
+    """Raise GatewayError for a deployment that cannot serve: 503 when it failed, 402 (code
+    ``spending_limit_reached``, the message names the limit) when its owner's spending limit suspended it."""
     if route.status == Deployment.Status.FAILED:
         raise GatewayError(503, f"The deployment '{route.full_name}' failed: {route.fail_reason[:200]}",
                            type="server_error", code="deployment_failed")  # fmt: skip
+    if route.status == Deployment.Status.SUSPENDED:
+        from llmhub.billing.selectors import spending_limit_message
+
+        message = await spending_limit_message(user_id=route.user_id, full_name=route.full_name)
+        raise GatewayError(402, message, type="insufficient_quota", code="spending_limit_reached")
 
 
 async def ready_route(call: Call) -> Route:
@@ -203,7 +209,7 @@ async def ready_route(call: Call) -> Route:
         fresh = await cache.route(call.caller, route.full_name)
         if fresh is None:
             raise GatewayError(404, f"The model '{route.full_name}' was deleted.", code="model_not_found")
-        check_servable(fresh)
+        await check_servable(fresh)
         if fresh.instances:
             call.route = fresh
             return fresh

@@ -99,7 +99,7 @@ def test_suspended_or_failed_deployments_are_left_alone():
 @pytest.mark.django_db(transaction=True)  # the async ORM works in its own thread: data must be committed
 def test_concurrent_requests_wake_a_deployment_at_zero_exactly_once():
     deployment = make(min_instances=0, target_instances=0)
-    route = Route(deployment.id, deployment.full_name, "running", "", 0, [])
+    route = Route(deployment.id, deployment.user_id, deployment.full_name, "running", "", 0, [])
 
     async def wake_many():
         claims = await asyncio.gather(*(gateway.wake(route) for _ in range(5)))

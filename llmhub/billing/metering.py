@@ -1,0 +1,206 @@
+"""Metering: GPU uptime of instances turned into priced pieces of time.
+
+An instance accrues from its container start (`Instance.started_at`) until it stops (`stopped_at`, or
+now while it runs): seconds × GPUs × the GPU type's price per GPU-hour ÷ 3600. Pending instances
+(no `started_at`) accrue nothing. Three things cut an interval short or into pieces:
+
+- its host was lost (`Host.state` unreachable): billed up to the host's last heartbeat;
+- its deployment was suspended by the spending limit while it ran: nothing from `suspended_at` to
+  `resumed_at` (or the stop);
+- boundaries asked for by the caller (weeks, days) and price changes (`GpuPrice.effective_at`).
+
+Nothing here rounds: money is rounded once per invoice line (see services.invoice_build).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from django.db.models import Q
+
+from llmhub.fleet.models import GpuType, Host, Instance
+
+from .models import GpuPrice, Suspension
+from .periods import seconds_between
+
+SECONDS_PER_HOUR = Decimal(3600)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of one instance's uptime at one price, inside the window asked for."""
+
+    instance_id: int
+    deployment_id: int
+    user_id: int
+    host_name: str
+    num_gpus: int
+    start: datetime
+    end: datetime
+    hourly_rate: Decimal  # USD per GPU-hour
+
+    @property
+    def seconds(self) -> Decimal:
+        return seconds_between(self.start, self.end)
+
+    @property
+    def gpu_seconds(self) -> Decimal:
+        return self.seconds * self.num_gpus
+
+    @property
+    def cost(self) -> Decimal:
+        """USD, unrounded."""
+        return self.gpu_seconds * self.hourly_rate / SECONDS_PER_HOUR
+
+
+class PriceBook:
+    """Prices per GPU type over time, from `GpuPrice` (falling back to `GpuType.hourly_price` for a type
+    without history)."""
+
+    def __init__(self, gpu_type_ids: Iterable[int]):
+        ids = set(gpu_type_ids)
+        self._times: dict[int, list[datetime]] = defaultdict(list)
+        self._prices: dict[int, list[Decimal]] = defaultdict(list)
+        for price in GpuPrice.objects.filter(gpu_type_id__in=ids).order_by("gpu_type_id", "effective_at"):
+            self._times[price.gpu_type_id].append(price.effective_at)
+            self._prices[price.gpu_type_id].append(price.hourly_price)
+        self._fallback = dict(GpuType.objects.filter(id__in=ids).values_list("id", "hourly_price"))
+
+    def rate_at(self, gpu_type_id: int, moment: datetime) -> Decimal:
+        """USD per GPU-hour in force at `moment` (the first known price before any was in force)."""
+        times = self._times.get(gpu_type_id)
+        if not times:
+            return self._fallback.get(gpu_type_id, Decimal(0))
+        index = bisect.bisect_right(times, moment) - 1
+        return self._prices[gpu_type_id][max(index, 0)]
+
+    def changes_between(self, gpu_type_id: int, start: datetime, end: datetime) -> list[datetime]:
+        """Effective times of price changes strictly inside (start, end)."""
+        return [t for t in self._times.get(gpu_type_id, []) if start < t < end]
+
+
+def billed_end(instance: Instance, *, now: datetime) -> datetime:
+    """Where an instance's billed interval ends: its stop, or `now` while it runs; for an instance whose
+    host is lost (unreachable), no later than the host's last heartbeat."""
+    end = instance.stopped_at or now
+    host = instance.host
+    if host is not None and host.state == Host.State.UNREACHABLE and host.heartbeat_at is not None:
+        end = min(end, max(host.heartbeat_at, instance.started_at))
+    return end
+
+
+def _subtract(start: datetime, end: datetime, holes: list[tuple[datetime, datetime | None]]):
+    """[start, end) minus the half-open `holes` (an open-ended hole has end None), as a list of intervals."""
+    parts = [(start, end)]
+    for hole_start, hole_end in holes:
+        next_parts = []
+        for s, e in parts:
+            if hole_end is not None and hole_end <= s or hole_start >= e:
+                next_parts.append((s, e))
+                continue
+            if s < hole_start:
+                next_parts.append((s, hole_start))
+            if hole_end is not None and hole_end < e:
+                next_parts.append((hole_end, e))
+        parts = next_parts
+    return parts
+
+
+def usage_pieces(
+    *,
+    start: datetime,
+    end: datetime,
+    now: datetime,
+    user_ids: Iterable[int] | None = None,
+    deployment_ids: Iterable[int] | None = None,
+    boundaries: Iterable[datetime] = (),
+) -> list[Piece]:
+    """Priced pieces of instance uptime inside [start, end), cut at price changes and at `boundaries`.
+
+    `now` ends the intervals of instances still running (so a window reaching past now holds usage only
+    up to now). Filters by owner (`user_ids`) or deployment when given. Returns pieces in no set order.
+    """
+    instances = Instance.objects.filter(started_at__isnull=False, started_at__lt=end).filter(
+        Q(stopped_at__isnull=True) | Q(stopped_at__gt=start)
+    )
+    if user_ids is not None:
+        instances = instances.filter(deployment__user_id__in=list(user_ids))
+    if deployment_ids is not None:
+        instances = instances.filter(deployment_id__in=list(deployment_ids))
+    instances = list(instances.select_related("deployment", "host"))
+    if not instances:
+        return []
+    prices = PriceBook({i.deployment.gpu_type_id for i in instances})
+    holes: dict[int, list] = defaultdict(list)
+    for deployment_id, held_from, held_to in Suspension.objects.filter(
+        deployment_id__in={i.deployment_id for i in instances}, suspended_at__lt=end
+    ).values_list("deployment_id", "suspended_at", "resumed_at"):
+        holes[deployment_id].append((held_from, held_to))
+    cuts = sorted(set(boundaries))
+
+    pieces = []
+    for instance in instances:
+        deployment = instance.deployment
+        s = max(instance.started_at, start)
+        e = min(billed_end(instance, now=now), end, now)
+        if e <= s:
+            continue
+        # Only a container already running when the limit held it is cut; one started later (e.g. after an
+        # operator changed the status by hand) is billed like any other.
+        held = [(a, b) for a, b in holes.get(instance.deployment_id, []) if instance.started_at < a]
+        for part_start, part_end in _subtract(s, e, held):
+            inner = [t for t in cuts if part_start < t < part_end]
+            inner += prices.changes_between(deployment.gpu_type_id, part_start, part_end)
+            edges = [part_start, *sorted(set(inner)), part_end]
+            for a, b in zip(edges, edges[1:]):
+                pieces.append(
+                    Piece(
+                        instance_id=instance.id,
+                        deployment_id=instance.deployment_id,
+                        user_id=deployment.user_id,
+                        host_name=instance.host.name if instance.host else "",
+                        num_gpus=deployment.num_gpus,
+                        start=a,
+                        end=b,
+                        hourly_rate=prices.rate_at(deployment.gpu_type_id, a),
+                    )
+                )
+    return pieces
+
+
+def running_hourly_cost(*, user_ids: Iterable[int], now: datetime) -> dict[int, Decimal]:
+    """{user id: USD per hour} that the users' instances accrue right now (started, not stopped, host not
+    lost, deployment not suspended): Σ GPUs × price per GPU-hour in force now."""
+    ids = list(user_ids)
+    instances = list(
+        Instance.objects.filter(started_at__isnull=False, stopped_at__isnull=True, deployment__user_id__in=ids)
+        .exclude(host__state=Host.State.UNREACHABLE)
+        .select_related("deployment")
+    )
+    held = dict(
+        Suspension.objects.filter(
+            deployment_id__in={i.deployment_id for i in instances}, resumed_at__isnull=True
+        ).values_list("deployment_id", "suspended_at")
+    )
+    prices = PriceBook({i.deployment.gpu_type_id for i in instances})
+    out = {user_id: Decimal(0) for user_id in ids}
+    for instance in instances:
+        if instance.deployment_id in held and instance.started_at < held[instance.deployment_id]:
+            continue  # held by the spending limit: its container is being stopped, not billed
+        deployment = instance.deployment
+        out[deployment.user_id] += deployment.num_gpus * prices.rate_at(deployment.gpu_type_id, now)
+    return out
+
+
+def cost_by_user(*, user_ids: Iterable[int], start: datetime, end: datetime, now: datetime) -> dict[int, Decimal]:
+    """{user id: USD (unrounded)} accrued inside [start, min(end, now))."""
+    ids = list(user_ids)
+    out = {user_id: Decimal(0) for user_id in ids}
+    for piece in usage_pieces(start=start, end=end, now=now, user_ids=ids):
+        out[piece.user_id] += piece.cost
+    return out

@@ -1,0 +1,231 @@
+"""Billing: GPU price history, accounts with spending limits, suspensions, alerts (outbox), weekly invoices.
+
+Money is Decimal USD. Usage is computed from `fleet.Instance` intervals (`started_at`..`stopped_at`), see
+`metering.py`; invoices freeze it into lines and the instance intervals behind each line.
+"""
+
+from decimal import Decimal
+
+from django.conf import settings
+from django.contrib.postgres.fields import ArrayField
+from django.db import models
+from django.db.models import Q
+
+DEFAULT_THRESHOLDS = (50, 80, 100)
+CENT = Decimal("0.01")
+
+
+def default_thresholds() -> list[int]:
+    return list(DEFAULT_THRESHOLDS)
+
+
+class GpuPrice(models.Model):
+    """The price of one GPU of a type per hour, from `effective_at` until the next price of that type.
+
+    A price applies from its effective time, never retroactively: prices whose time has come are not
+    edited, a change is a new row. Before a type's first price, that first price applies.
+    """
+
+    gpu_type = models.ForeignKey("fleet.GpuType", on_delete=models.CASCADE, related_name="prices")
+    hourly_price = models.DecimalField(max_digits=10, decimal_places=4, help_text="USD per GPU-hour.")
+    effective_at = models.DateTimeField(help_text="From this moment on (UTC) the price applies.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["gpu_type__name", "effective_at"]
+        constraints = [models.UniqueConstraint(fields=["gpu_type", "effective_at"], name="gpu_price_unique_time")]
+
+    def __str__(self):
+        return f"{self.gpu_type}: {self.hourly_price} USD/GPU-hour from {self.effective_at:%Y-%m-%d %H:%M} UTC"
+
+
+class BillingAccount(models.Model):
+    """A user's billing settings: monthly spending limit, alert thresholds and targets, Stripe customer."""
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="billing")
+    monthly_limit = models.DecimalField(
+        max_digits=12, decimal_places=2, null=True, blank=True, help_text="USD per calendar month (UTC); empty: none."
+    )
+    alert_thresholds = ArrayField(
+        models.PositiveSmallIntegerField(), default=default_thresholds, help_text="Percent of the monthly limit."
+    )
+    alert_email = models.EmailField(blank=True, help_text="Where alerts go; empty: the user's e-mail address.")
+    alert_webhook_url = models.URLField(blank=True, max_length=500, help_text="Optional: alerts are POSTed as JSON.")
+    stripe_customer_id = models.CharField(max_length=64, blank=True)
+    suspended_at = models.DateTimeField(null=True, blank=True, help_text="Set while the limit holds deployments.")
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self):
+        return f"billing account of {self.user}"
+
+    @property
+    def alert_address(self) -> str:
+        return self.alert_email or self.user.email
+
+
+class Suspension(models.Model):
+    """One deployment held by the spending limit, with what to restore when it resumes.
+
+    Instances are not billed from `suspended_at` to `resumed_at`: the spend stops when the limit decides
+    it, not when the last container has stopped.
+    """
+
+    account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="suspensions")
+    deployment = models.ForeignKey("deployments.Deployment", on_delete=models.CASCADE, related_name="suspensions")
+    previous_status = models.CharField(max_length=16)
+    previous_fail_reason = models.TextField(blank=True)
+    suspended_at = models.DateTimeField()
+    resumed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-suspended_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["deployment"], condition=Q(resumed_at__isnull=True), name="suspension_one_open_per_deployment"
+            )
+        ]
+
+
+class SpendingAlert(models.Model):
+    """A threshold of the monthly limit reached: written once per (account, month, threshold, limit).
+
+    The unique constraint is what makes concurrent checks alert once. Deliveries (e-mail, webhook) are
+    outbox rows; a threshold passed together with a higher one in the same check is recorded but not
+    delivered (`superseded`), so a user who sets a limit below this month's spend gets one alert.
+    """
+
+    account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="alerts")
+    month = models.DateField(help_text="First day of the calendar month (UTC).")
+    threshold = models.PositiveSmallIntegerField(help_text="Percent of the limit.")
+    limit = models.DecimalField(max_digits=12, decimal_places=2, help_text="USD per month when reached.")
+    spent = models.DecimalField(max_digits=12, decimal_places=2, help_text="USD spent this month when reached.")
+    superseded = models.BooleanField(default=False)
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at", "-threshold"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "month", "threshold", "limit"], name="spending_alert_once_per_month"
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.threshold} % of {self.limit} USD reached ({self.month:%Y-%m})"
+
+
+class AlertDelivery(models.Model):
+    """Outbox: one alert to one channel, delivered by a task that records every attempt."""
+
+    class Channel(models.TextChoices):
+        EMAIL = "email"
+        WEBHOOK = "webhook"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENDING = "sending"
+        SENT = "sent"
+        FAILED = "failed"
+
+    alert = models.ForeignKey(SpendingAlert, on_delete=models.CASCADE, related_name="deliveries")
+    channel = models.CharField(max_length=16, choices=Channel.choices)
+    target = models.CharField(max_length=500, help_text="E-mail address or webhook URL.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [models.UniqueConstraint(fields=["alert", "channel"], name="alert_delivery_once_per_channel")]
+
+
+class Invoice(models.Model):
+    """One account's usage in one week (Monday 00:00 to Monday 00:00 UTC)."""
+
+    class Status(models.TextChoices):
+        OPEN = "open"
+        PAID = "paid"
+        PAYMENT_FAILED = "payment_failed"
+
+    account = models.ForeignKey(BillingAccount, on_delete=models.PROTECT, related_name="invoices")
+    number = models.CharField(max_length=32, unique=True)
+    period_start = models.DateTimeField()
+    period_end = models.DateTimeField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    total = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal(0), help_text="USD.")
+    created_at = models.DateTimeField()
+    paid_at = models.DateTimeField(null=True, blank=True)
+    stripe_invoice_id = models.CharField(max_length=64, blank=True)
+    stripe_status = models.CharField(max_length=32, blank=True)
+    stripe_hosted_url = models.URLField(blank=True, max_length=500)
+    stripe_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-period_start", "-id"]
+        constraints = [models.UniqueConstraint(fields=["account", "period_start"], name="invoice_one_per_account_week")]
+
+    def __str__(self):
+        return f"invoice {self.number}"
+
+
+class InvoiceLine(models.Model):
+    """A deployment's usage at one rate within an invoice's week. `amount` is rounded once, to cents."""
+
+    invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
+    deployment = models.ForeignKey("deployments.Deployment", on_delete=models.PROTECT, related_name="invoice_lines")
+    deployment_name = models.CharField(max_length=120, help_text="username/model_name when billed.")
+    gpu_type_name = models.CharField(max_length=32)
+    num_gpus = models.PositiveSmallIntegerField()
+    hourly_rate = models.DecimalField(max_digits=10, decimal_places=4, help_text="USD per GPU-hour.")
+    gpu_seconds = models.DecimalField(max_digits=20, decimal_places=6, help_text="Σ seconds × GPUs.")
+    amount = models.DecimalField(max_digits=12, decimal_places=2, help_text="USD.")
+    stripe_invoice_item_id = models.CharField(max_length=64, blank=True)
+
+    class Meta:
+        ordering = ["deployment_name", "hourly_rate", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["invoice", "deployment", "hourly_rate"], name="invoice_line_unique")
+        ]
+
+    @property
+    def gpu_hours(self) -> Decimal:
+        return self.gpu_seconds / 3600
+
+    @property
+    def instance_hours(self) -> Decimal:
+        """Hours of instance uptime (GPU-hours ÷ GPUs per instance)."""
+        return self.gpu_seconds / 3600 / self.num_gpus
+
+
+class InvoiceInterval(models.Model):
+    """A piece of one instance's uptime behind an invoice line (the trace from money back to containers)."""
+
+    line = models.ForeignKey(InvoiceLine, on_delete=models.CASCADE, related_name="intervals")
+    instance = models.ForeignKey("fleet.Instance", on_delete=models.PROTECT, related_name="invoice_intervals")
+    host_name = models.CharField(max_length=64, blank=True)
+    start = models.DateTimeField()
+    end = models.DateTimeField()
+    seconds = models.DecimalField(max_digits=16, decimal_places=6)
+
+    class Meta:
+        ordering = ["start", "instance_id"]
+
+    @property
+    def gpu_hours(self) -> Decimal:
+        return self.seconds * self.line.num_gpus / 3600
+
+
+class StripeEvent(models.Model):
+    """A Stripe webhook event already processed (replays are ignored)."""
+
+    event_id = models.CharField(max_length=100, unique=True)
+    type = models.CharField(max_length=100)
+    invoice = models.ForeignKey(Invoice, on_delete=models.SET_NULL, null=True, blank=True, related_name="events")
+    outcome = models.CharField(max_length=200, blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-received_at"]

@@ -1,0 +1,107 @@
+"""The spending limit against the real platform (web, worker, beat, Docker Engine, vLLM): the beat's check
+suspends a running deployment at its limit, its container stops, the gateway names the limit, the spend
+stops within one check interval of the running cost; raising the limit brings it back at its scale."""
+
+import time
+from decimal import Decimal
+
+import httpx
+import pytest
+from django.conf import settings
+
+from llmhub.billing import services
+from llmhub.billing.metering import cost_by_user
+from llmhub.billing.periods import month_start
+from llmhub.deployments.models import Deployment
+from llmhub.deployments.services import deployment_create
+from llmhub.fleet import engine
+from llmhub.fleet.models import Instance
+from llmhub.fleet.services import gpu_type_ensure, host_register
+from tests.factories import UserFactory, token_for
+from tests.stack import DOCKER, engine_image, running_stack, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker, pytest.mark.vllm]
+
+CHECK_INTERVAL = 2  # seconds, for this test's platform
+PRICE = Decimal("36")  # USD per GPU-hour: 0.01 USD a second, so the limit comes quickly
+
+
+@pytest.fixture
+def billing_stack(transactional_db, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("LLMHUB_BILLING_CHECK_INTERVAL", str(CHECK_INTERVAL))
+    monkeypatch.setenv("EMAIL_URL", "consolemail://")  # the platform's alert e-mails go to its worker log
+    cpu = gpu_type_ensure(name="CPU", uses_devices=False, hourly_price=PRICE)
+    host_register(name="local", docker_url=DOCKER, address="127.0.0.1", gpu_type=cpu, gpu_count=2,
+                  engine_image=engine_image())  # fmt: skip
+    with running_stack(tmp_path_factory.mktemp("billing-stack-logs")) as url:
+        yield url, cpu
+
+
+def spent(user) -> Decimal:
+    from django.utils import timezone
+
+    now = timezone.now()
+    return cost_by_user(user_ids=[user.id], start=month_start(now), end=now, now=now)[user.id]
+
+
+def chat(url, token, model):
+    return httpx.post(
+        f"{url}/v1/openai/chat/completions", headers={"Authorization": f"Bearer {token}"}, timeout=120,
+        json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    )  # fmt: skip
+
+
+def status_of(deployment):
+    deployment.refresh_from_db()
+    return deployment.status
+
+
+def our_containers():
+    return engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX)
+
+
+def test_the_limit_suspends_a_running_deployment_and_raising_it_resumes(billing_stack):
+    url, cpu = billing_stack
+    user = UserFactory(username="dora", email="dora@example.com")
+    token = token_for(user)
+    deployment = deployment_create(user=user, model_name="tiny", gpu_type=cpu, num_gpus=1, max_batch_size=4,
+                                   hf_repo="llmhub/tiny-random-llama", min_instances=1, max_instances=1)  # fmt: skip
+    wait_for(lambda: status_of(deployment) in ("running", "failed"), timeout=420, what="the deployment to run")
+    assert status_of(deployment) == "running", deployment.fail_reason
+    assert chat(url, token, "dora/tiny").status_code == 200
+
+    account = services.billing_account_get(user=user)
+    cap = (spent(user) + Decimal("0.15")).quantize(Decimal("0.01"))  # about 15 s more at 0.01 USD/s
+    services.billing_settings_update(account=account, monthly_limit=cap, alert_thresholds=[50, 80, 100])
+
+    wait_for(lambda: status_of(deployment) == "suspended", timeout=90, interval=0.2, what="suspension")
+    wait_for(lambda: not our_containers(), timeout=60, interval=0.5, what="the container to stop")
+    assert not Instance.objects.filter(deployment=deployment, state__in=Instance.LIVE_STATES).exists()
+    final = spent(user)
+    time.sleep(3)
+    assert spent(user) == final  # nothing accrues while suspended
+    overshoot = final - cap
+    bound = PRICE * CHECK_INTERVAL / 3600  # one check interval at the running cost: 0.02 USD
+    print(f"limit {cap} USD, spent {final:.4f} USD, overshoot {overshoot:.4f} USD, bound {bound:.4f} USD")
+    # Beat's ticks are not exact on a busy 2-core machine: allow one more interval of scheduling delay.
+    assert Decimal(0) <= overshoot <= 2 * bound
+
+    refused = chat(url, token, "dora/tiny")
+    assert refused.status_code == 402
+    error = refused.json()["error"]
+    assert error["code"] == "spending_limit_reached" and f"spending limit of {cap:,.2f} USD" in error["message"]
+    assert deployment.fail_reason.startswith("suspended: spending limit reached")
+
+    result = services.billing_settings_update(account=account, monthly_limit=cap + 50, alert_thresholds=[50, 80, 100])
+    assert result.resumed == 1
+    wait_for(
+        lambda: Instance.objects.filter(deployment=deployment, state=Instance.State.READY).exists(),
+        timeout=420, what="a new ready instance",
+    )  # fmt: skip
+    deployment.refresh_from_db()
+    assert (deployment.status, deployment.min_instances, deployment.max_instances) == (
+        Deployment.Status.RUNNING, 1, 1
+    )  # fmt: skip
+    assert chat(url, token, "dora/tiny").status_code == 200
+    kinds = list(deployment.events.order_by("id").values_list("kind", flat=True))
+    assert kinds.index("suspended") < kinds.index("resumed") and kinds.count("ready") == 2
