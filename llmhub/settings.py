@@ -126,6 +126,8 @@ RECONCILE_INTERVAL = env.float("LLMHUB_RECONCILE_INTERVAL", default=3.0)
 # Names this installation's containers (`<prefix>-<instance id>`, label llmhub.installation), so that
 # several installations (or a test run) can share a Docker Engine without touching each other's.
 CONTAINER_PREFIX = env.str("LLMHUB_CONTAINER_PREFIX", default="llmhub")
+# Prefix of this installation's Redis keys (gateway counters, routing generation), for the same reason.
+REDIS_KEY_PREFIX = f"{CONTAINER_PREFIX}:"
 # Restarts of a crashed instance before its deployment is marked failed.
 INSTANCE_MAX_RESTARTS = env.int("LLMHUB_INSTANCE_MAX_RESTARTS", default=3)
 # Seconds an instance may take from container start to a healthy engine before it counts as crashed.

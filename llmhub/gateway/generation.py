@@ -7,7 +7,7 @@ import redis
 from django.conf import settings
 from django.db import transaction
 
-GENERATION_KEY = "llmhub:routing:generation"
+GENERATION_KEY = f"{settings.REDIS_KEY_PREFIX}routing:generation"
 
 
 def routing_changed() -> None:

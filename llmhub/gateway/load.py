@@ -25,7 +25,7 @@ from .models import UsageRecord
 
 log = logging.getLogger(__name__)
 
-INFLIGHT_PREFIX = "llmhub:inflight:"
+INFLIGHT_PREFIX = f"{settings.REDIS_KEY_PREFIX}inflight:"
 PROCESS_KEY = f"{INFLIGHT_PREFIX}{socket.gethostname()}:{os.getpid()}"
 PUBLISH_INTERVAL = 1.0  # seconds
 PROCESS_TTL = 5  # seconds

@@ -88,7 +88,7 @@ async def rate_limit(caller: Caller) -> None:
         return
     now = time.time()
     window = int(now // 60)
-    key = f"llmhub:ratelimit:{caller.token_key[:24]}:{window}"
+    key = f"{settings.REDIS_KEY_PREFIX}ratelimit:{caller.token_key[:24]}:{window}"
     pipe = redis_async().pipeline()
     pipe.incr(key)
     pipe.expire(key, 61)
