@@ -1,4 +1,8 @@
-"""OpenAI-compatible endpoints under /v1/openai/ (Bearer API token auth), and /metrics."""
+"""OpenAI-compatible endpoints under /v1/openai/ (Bearer API token auth), and /metrics.
+
+Under ASGI the two POST endpoints are served by `gateway.asgi` before Django's middleware; these views
+serve them under WSGI and Django's test client, and GET /models always.
+"""
 
 import functools
 import hmac

@@ -1,0 +1,87 @@
+"""The gateway's hot path as a plain ASGI app, in front of Django's handler.
+
+`POST /v1/openai/chat/completions` and `/v1/openai/completions` skip Django's middleware stack (sessions,
+CSRF, auth, messages: none of which a Bearer-token API uses, and each would hop threads under ASGI) and
+call `services.handle` directly; everything else goes to Django. Responses are the same Django response
+objects, sent here as ASGI messages; a client disconnect cancels the stream (closing the upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from llmhub.accounts.selectors import bearer_secret
+
+from . import services
+from .routing import cache
+from .services import GatewayError
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = {"/v1/openai/chat/completions": "chat/completions", "/v1/openai/completions": "completions"}
+
+
+def wrap(django_app):
+    """The site's ASGI application: gateway POSTs served here, everything else by `django_app`."""
+
+    async def application(scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ENDPOINTS:
+            return await serve(scope, receive, send)
+        return await django_app(scope, receive, send)
+
+    return application
+
+
+async def serve(scope, receive, send) -> None:
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    try:
+        caller = await cache.caller(bearer_secret(headers.get("authorization")))
+        if caller is None:
+            raise GatewayError(401, "Missing or invalid API token: send 'Authorization: Bearer <token>'.",
+                               code="invalid_api_key")  # fmt: skip
+        response = await services.handle(caller, ENDPOINTS[scope["path"]], bytes(body))
+    except GatewayError as exc:
+        response = exc.response()
+    except Exception:  # noqa: BLE001 - never a stack trace to the client
+        log.exception("gateway request failed")
+        response = GatewayError(500, "The gateway failed; try again.", type="server_error", code="internal").response()
+    await send_response(response, receive, send)
+
+
+async def send_response(response, receive, send) -> None:
+    """Send a Django response over ASGI; a streaming one chunk by chunk until done or the client leaves."""
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    if not response.streaming:
+        await send({"type": "http.response.body", "body": response.content})
+        return
+
+    async def stream():
+        async for chunk in response:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def disconnected():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    streaming, listening = asyncio.ensure_future(stream()), asyncio.ensure_future(disconnected())
+    done, _ = await asyncio.wait({streaming, listening}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (streaming, listening):
+        if task not in done:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+    if streaming in done:
+        streaming.result()
