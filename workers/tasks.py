@@ -17,3 +17,11 @@ def reconcile_all() -> None:
     from llmhub.fleet.reconcile import reconcile_all as run
 
     run()
+
+
+@app.task(name="workers.tasks.image_pull")
+def image_pull(pull_id: int, attempt: int) -> None:
+    """Pull an engine image onto a host, with progress in the events (enqueued by a reconcile)."""
+    from llmhub.fleet.services import image_pull_run
+
+    image_pull_run(pull_id=pull_id, attempt=attempt)

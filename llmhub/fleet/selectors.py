@@ -4,6 +4,7 @@ from django.db.models import QuerySet
 
 from . import engine
 from .models import GpuType, Host, Instance
+from .scheduler import used_gpu_counts
 
 
 def gpu_types_offered() -> QuerySet[GpuType]:
@@ -28,7 +29,12 @@ def instance_log_tail(instance: Instance, *, lines: int = 100) -> str:
     if instance.host is None or not instance.container_id:
         return "This instance has not started a container yet."
     try:
-        text = engine.container_logs(instance.host.docker_url, instance.container_name, tail=lines)
+        text = engine.container_logs(instance.host.endpoint, instance.container_name, tail=lines)
     except engine.EngineError as exc:
         return f"The host's Docker Engine did not answer: {exc}"
     return text or instance.last_error or "The container is gone and left no log."
+
+
+def host_gpus_used(host_ids: list[int]) -> dict[int, int]:
+    """{host id: GPUs reserved by its live instances} in one query (e.g. for the admin's host list)."""
+    return used_gpu_counts(host_ids)
