@@ -186,7 +186,7 @@ def orphans_sweep(hosts: list[Host], observation: Observation) -> list[str]:
             if (instance_id, host.id) in placed:
                 continue
             with contextlib.suppress(engine.EngineError):
-                engine.container_remove(host.endpoint, info.name)
-                removed.append(info.name)
-                log.info("host %s: removed orphan container %s", host.name, info.name)
+                if engine.container_remove(host.endpoint, info.name):  # False: someone removed it meanwhile
+                    removed.append(info.name)
+                    log.info("host %s: removed orphan container %s", host.name, info.name)
     return removed

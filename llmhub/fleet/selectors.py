@@ -1,10 +1,10 @@
 """Reads for the fleet."""
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet, Sum
 
 from . import engine
 from .models import GpuType, Host, Instance
-from .scheduler import used_gpu_counts
+from .scheduler import Cardinality
 
 
 def gpu_types_offered() -> QuerySet[GpuType]:
@@ -35,6 +35,7 @@ def instance_log_tail(instance: Instance, *, lines: int = 100) -> str:
     return text or instance.last_error or "The container is gone and left no log."
 
 
-def host_gpus_used(host_ids: list[int]) -> dict[int, int]:
-    """{host id: GPUs reserved by its live instances} in one query (e.g. for the admin's host list)."""
-    return used_gpu_counts(host_ids)
+def hosts_with_gpus_used(hosts: QuerySet[Host]) -> QuerySet[Host]:
+    """`hosts` annotated with `gpus_used`: GPUs reserved by their live instances (None when none)."""
+    live = Q(instances__state__in=Instance.LIVE_STATES)
+    return hosts.annotate(gpus_used=Sum(Cardinality("instances__gpu_indexes"), filter=live))
