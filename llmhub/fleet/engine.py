@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import docker
+import docker.constants
 import docker.tls
 import requests
 from docker.errors import APIError, DockerException, NotFound
@@ -229,7 +230,19 @@ def client_for(target: Endpoint | str, *, timeout: int = CALL_TIMEOUT_S) -> dock
             tls = _tls_config(endpoint.tls) if endpoint.tls else False
         except (OSError, docker.errors.TLSParameterError) as exc:
             raise EngineError(f"the TLS certificates for {endpoint.url} are unusable: {exc}") from exc
-        client = docker.DockerClient(base_url=endpoint.url, tls=tls, timeout=timeout, version="auto")
+        # The API version is the engine's own (as docker-py's "auto"), asked for by a session that does
+        # not trust the environment: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace the
+        # engine's CA on every request otherwise, and TLS to the engine fails on machines that set them.
+        probe = docker.APIClient(
+            base_url=endpoint.url, tls=tls, timeout=timeout, version=docker.constants.DEFAULT_DOCKER_API_VERSION
+        )
+        probe.trust_env = False
+        try:
+            api_version = probe.version(api_version=False)["ApiVersion"]
+        finally:
+            probe.close()
+        client = docker.DockerClient(base_url=endpoint.url, tls=tls, timeout=timeout, version=api_version)
+        client.api.trust_env = False
     with _clients_lock:
         _clients.setdefault(key, client)
         return _clients[key]

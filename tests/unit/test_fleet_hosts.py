@@ -92,7 +92,9 @@ def test_a_host_registers_with_the_gpus_its_engine_advertises_or_a_count_by_hand
 )
 def test_a_bad_docker_url_is_refused_with_what_to_write(fake, h100, url, message):
     with pytest.raises(ValidationError) as caught:
-        services.host_register(name="gpu-x", docker_url=url, address="10.0.0.9", gpu_type=h100, engine_image="v", gpu_count=1)
+        services.host_register(
+            name="gpu-x", docker_url=url, address="10.0.0.9", gpu_type=h100, engine_image="v", gpu_count=1
+        )
 
     assert message in " ".join(caught.value.message_dict["docker_url"])
     assert not Host.objects.exists()
@@ -100,7 +102,9 @@ def test_a_bad_docker_url_is_refused_with_what_to_write(fake, h100, url, message
 
 def test_other_bad_fields_are_named(fake, h100):
     with pytest.raises(ValidationError) as caught:
-        services.host_register(name=" ", docker_url=A, address="10.0.0.1/24", gpu_type=h100, engine_image="", gpu_count=0)
+        services.host_register(
+            name=" ", docker_url=A, address="10.0.0.1/24", gpu_type=h100, engine_image="", gpu_count=0
+        )
 
     assert set(caught.value.message_dict) == {"name", "address", "engine_image", "gpu_count"}
 
@@ -128,7 +132,9 @@ def test_host_add_registers_a_host_and_says_what_it_found(fake, h100):
     fake.gpus[A] = 4
     out = StringIO()
 
-    call_command("host_add", "gpu-a", "--docker-url", A, "--gpu-type", "H100-80GB", "--engine-image", "vllm:1", stdout=out)
+    call_command(
+        "host_add", "gpu-a", "--docker-url", A, "--gpu-type", "H100-80GB", "--engine-image", "vllm:1", stdout=out
+    )
 
     host = Host.objects.get(name="gpu-a")
     assert (host.docker_url, host.address, host.gpu_count, host.engine_image) == (A, "127.0.0.1", 4, "vllm:1")
@@ -327,9 +333,7 @@ def test_an_engine_that_fails_at_start_gives_the_gpus_back_and_the_instance_goes
 # --- drains -------------------------------------------------------------------------------------------
 
 
-def test_a_drain_starts_the_replacement_first_stops_the_old_instance_once_it_serves_then_cordons(
-    fake, hosts, owner
-):
+def test_a_drain_starts_the_replacement_first_stops_the_old_instance_once_it_serves_then_cordons(fake, hosts, owner):
     a, b = hosts
     deployment = DeploymentFactory(user=owner, gpu_type=a.gpu_type, num_gpus=2)
     converge()
