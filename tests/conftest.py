@@ -7,7 +7,7 @@ import pytest
 
 from llmhub.fleet import images
 from llmhub.fleet.services import gpu_type_ensure, host_register
-from tests.engines import Dockerd
+from tests.engines import GPU, Dockerd, containers, register
 from tests.factories import GpuTypeFactory, HostFactory, UserFactory, token_for
 from tests.stack import DOCKER, engine_image, running_stack
 
@@ -92,3 +92,21 @@ def fleet_engines(tmp_path_factory):
     finally:
         for dockerd in engines:
             dockerd.destroy()
+
+
+@pytest.fixture
+def fleet(fleet_engines, db):
+    """Hosts gpu-a and gpu-b (4 × H100-80GB each, see `fleet_engines`) in the database, their engines
+    running; this installation's containers on them are removed afterwards."""
+    for dockerd in (fleet_engines.a, fleet_engines.b):
+        if dockerd.process is None or dockerd.process.poll() is not None:
+            dockerd.start()
+    h100 = GpuTypeFactory(name=GPU, memory_gb=80, uses_devices=True)
+    a = register(fleet_engines.a, h100, image=fleet_engines.image)
+    b = register(fleet_engines.b, h100, image=fleet_engines.image)
+    yield SimpleNamespace(a=a, b=b, engines=fleet_engines, gpu_type=h100, owner=UserFactory(username="fleet"))
+    for dockerd in (fleet_engines.a, fleet_engines.b):
+        if dockerd.process is None or dockerd.process.poll() is not None:
+            dockerd.start()
+        for container in containers(dockerd):
+            container.remove(force=True)

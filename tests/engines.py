@@ -42,6 +42,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from llmhub.fleet import engine
 
+GPU = "H100-80GB"  # the GPU type the fleet tests' hosts have
+
 NVIDIA_HOOK = """#!/bin/sh
 # Stand-in for NVIDIA's OCI prestart hook: record the container state dockerd passes, start it.
 cat >> "{log}"
@@ -413,3 +415,25 @@ class FakeRegistry:
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+def register(dockerd: Dockerd, gpu_type, *, image: str, state: str = "ready"):
+    """A Host row for `dockerd` (its URL, TLS credentials, address and GPU count)."""
+    from llmhub import crypto
+    from tests.factories import HostFactory
+
+    tls = dockerd.endpoint.tls
+    return HostFactory(
+        name=dockerd.name, docker_url=dockerd.url, address=dockerd.address, gpu_type=gpu_type, gpu_count=dockerd.gpus,
+        engine_image=image, state=state,
+        tls_ca_cert=tls.ca_cert if tls else "", tls_client_cert=tls.client_cert if tls else "",
+        tls_client_key_encrypted=crypto.encrypt(tls.client_key) if tls else "",
+    )  # fmt: skip
+
+
+def containers(dockerd: Dockerd) -> list:
+    """This installation's containers on `dockerd` (LLMHUB_CONTAINER_PREFIX), running or not."""
+    from django.conf import settings
+
+    labels = [engine.LABEL_INSTANCE, f"{engine.LABEL_INSTALLATION}={settings.CONTAINER_PREFIX}"]
+    return dockerd.client().containers.list(all=True, filters={"label": labels})

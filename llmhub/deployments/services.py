@@ -23,10 +23,14 @@ def event_record(*, deployment: Deployment, kind: str, message: str) -> Deployme
 
 
 def reconcile_soon(deployment_id: int) -> None:
-    """Ask a worker to reconcile `deployment_id` once the current transaction commits."""
+    """Ask a worker to reconcile `deployment_id` once the current transaction commits.
+
+    A broker that is down only logs an error (`robust`): the change is committed and the periodic
+    reconcile pass (beat, every RECONCILE_INTERVAL s) picks it up, so the request still succeeds.
+    """
     from workers import tasks
 
-    transaction.on_commit(lambda: tasks.reconcile_deployment.delay(deployment_id))
+    transaction.on_commit(lambda: tasks.reconcile_deployment.delay(deployment_id), robust=True)
 
 
 def gpus_reserved(user: User, *, excluding: Deployment | None = None) -> int:

@@ -185,7 +185,7 @@ def image_pull_request(*, host: Host, image: str) -> tuple[ImagePull, bool]:
     from workers import tasks
 
     pull_id, attempt = pull.id, pull.attempt
-    transaction.on_commit(lambda: tasks.image_pull.delay(pull_id, attempt))
+    transaction.on_commit(lambda: tasks.image_pull.delay(pull_id, attempt), robust=True)  # stale: taken over
     return pull, True
 
 

@@ -10,7 +10,6 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -19,52 +18,16 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
 
-from llmhub import crypto
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import deployment_delete
 from llmhub.fleet import engine, reconcile
 from llmhub.fleet.models import Host, Instance
 from llmhub.fleet.selectors import instance_counts
-from tests.engines import Dockerd, FakeRegistry
-from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
+from tests.engines import GPU, Dockerd, FakeRegistry, containers, register
+from tests.factories import DeploymentFactory, GpuTypeFactory, UserFactory
 from tests.stack import database_url
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db]
-
-GPU = "H100-80GB"
-
-
-def register(dockerd: Dockerd, gpu_type, *, image: str, state=Host.State.READY) -> Host:
-    tls = dockerd.endpoint.tls
-    return HostFactory(
-        name=dockerd.name, docker_url=dockerd.url, address=dockerd.address, gpu_type=gpu_type, gpu_count=dockerd.gpus,
-        engine_image=image, state=state,
-        tls_ca_cert=tls.ca_cert if tls else "", tls_client_cert=tls.client_cert if tls else "",
-        tls_client_key_encrypted=crypto.encrypt(tls.client_key) if tls else "",
-    )  # fmt: skip
-
-
-def containers(dockerd: Dockerd) -> list:
-    """This installation's containers on `dockerd`, running or not."""
-    labels = [engine.LABEL_INSTANCE, f"{engine.LABEL_INSTALLATION}={settings.CONTAINER_PREFIX}"]
-    return dockerd.client().containers.list(all=True, filters={"label": labels})
-
-
-@pytest.fixture
-def fleet(fleet_engines):
-    """Hosts gpu-a and gpu-b (4 × H100-80GB each) in the database, their engines up and clean after."""
-    for dockerd in (fleet_engines.a, fleet_engines.b):
-        if dockerd.process is None or dockerd.process.poll() is not None:
-            dockerd.start()
-    h100 = GpuTypeFactory(name=GPU, memory_gb=80, uses_devices=True)
-    a = register(fleet_engines.a, h100, image=fleet_engines.image)
-    b = register(fleet_engines.b, h100, image=fleet_engines.image)
-    yield SimpleNamespace(a=a, b=b, engines=fleet_engines, gpu_type=h100, owner=UserFactory(username="fleet"))
-    for dockerd in (fleet_engines.a, fleet_engines.b):
-        if dockerd.process is None or dockerd.process.poll() is not None:
-            dockerd.start()
-        for container in containers(dockerd):
-            container.remove(force=True)
 
 
 def until(predicate, *, timeout=30.0, what="the fleet to converge", passes=True):

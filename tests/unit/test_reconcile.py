@@ -244,3 +244,34 @@ def test_the_hugging_face_token_reaches_the_container_and_nothing_else(fake, cpu
     assert fake.runs[0].environment == {"HF_TOKEN": "hf_private_123"}
     assert "hf_private_123" not in " ".join(fake.runs[0].args)
     assert "hf_private_123" not in " ".join(deployment.events.values_list("message", flat=True))
+
+
+def test_a_pull_whose_worker_died_is_taken_over_once_stale_and_a_failed_one_retried_later(
+    fake, cpu_host, django_capture_on_commit_callbacks, monkeypatch
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from llmhub.fleet import services
+    from llmhub.fleet.models import ImagePull
+    from workers import tasks
+
+    enqueued = []
+    monkeypatch.setattr(tasks.image_pull, "delay", lambda *args: enqueued.append(args))
+    with django_capture_on_commit_callbacks(execute=True):
+        pull, started = services.image_pull_request(host=cpu_host, image="img:1")
+        again, started_again = services.image_pull_request(host=cpu_host, image="img:1")
+        assert (started, started_again, again.id) == (True, False, pull.id)
+        ImagePull.objects.filter(id=pull.id).update(updated_at=timezone.now() - timedelta(seconds=121))
+        taken, taken_over = services.image_pull_request(host=cpu_host, image="img:1")  # its worker was killed
+    assert taken_over and taken.attempt == 2 and enqueued == [(pull.id, 1), (pull.id, 2)]
+    assert services.image_pull_run(pull_id=pull.id, attempt=1) == "pulling"  # the dead attempt's task: no-op
+
+    fake.pull_error = "registry unreachable"
+    assert services.image_pull_run(pull_id=pull.id, attempt=2) == "failed"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.image_pull_request(host=cpu_host, image="img:1")[1] is False  # recent failure: not yet
+        ImagePull.objects.filter(id=pull.id).update(updated_at=timezone.now() - timedelta(seconds=61))
+        assert services.image_pull_request(host=cpu_host, image="img:1")[1] is True
+    assert enqueued[-1] == (pull.id, 3)
