@@ -357,9 +357,10 @@ def _end(
     healthy_for = (now - instance.ready_at).total_seconds() if instance.ready_at else 0
     restarts = 1 if healthy_for > CRASH_COUNT_RESET_SECONDS else instance.restarts + 1
     if restarts > settings.INSTANCE_MAX_RESTARTS:
-        Deployment.objects.filter(
+        if Deployment.objects.filter(
             id=deployment.id, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING]
-        ).update(status=Deployment.Status.FAILED, fail_reason=detail, updated_at=now)
+        ).update(status=Deployment.Status.FAILED, fail_reason=detail, updated_at=now):
+            deployment.status, deployment.fail_reason = Deployment.Status.FAILED, detail
         event_record(
             deployment=deployment, kind="failed", message=f"instance {instance.id} crashed {restarts} times: {detail}"
         )
@@ -413,7 +414,8 @@ def deployment_reconcile(*, deployment_id: int, observation: Observation | None 
     without it (a reconcile asked for on a change) each container is inspected on its engine.
     Returns False when another worker holds the deployment's lock (it is being reconciled now),
     True otherwise. Engine failures are recorded on instances and events, never raised.
-    Queries: about seven, plus the writes of what changed; none per unchanged instance.
+    Queries: four (lock, deployment, its live instances, unlock), plus the writes of what changed;
+    none per unchanged instance.
     """
     with _deployment_lock(deployment_id) as acquired:
         if not acquired:
@@ -435,7 +437,6 @@ def deployment_reconcile(*, deployment_id: int, observation: Observation | None 
                 _check_running(deployment, instance, observation)
             elif instance.state == Instance.State.STOPPING:
                 _stop(deployment, instance, observation)
-        deployment.refresh_from_db(fields=["status"])
         if deployment.desired_instances == 0 and any(
             i.state in (Instance.State.PENDING, Instance.State.STARTING, Instance.State.READY) for i in live
         ):
