@@ -48,9 +48,6 @@ class Observation:
     def container(self, host_id: int, name: str) -> engine.ContainerInfo | None:
         return self.containers.get(host_id, {}).get(name)
 
-    def saw(self, host_id: int) -> bool:
-        return host_id in self.containers
-
     def gpus_freed(self) -> None:
         self.capacity_exhausted.clear()
         self.capacity_freed = True

@@ -3,23 +3,28 @@
 Bin-packing, best fit: among ready hosts of the requested GPU type with enough free GPUs, pick the
 one with the fewest free GPUs (fill partly used hosts first, keep whole hosts free for large
 deployments; ties go to the lowest host id); reserve its lowest free indexes. A host whose engine
-failed its last call (`last_error` set, cleared by the next heartbeat) takes no new instances. Host rows of that GPU
-type are locked (SELECT … FOR UPDATE) while the reservation is written, so concurrent reconciles
-never give one GPU to two instances: a second placement waits for the first to commit, then sees
-its reservation.
+failed its last call (`last_error` set, cleared by the next heartbeat) takes no new instances.
 
-Cost per placement: three queries (lock the type's ready hosts, GPUs used per host as one aggregate,
-indexes used on the chosen host) plus the claim, whatever the number of instances.
+Placements of one GPU type are serialised by a transaction-level PostgreSQL advisory lock on that
+type (``pg_advisory_xact_lock(7002, gpu type id)``), held from reading the reservations to writing
+the new one, so concurrent reconciles never give one GPU to two instances: a second placement waits
+for the first to commit, then sees its reservation. Host rows themselves are not locked, so
+heartbeats, cordons and drains never wait for (or deadlock with) a placement.
+
+Cost per placement: four queries (the type's lock, its ready hosts, GPUs used per host as one
+aggregate, indexes used on the chosen host) plus the claim, whatever the number of instances.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Func, IntegerField, Max, Sum
 
 from .models import GpuType, Host, Instance
+
+PLACEMENT_LOCK_NAMESPACE = 7_002  # pg_advisory_xact_lock(namespace, GPU type id)
 
 
 @dataclass(frozen=True)
@@ -73,10 +78,12 @@ def instance_place(*, instance_id: int, gpu_type: GpuType, num_gpus: int) -> Pla
     no longer pending (someone else placed it).
     """
     with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [PLACEMENT_LOCK_NAMESPACE, gpu_type.id])
         hosts = list(
-            Host.objects.select_for_update()
-            .filter(gpu_type=gpu_type, state=Host.State.READY, gpu_count__gte=num_gpus, last_error="")
-            .order_by("id")
+            Host.objects.filter(
+                gpu_type=gpu_type, state=Host.State.READY, gpu_count__gte=num_gpus, last_error=""
+            ).order_by("id")
         )
         used = used_gpu_counts([h.id for h in hosts])
         best, best_free = None, None

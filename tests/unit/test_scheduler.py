@@ -88,8 +88,8 @@ def test_placement_costs_the_same_queries_however_many_instances_run(h100, place
     deployment = DeploymentFactory(gpu_type=h100, num_gpus=1, user=UserFactory(username="packer"))
     instance = Instance.objects.create(deployment=deployment)
 
-    # savepoint, lock hosts, GPUs used per host, indexes on the chosen host, claim, release
-    with django_assert_num_queries(6):
+    # savepoint, the GPU type's lock, its hosts, GPUs used per host, indexes on the chosen host, claim, release
+    with django_assert_num_queries(7):
         assert instance_place(instance_id=instance.id, gpu_type=h100, num_gpus=1)
 
 
