@@ -130,6 +130,9 @@ CONTAINER_PREFIX = env.str("LLMHUB_CONTAINER_PREFIX", default="llmhub")
 REDIS_KEY_PREFIX = f"{CONTAINER_PREFIX}:"
 # Restarts of a crashed instance before its deployment is marked failed.
 INSTANCE_MAX_RESTARTS = env.int("LLMHUB_INSTANCE_MAX_RESTARTS", default=3)
+# Seconds a host's engine may stay silent before the host is unreachable and its instances are lost
+# (billed until its last heartbeat) and replaced on other hosts.
+HOST_UNREACHABLE_GRACE = env.float("LLMHUB_HOST_UNREACHABLE_GRACE", default=60.0)
 # Seconds an instance may take from container start to a healthy engine before it counts as crashed.
 INSTANCE_START_TIMEOUT = env.float("LLMHUB_INSTANCE_START_TIMEOUT", default=900.0)
 # Hugging Face cache the web process reads config.json from for model-fit estimates (None: the

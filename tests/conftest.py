@@ -1,8 +1,13 @@
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
+import docker
 import pytest
 
+from llmhub.fleet import images
 from llmhub.fleet.services import gpu_type_ensure, host_register
+from tests.engines import GPU, Dockerd, containers, register
 from tests.factories import GpuTypeFactory, HostFactory, UserFactory, token_for
 from tests.stack import DOCKER, engine_image, running_stack
 
@@ -60,3 +65,60 @@ def stack(transactional_db, tmp_path_factory):
     )  # fmt: skip
     with running_stack(tmp_path_factory.mktemp("stack-logs")) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def fleet_engines(tmp_path_factory):
+    """Two extra Docker Engines on this machine as GPU hosts, with the small fake engine image loaded.
+
+    `a`: unix socket, advertises 4 GPUs, publishes on 127.0.0.2. `b`: tcp:// with TLS client
+    certificates, advertises 4 GPUs, ``--live-restore``, publishes on 127.0.0.3. Both accept NVIDIA
+    device requests (see tests/engines.py). Started once per test session, removed at its end.
+    Yields SimpleNamespace(a, b, image, main) where `main` is a client of the machine's engine.
+    """
+    main = docker.from_env(timeout=600)
+    image = images.engine_image_ensure(client=main, recipe="fake-engine", progress=lambda line: None)
+    base = tmp_path_factory.mktemp("fleet-engines")
+    engines = [
+        Dockerd("gpu-a", base=base / "a", index=1, address="127.0.0.2", gpus=4),
+        Dockerd("gpu-b", base=base / "b", index=2, address="127.0.0.3", gpus=4, tls=True, live_restore=True),
+    ]
+    errors = []
+
+    def bring_up(dockerd):
+        try:
+            dockerd.start()
+            dockerd.load(main, image)
+        except Exception as exc:  # noqa: BLE001 - raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=bring_up, args=(d,)) for d in engines]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        yield SimpleNamespace(a=engines[0], b=engines[1], image=image, main=main)
+    finally:
+        for dockerd in engines:
+            dockerd.destroy()
+
+
+@pytest.fixture
+def fleet(fleet_engines, db):
+    """Hosts gpu-a and gpu-b (4 × H100-80GB each, see `fleet_engines`) in the database, their engines
+    running; this installation's containers on them are removed afterwards."""
+    for dockerd in (fleet_engines.a, fleet_engines.b):
+        if dockerd.process is None or dockerd.process.poll() is not None:
+            dockerd.start()
+    h100 = GpuTypeFactory(name=GPU, memory_gb=80, uses_devices=True)
+    a = register(fleet_engines.a, h100, image=fleet_engines.image)
+    b = register(fleet_engines.b, h100, image=fleet_engines.image)
+    yield SimpleNamespace(a=a, b=b, engines=fleet_engines, gpu_type=h100, owner=UserFactory(username="fleet"))
+    for dockerd in (fleet_engines.a, fleet_engines.b):
+        if dockerd.process is None or dockerd.process.poll() is not None:
+            dockerd.start()
+        for container in containers(dockerd):
+            container.remove(force=True)

@@ -67,6 +67,14 @@ def billing_invoice_push(invoice_id: int) -> None:
     invoice_push(invoice_id=invoice_id)
 
 
+@app.task(name="workers.tasks.image_pull")
+def image_pull(pull_id: int, attempt: int) -> None:
+    """Pull an engine image onto a host, with progress in the events (enqueued by a reconcile)."""
+    from llmhub.fleet.services import image_pull_run
+
+    image_pull_run(pull_id=pull_id, attempt=attempt)
+
+
 @contextmanager
 def _routing_watch():
     """Bump the gateway's routing generation when the wrapped work changed ready instances or statuses."""

@@ -176,7 +176,9 @@ def report(runs: dict, rounds: int) -> None:
         return [v for run in runs[(name, c)] for v in run[key]]
 
     print(f"Upstream: {CHUNKS} chunks, {PACE_MS:g} ms apart; {rounds} interleaved rounds; times in ms.\n")
-    print("| path | added p50 @1 | added p99 @1 | added p50 @32 | added p99 @32 | req/s @32 | TTFT added @1 | chunks/stream |")
+    print(
+        "| path | added p50 @1 | added p99 @1 | added p50 @32 | added p99 @32 | req/s @32 | TTFT added @1 | chunks/stream |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     base = {c: (pct(merged("direct", c, "latency"), 0.5), pct(merged("direct", c, "latency"), 0.99)) for c in (1, 32)}
     base_ttft = statistics.median(merged("direct", 1, "ttft"))

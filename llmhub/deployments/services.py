@@ -27,10 +27,14 @@ def event_record(*, deployment: Deployment, kind: str, message: str) -> Deployme
 
 def reconcile_soon(deployment_id: int) -> None:
     """Ask a worker to reconcile `deployment_id` once the current transaction commits, and tell the
-    gateway that routing may have changed (this is called on every change of desired state)."""
+    gateway that routing may have changed (this is called on every change of desired state).
+
+    A broker that is down only logs an error (`robust`): the change is committed and the periodic
+    reconcile pass (beat, every RECONCILE_INTERVAL s) picks it up, so the request still succeeds.
+    """
     from workers import tasks
 
-    transaction.on_commit(lambda: tasks.reconcile_deployment.delay(deployment_id))
+    transaction.on_commit(lambda: tasks.reconcile_deployment.delay(deployment_id), robust=True)
     routing_changed()
 
 

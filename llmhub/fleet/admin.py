@@ -1,6 +1,14 @@
-from django.contrib import admin
+"""The operators' fleet console: GPU types, hosts (with cordon / drain / uncordon), instances, image pulls."""
 
-from .models import GpuType, Host, Instance
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+
+from llmhub import crypto
+
+from . import engine, services
+from .models import GpuType, Host, ImagePull, Instance
+from .selectors import hosts_with_gpus_used
 
 
 @admin.register(GpuType)
@@ -8,16 +16,115 @@ class GpuTypeAdmin(admin.ModelAdmin):
     list_display = ("name", "memory_gb", "hourly_price", "uses_devices")
 
 
+class HostForm(forms.ModelForm):
+    """Host fields plus the TLS client key, write-only: stored encrypted, never shown again."""
+
+    tls_client_key = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "autocomplete": "off"}),
+        help_text="PEM of the client key (tcp:// engines). Stored encrypted and never shown; leave empty to keep the current one.",
+    )
+    gpu_count = forms.IntegerField(
+        required=False,
+        min_value=1,
+        help_text="Leave empty to read it from the engine (GPUs it advertises with --node-generic-resource).",
+    )
+
+    class Meta:
+        model = Host
+        fields = (
+            "name",
+            "docker_url",
+            "tls_ca_cert",
+            "tls_client_cert",
+            "address",
+            "gpu_type",
+            "gpu_count",
+            "engine_image",
+        )
+
+    def clean(self):
+        cleaned = super().clean()
+        key = cleaned.get("tls_client_key", "").strip()
+        if key:
+            self.instance.tls_client_key_encrypted = crypto.encrypt(key)
+        url = cleaned.get("docker_url", "")
+        if url.startswith("tcp://") and not (
+            cleaned.get("tls_ca_cert") and cleaned.get("tls_client_cert") and self.instance.tls_client_key_encrypted
+        ):
+            raise ValidationError("An engine reached over tcp:// needs the TLS CA, client certificate and client key.")
+        if url.startswith("unix://"):
+            self.instance.tls_client_key_encrypted = ""
+            cleaned["tls_ca_cert"] = cleaned["tls_client_cert"] = ""
+        if cleaned.get("gpu_count") is None and url and not self.errors:
+            probe = engine.Endpoint(
+                url=url,
+                tls=engine.TlsCredentials(
+                    ca_cert=cleaned.get("tls_ca_cert", ""),
+                    client_cert=cleaned.get("tls_client_cert", ""),
+                    client_key=crypto.decrypt(self.instance.tls_client_key_encrypted),
+                )
+                if self.instance.tls_client_key_encrypted
+                else None,
+            )
+            try:
+                facts = engine.engine_facts(probe)
+            except engine.EngineError as exc:
+                raise ValidationError(f"Cannot read the GPU count from the engine ({exc}); give it by hand.") from exc
+            if facts.gpu_count is None:
+                raise ValidationError("The engine advertises no GPUs: give the GPU count by hand.")
+            cleaned["gpu_count"] = facts.gpu_count
+        return cleaned
+
+
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
-    list_display = ("name", "state", "gpu_type", "gpu_count", "address", "docker_url", "heartbeat_at")
+    form = HostForm
+    list_display = ("name", "state", "gpu_type", "gpus", "address", "docker_url", "heartbeat_at", "last_error")
     list_filter = ("state", "gpu_type")
     search_fields = ("name", "address")
+    readonly_fields = ("state", "resume_state", "heartbeat_at", "last_error", "created_at")
+    actions = ("cordon", "drain", "uncordon")
+
+    def get_queryset(self, request):
+        return hosts_with_gpus_used(super().get_queryset(request).select_related("gpu_type"))
+
+    @admin.display(description="GPUs used")
+    def gpus(self, host):
+        return f"{host.gpus_used or 0} / {host.gpu_count}"
+
+    def _transition(self, request, queryset, action, verb):
+        changed = 0
+        for host in queryset:
+            try:
+                changed += action(host=host)
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), messages.ERROR)
+        self.message_user(request, f"{changed} host(s) {verb}.", messages.SUCCESS if changed else messages.WARNING)
+
+    @admin.action(description="Cordon: take no new instances")
+    def cordon(self, request, queryset):
+        self._transition(request, queryset, services.host_cordon, "cordoned")
+
+    @admin.action(description="Drain: move instances to other hosts, then cordon")
+    def drain(self, request, queryset):
+        self._transition(request, queryset, services.host_drain, "draining")
+
+    @admin.action(description="Uncordon: take new instances again")
+    def uncordon(self, request, queryset):
+        self._transition(request, queryset, services.host_uncordon, "ready")
 
 
 @admin.register(Instance)
 class InstanceAdmin(admin.ModelAdmin):
-    list_display = ("id", "deployment", "host", "gpu_indexes", "state", "port", "started_at", "stopped_at")
+    list_display = ("id", "deployment", "host", "gpu_indexes", "state", "port", "restarts", "started_at", "stopped_at")
     list_filter = ("state", "host")
     search_fields = ("deployment__model_name", "container_id")
     raw_id_fields = ("deployment",)
+
+
+@admin.register(ImagePull)
+class ImagePullAdmin(admin.ModelAdmin):
+    list_display = ("image", "host", "state", "progress", "attempt", "started_at", "updated_at")
+    list_filter = ("state", "host")
+    readonly_fields = ("host", "image", "state", "attempt", "progress", "error", "started_at", "updated_at")

@@ -4,7 +4,8 @@ A recipe is a directory holding a ``Dockerfile`` and the files it copies. Its im
 ``llmhub/<recipe>:<recipe hash>``, so any change to the recipe (or to the torch wheel it installs)
 gives a new tag, and an unchanged recipe is found in Docker's image store without building.
 
-Build inputs from the host, added to the build context next to the recipe files:
+Build inputs from the host, added to the build context next to the recipe files when its
+Dockerfile names them (the vLLM recipe does; the small ``fake-engine`` recipe needs neither):
 
 - the torch CPU wheel, ``torch-*+cpu-cp311-*.whl`` from ``$LLMHUB_WHEELS_DIR`` (default
   ``/opt/wheels``);
@@ -114,17 +115,32 @@ def recipe_hash(recipe: str = "vllm-cpu") -> str:
     """Content hash of a recipe: 12 lowercase hex chars.
 
     sha256 over, for each file of ``workers/images/<recipe>/`` in sorted relative-path order, the
-    path, a NUL, the file's bytes and a NUL; then the torch wheel's file name (the wheel itself is
-    not read: its name carries its version). Raises ``EngineImageError`` for an unknown recipe or a
-    missing wheel.
+    path, a NUL, the file's bytes and a NUL; then, for a recipe that installs the torch wheel, the
+    wheel's file name (the wheel itself is not read: its name carries its version). Raises
+    ``EngineImageError`` for an unknown recipe or a missing wheel.
     """
     root = recipe_dir(recipe)
     digest = hashlib.sha256()
     for rel in recipe_files(recipe):
         digest.update(rel.as_posix().encode() + b"\0")
         digest.update((root / rel).read_bytes() + b"\0")
-    digest.update(torch_wheel().name.encode())
+    if _uses_wheel(recipe):
+        digest.update(torch_wheel().name.encode())
     return digest.hexdigest()[:12]
+
+
+def _dockerfile_text(recipe: str) -> str:
+    return (recipe_dir(recipe) / "Dockerfile").read_text()
+
+
+def _uses_wheel(recipe: str) -> bool:
+    """True when the recipe's Dockerfile copies the torch wheel (``COPY torch-*.whl``)."""
+    return "torch-" in _dockerfile_text(recipe)
+
+
+def _uses_ca_bundle(recipe: str) -> bool:
+    """True when the recipe's Dockerfile copies the host CA bundle."""
+    return CA_BUNDLE_NAME in _dockerfile_text(recipe)
 
 
 def recipe_tag(recipe: str = "vllm-cpu") -> str:
@@ -203,7 +219,7 @@ def base_image_ensure(*, client: docker.DockerClient, progress: Callable[[str], 
 
 
 def _dockerfile_base(recipe: str) -> str | None:
-    for line in (recipe_dir(recipe) / "Dockerfile").read_text().splitlines():
+    for line in _dockerfile_text(recipe).splitlines():
         words = line.split()
         if words and words[0].upper() == "FROM":
             return words[1] if len(words) > 1 else None
@@ -219,14 +235,16 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _build_context(recipe: str, into: Path) -> None:
-    """Fill ``into`` with the recipe files, the torch wheel and the CA bundle."""
+    """Fill ``into`` with the recipe files and, when its Dockerfile names them, the torch wheel and the CA bundle."""
     root = recipe_dir(recipe)
     for rel in recipe_files(recipe):
         (into / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, into / rel)
-    wheel = torch_wheel()
-    _link_or_copy(wheel, into / wheel.name)
-    shutil.copyfile(ca_bundle(), into / CA_BUNDLE_NAME)
+    if _uses_wheel(recipe):
+        wheel = torch_wheel()
+        _link_or_copy(wheel, into / wheel.name)
+    if _uses_ca_bundle(recipe):
+        shutil.copyfile(ca_bundle(), into / CA_BUNDLE_NAME)
 
 
 def engine_image_ensure(

@@ -1,8 +1,25 @@
-"""Actual state of the fleet: GPU types, hosts (one Docker Engine each) and instances (one container each)."""
+"""Actual state of the fleet: GPU types, hosts (one Docker Engine each), instances (one container each)
+and the engine image pulls hosts run."""
 
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
+from django.core.exceptions import ValidationError
 from django.db import models
+
+from llmhub import crypto
+
+from . import engine
+
+
+def docker_url_validator(value: str) -> None:
+    """Model-field check of a Docker Engine URL's shape (``unix:///…`` or ``tcp://host:port``).
+
+    Whether a ``tcp://`` host has its TLS certificates is checked with the other fields (Host.clean).
+    """
+    try:
+        engine.url_validate(value, tls=True)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
 
 
 class GpuType(models.Model):
@@ -25,7 +42,13 @@ class GpuType(models.Model):
 
 
 class Host(models.Model):
-    """A machine with one Docker Engine and `gpu_count` GPUs of one type."""
+    """A machine with one Docker Engine and `gpu_count` GPUs of one type.
+
+    States: ready (takes new instances), cordoned (keeps its instances, takes no new ones), draining
+    (its instances move to other hosts, then it is cordoned), unreachable (its engine has not answered
+    for longer than the grace period: its instances were marked lost; it returns to `resume_state`
+    when the engine answers again). `heartbeat_at` is the last time a worker reached the engine.
+    """
 
     class State(models.TextChoices):
         READY = "ready"
@@ -37,15 +60,33 @@ class Host(models.Model):
     SCHEDULABLE_OR_SOON = (State.READY, State.CORDONED, State.DRAINING)
 
     name = models.CharField(max_length=64, unique=True)
-    docker_url = models.CharField(max_length=255, help_text="unix:///var/run/docker.sock or tcp://host:2376")
+    docker_url = models.CharField(
+        max_length=255,
+        validators=[docker_url_validator],
+        help_text="unix:///var/run/docker.sock, or tcp://host:2376 with TLS client certificates.",
+    )
+    tls_ca_cert = models.TextField(blank=True, help_text="PEM of the CA that signed the engine's certificate.")
+    tls_client_cert = models.TextField(blank=True, help_text="PEM of the client certificate the engine trusts.")
+    tls_client_key_encrypted = models.TextField(
+        blank=True, help_text="Fernet ciphertext of the client key; never shown."
+    )
     address = models.CharField(
         max_length=255, help_text="Address the gateway uses to reach ports published on this host."
     )
     gpu_type = models.ForeignKey(GpuType, on_delete=models.PROTECT, related_name="hosts")
-    gpu_count = models.PositiveSmallIntegerField()
+    gpu_count = models.PositiveSmallIntegerField(
+        help_text="GPUs on the host (read from the engine when it advertises them, else set by hand)."
+    )
     engine_image = models.CharField(max_length=255, help_text="Image the host runs instances from.")
     state = models.CharField(max_length=16, choices=State.choices, default=State.READY)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    resume_state = models.CharField(
+        max_length=16,
+        choices=State.choices,
+        blank=True,
+        help_text="State to return to once an unreachable host answers.",
+    )
+    heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last time a worker reached the engine.")
+    last_error = models.TextField(blank=True, help_text="The engine's last failure, cleared when it answers.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -54,12 +95,36 @@ class Host(models.Model):
     def __str__(self):
         return self.name
 
+    def clean(self):
+        if self.docker_url.startswith("tcp://") and not (
+            self.tls_ca_cert and self.tls_client_cert and self.tls_client_key_encrypted
+        ):
+            raise ValidationError(
+                {"docker_url": "An engine reached over tcp:// needs the TLS CA, client certificate and client key."}
+            )
+
+    @property
+    def endpoint(self) -> engine.Endpoint:
+        """The engine's URL with its TLS client credentials (the key decrypted), for `engine` calls."""
+        tls = None
+        if self.tls_client_key_encrypted:
+            tls = engine.TlsCredentials(
+                ca_cert=self.tls_ca_cert,
+                client_cert=self.tls_client_cert,
+                client_key=crypto.decrypt(self.tls_client_key_encrypted),
+            )
+        return engine.Endpoint(url=self.docker_url, tls=tls)
+
 
 class Instance(models.Model):
     """One replica of a deployment: a container on a host, holding `gpu_indexes` of its GPUs.
 
-    Life cycle: pending (no host yet) → starting (container up, engine loading) → ready (serving)
-    → stopping → stopped. `started_at`..`stopped_at` is the billed interval.
+    Life cycle: pending (no host yet: not billed) → starting (GPUs reserved; image pulled if
+    missing; container up, engine loading) → ready (serving) → stopping → stopped. An instance whose
+    container crashed is stopped; one taken away by its host (host unreachable, engine restarted,
+    container removed behind LLMHub's back) is lost. Stopped and lost instances are replaced by new
+    rows. `started_at`..`stopped_at` is the billed interval: from the container's start to its end as
+    the engine reports them (for a lost host, its last heartbeat).
     """
 
     class State(models.TextChoices):
@@ -68,6 +133,7 @@ class Instance(models.Model):
         READY = "ready"
         STOPPING = "stopping"
         STOPPED = "stopped"
+        LOST = "lost"
 
     LIVE_STATES = (State.PENDING, State.STARTING, State.READY, State.STOPPING)
 
@@ -99,3 +165,32 @@ class Instance(models.Model):
     def base_url(self) -> str:
         """``http://<host address>:<port>`` of the engine's OpenAI-compatible server."""
         return f"http://{self.host.address}:{self.port}"
+
+
+class ImagePull(models.Model):
+    """One host pulling one engine image, run by a worker task outside the reconcile pass.
+
+    States: pulling (a worker streams the pull; `updated_at` moves with its progress, so a pull whose
+    worker died is taken over once it is stale), done, failed (`error` says why; retried after a pause).
+    """
+
+    class State(models.TextChoices):
+        PULLING = "pulling"
+        DONE = "done"
+        FAILED = "failed"
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="image_pulls")
+    image = models.CharField(max_length=255)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PULLING)
+    attempt = models.PositiveIntegerField(default=1)
+    progress = models.CharField(max_length=200, blank=True, help_text="e.g. '45% (92 MB of 204 MB)'.")
+    error = models.TextField(blank=True)
+    started_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-updated_at"]
+        constraints = [models.UniqueConstraint(fields=["host", "image"], name="image_pull_one_per_host_image")]
+
+    def __str__(self):
+        return f"{self.image} on {self.host_id} ({self.state})"

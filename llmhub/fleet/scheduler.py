@@ -2,23 +2,42 @@
 
 Bin-packing, best fit: among ready hosts of the requested GPU type with enough free GPUs, pick the
 one with the fewest free GPUs (fill partly used hosts first, keep whole hosts free for large
-deployments); reserve its lowest free indexes. Host rows are locked (SELECT … FOR UPDATE) while the
-reservation is written, so concurrent reconciles never give one GPU to two instances.
+deployments; ties go to the lowest host id); reserve its lowest free indexes. A host whose engine
+failed its last call (`last_error` set, cleared by the next heartbeat) takes no new instances.
+
+Placements of one GPU type are serialised by a transaction-level PostgreSQL advisory lock on that
+type (``pg_advisory_xact_lock(7002, gpu type id)``), held from reading the reservations to writing
+the new one, so concurrent reconciles never give one GPU to two instances: a second placement waits
+for the first to commit, then sees its reservation. Host rows themselves are not locked, so
+heartbeats, cordons and drains never wait for (or deadlock with) a placement.
+
+Cost per placement: four queries (the type's lock, its ready hosts, GPUs used per host as one
+aggregate, indexes used on the chosen host) plus the claim, whatever the number of instances.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db import transaction
+from django.db import connection, transaction
+from django.db.models import Func, IntegerField, Max, Sum
 
 from .models import GpuType, Host, Instance
+
+PLACEMENT_LOCK_NAMESPACE = 7_002  # pg_advisory_xact_lock(namespace, GPU type id)
 
 
 @dataclass(frozen=True)
 class Placement:
     host: Host
     gpu_indexes: list[int]
+
+
+class Cardinality(Func):
+    """PostgreSQL ``cardinality(array)``: the number of elements (0 for an empty array)."""
+
+    function = "cardinality"
+    output_field = IntegerField()
 
 
 def free_gpu_indexes(host: Host, used: set[int]) -> list[int]:
@@ -37,29 +56,66 @@ def used_gpu_indexes(host_ids: list[int]) -> dict[int, set[int]]:
     return used
 
 
+def used_gpu_counts(host_ids: list[int]) -> dict[int, int]:
+    """{host id: number of GPUs held by live instances on it}, one aggregate query (one row per host)."""
+    counts = {hid: 0 for hid in host_ids}
+    rows = (
+        Instance.objects.filter(host_id__in=host_ids, state__in=Instance.LIVE_STATES)
+        .values("host_id")
+        .annotate(n=Sum(Cardinality("gpu_indexes")))
+        .values_list("host_id", "n")
+    )
+    for host_id, n in rows:
+        counts[host_id] = n or 0
+    return counts
+
+
 def instance_place(*, instance_id: int, gpu_type: GpuType, num_gpus: int) -> Placement | None:
     """Reserve `num_gpus` GPUs of `gpu_type` for the pending instance `instance_id`.
 
     Moves the instance pending → starting with its host and GPU indexes, atomically. Returns the
-    placement, or None when no host has capacity or the instance was no longer pending (someone
-    else placed it).
+    placement, or None when no ready host has `num_gpus` free GPUs of that type or the instance was
+    no longer pending (someone else placed it).
     """
     with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [PLACEMENT_LOCK_NAMESPACE, gpu_type.id])
         hosts = list(
-            Host.objects.select_for_update()
-            .filter(gpu_type=gpu_type, state=Host.State.READY, gpu_count__gte=num_gpus)
-            .order_by("id")
+            Host.objects.filter(
+                gpu_type=gpu_type, state=Host.State.READY, gpu_count__gte=num_gpus, last_error=""
+            ).order_by("id")
         )
-        used = used_gpu_indexes([h.id for h in hosts])
-        best: Placement | None = None
-        best_free = None
+        used = used_gpu_counts([h.id for h in hosts])
+        best, best_free = None, None
         for host in hosts:
-            free = free_gpu_indexes(host, used[host.id])
-            if len(free) >= num_gpus and (best_free is None or len(free) < best_free):
-                best, best_free = Placement(host=host, gpu_indexes=free[:num_gpus]), len(free)
+            free = host.gpu_count - used[host.id]
+            if free >= num_gpus and (best_free is None or free < best_free):
+                best, best_free = host, free
         if best is None:
             return None
+        indexes = free_gpu_indexes(best, used_gpu_indexes([best.id])[best.id])
+        if len(indexes) < num_gpus:  # indexes beyond gpu_count (host shrunk): counts and indexes disagree
+            return None
+        placement = Placement(host=best, gpu_indexes=indexes[:num_gpus])
         claimed = Instance.objects.filter(id=instance_id, state=Instance.State.PENDING).update(
-            host=best.host, gpu_indexes=best.gpu_indexes, state=Instance.State.STARTING, last_error=""
+            host=best, gpu_indexes=placement.gpu_indexes, state=Instance.State.STARTING, last_error=""
         )
-        return best if claimed else None
+        return placement if claimed else None
+
+
+def no_capacity_reason(*, gpu_type: GpuType, num_gpus: int) -> str:
+    """Why an instance of `num_gpus` × `gpu_type` cannot be placed now, in words for the events.
+
+    e.g. "no host with 2 free H100-80GB" (hosts are busy), "no ready host with H100-80GB GPUs"
+    (all cordoned, draining or unreachable), "no H100-80GB host answers" (ready ones whose engine
+    just failed), "no H100-80GB host has 16 GPUs (the largest has 8)".
+    """
+    ready = Host.objects.filter(gpu_type=gpu_type, state=Host.State.READY)
+    largest = ready.filter(last_error="").aggregate(n=Max("gpu_count"))["n"]
+    if largest is None:
+        if ready.exists():
+            return f"no {gpu_type.name} host answers"
+        return f"no ready host with {gpu_type.name} GPUs"
+    if largest < num_gpus:
+        return f"no {gpu_type.name} host has {num_gpus} GPUs (the largest has {largest})"
+    return f"no host with {num_gpus} free {gpu_type.name}"

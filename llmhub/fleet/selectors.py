@@ -1,9 +1,10 @@
 """Reads for the fleet."""
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet, Sum
 
 from . import engine
 from .models import GpuType, Host, Instance
+from .scheduler import Cardinality
 
 
 def gpu_types_offered() -> QuerySet[GpuType]:
@@ -28,7 +29,13 @@ def instance_log_tail(instance: Instance, *, lines: int = 100) -> str:
     if instance.host is None or not instance.container_id:
         return "This instance has not started a container yet."
     try:
-        text = engine.container_logs(instance.host.docker_url, instance.container_name, tail=lines)
+        text = engine.container_logs(instance.host.endpoint, instance.container_name, tail=lines)
     except engine.EngineError as exc:
         return f"The host's Docker Engine did not answer: {exc}"
     return text or instance.last_error or "The container is gone and left no log."
+
+
+def hosts_with_gpus_used(hosts: QuerySet[Host]) -> QuerySet[Host]:
+    """`hosts` annotated with `gpus_used`: GPUs reserved by their live instances (None when none)."""
+    live = Q(instances__state__in=Instance.LIVE_STATES)
+    return hosts.annotate(gpus_used=Sum(Cardinality("instances__gpu_indexes"), filter=live))

@@ -1,8 +1,30 @@
-"""Writes for the fleet: GPU types and hosts."""
+"""Writes for the fleet: GPU types, hosts (register, cordon, drain, uncordon) and engine image pulls."""
 
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
 from decimal import Decimal
 
-from .models import GpuType, Host
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from llmhub import crypto
+from llmhub.deployments.models import Deployment
+from llmhub.deployments.services import event_record, reconcile_soon
+
+from . import engine
+from .models import GpuType, Host, ImagePull, Instance
+
+log = logging.getLogger(__name__)
+
+PULL_STALE_SECONDS = 120.0  # a pull whose progress has not moved for this long lost its worker: take it over
+PULL_RETRY_SECONDS = 60.0  # a failed pull is tried again after this pause
+PULL_PROGRESS_WRITE_SECONDS = 5.0  # at most one progress write per pull this often (besides milestones)
+PULL_MILESTONES = (25, 50, 75)  # percent: an event each, for the deployments waiting on the pull
 
 
 def gpu_type_ensure(
@@ -16,13 +38,63 @@ def gpu_type_ensure(
 
 
 def host_register(
-    *, name: str, docker_url: str, address: str, gpu_type: GpuType, gpu_count: int, engine_image: str
+    *,
+    name: str,
+    docker_url: str,
+    address: str,
+    gpu_type: GpuType,
+    engine_image: str,
+    gpu_count: int | None = None,
+    tls: engine.TlsCredentials | None = None,
 ) -> Host:
-    """Create host `name` or update its engine URL, address, GPUs and engine image. Returns the host."""
+    """Create host `name`, or update its engine URL, TLS credentials, address, GPUs and engine image.
+
+    `docker_url` is ``unix:///path.sock`` or ``tcp://host[:port]`` (port 2376 when absent), the latter
+    only with `tls` (Docker's ``--tlsverify`` client certificates; the key is stored encrypted).
+    `gpu_count` None means: ask the engine (`GET /info`, GPUs it advertises as generic resources),
+    which must then answer and advertise some. A new host starts `ready`; an existing one keeps its
+    state. Raises ValidationError keyed by field (`docker_url`, `address`, `gpu_count`, `name`,
+    `engine_image`) with a message an operator can act on.
+    """
+    errors: dict[str, str] = {}
+    name, address, engine_image = name.strip(), address.strip(), engine_image.strip()
+    try:
+        docker_url = engine.url_validate(docker_url, tls=tls is not None)
+    except ValueError as exc:
+        errors["docker_url"] = str(exc)
+    if tls is not None and not (tls.ca_cert.strip() and tls.client_cert.strip() and tls.client_key.strip()):
+        errors["docker_url"] = "TLS needs all three: the CA certificate, the client certificate and the client key."
+    if not name:
+        errors["name"] = "Give the host a name."
+    if not address or "/" in address or " " in address:
+        errors["address"] = f"'{address}' is not a host address: give the IP or DNS name the gateway reaches it by."
+    if not engine_image:
+        errors["engine_image"] = "Name the engine image the host runs instances from (e.g. vllm/vllm-openai:v0.10.0)."
+    if gpu_count is not None and gpu_count < 1:
+        errors["gpu_count"] = f"A host needs at least 1 GPU (or engine slot on CPU hosts), not {gpu_count}."
+    if errors:
+        raise ValidationError(errors)
+    endpoint = engine.Endpoint(url=docker_url, tls=tls)
+    if gpu_count is None:
+        try:
+            facts = engine.engine_facts(endpoint)
+        except engine.EngineError as exc:
+            raise ValidationError({"docker_url": f"Cannot read the GPUs from the engine: {exc}"}) from exc
+        if facts.gpu_count is None:
+            raise ValidationError(
+                {
+                    "gpu_count": f"The engine at {docker_url} advertises no GPUs (dockerd --node-generic-resource "
+                    "NVIDIA-GPU=<uuid>): give the GPU count by hand."
+                }
+            )
+        gpu_count = facts.gpu_count
     host, _ = Host.objects.update_or_create(
         name=name,
         defaults={
             "docker_url": docker_url,
+            "tls_ca_cert": tls.ca_cert if tls else "",
+            "tls_client_cert": tls.client_cert if tls else "",
+            "tls_client_key_encrypted": crypto.encrypt(tls.client_key) if tls else "",
             "address": address,
             "gpu_type": gpu_type,
             "gpu_count": gpu_count,
@@ -30,3 +102,155 @@ def host_register(
         },
     )
     return host
+
+
+def _host_transition(host: Host, *, to: str, allowed_from: tuple[str, ...], verb: str) -> bool:
+    """Move `host` to state `to` if it is in one of `allowed_from` (a conditional claim).
+
+    Returns False when it already is in `to`. Raises ValidationError naming the state that forbids it.
+    """
+    if Host.objects.filter(id=host.id, state__in=allowed_from).update(state=to):
+        host.state = to
+        log.info("host %s: %s", host.name, to)
+        return True
+    current = Host.objects.values_list("state", flat=True).get(id=host.id)
+    host.state = current
+    if current == to:
+        return False
+    if current == Host.State.UNREACHABLE:
+        raise ValidationError(
+            f"Host {host.name} is unreachable: it cannot be {verb} until its engine answers again "
+            "(it then returns to its earlier state)."
+        )
+    raise ValidationError(f"Host {host.name} is {current}: it cannot be {verb}.")
+
+
+def host_cordon(*, host: Host) -> bool:
+    """Cordon `host`: it keeps its instances and takes no new ones (also stops a drain where it is).
+
+    Returns False when it was cordoned already. Raises ValidationError when it is unreachable.
+    """
+    return _host_transition(
+        host, to=Host.State.CORDONED, allowed_from=(Host.State.READY, Host.State.DRAINING), verb="cordoned"
+    )
+
+
+def host_drain(*, host: Host) -> bool:
+    """Drain `host`: each of its instances gets a replacement on another host, and is stopped once
+    the replacement serves (make before break); the host is cordoned when none are left.
+
+    Returns False when it was draining already. Raises ValidationError when it is unreachable.
+    """
+    return _host_transition(
+        host, to=Host.State.DRAINING, allowed_from=(Host.State.READY, Host.State.CORDONED), verb="drained"
+    )
+
+
+def host_uncordon(*, host: Host) -> bool:
+    """Make a cordoned or draining `host` ready for new instances again (a drain stops where it is).
+
+    Returns False when it was ready already. Raises ValidationError when it is unreachable.
+    """
+    return _host_transition(
+        host, to=Host.State.READY, allowed_from=(Host.State.CORDONED, Host.State.DRAINING), verb="uncordoned"
+    )
+
+
+def image_pull_request(*, host: Host, image: str) -> tuple[ImagePull, bool]:
+    """Make sure a worker pulls `image` onto `host`; returns (the pull, whether this call started it).
+
+    A new pull, a failed one older than PULL_RETRY_SECONDS, a done one (the image is missing again)
+    and a stale one (no progress for PULL_STALE_SECONDS: its worker died) are claimed with a
+    conditional update and a task is enqueued once the transaction commits; a fresh pull in progress
+    or a recent failure is returned as it is (the caller waits, or fails the instance with `error`).
+    """
+    now = timezone.now()
+    pull, created = ImagePull.objects.get_or_create(
+        host=host, image=image, defaults={"started_at": now, "updated_at": now}
+    )
+    if not created:
+        takeover = (
+            Q(state=ImagePull.State.DONE)
+            | Q(state=ImagePull.State.FAILED, updated_at__lt=now - timedelta(seconds=PULL_RETRY_SECONDS))
+            | Q(state=ImagePull.State.PULLING, updated_at__lt=now - timedelta(seconds=PULL_STALE_SECONDS))
+        )
+        claimed = (
+            ImagePull.objects.filter(takeover, id=pull.id, attempt=pull.attempt)
+            .update(state=ImagePull.State.PULLING, attempt=pull.attempt + 1, progress="", error="",
+                    started_at=now, updated_at=now)
+        )  # fmt: skip
+        pull.refresh_from_db()
+        if not claimed:
+            return pull, False
+    from workers import tasks
+
+    pull_id, attempt = pull.id, pull.attempt
+    transaction.on_commit(lambda: tasks.image_pull.delay(pull_id, attempt), robust=True)  # stale: taken over
+    return pull, True
+
+
+def _waiting_deployments(pull: ImagePull) -> list[Deployment]:
+    """Deployments with an instance placed on the pull's host that waits for its container."""
+    ids = Instance.objects.filter(host_id=pull.host_id, state=Instance.State.STARTING, container_id="").values(
+        "deployment_id"
+    )
+    return list(Deployment.objects.filter(id__in=ids).select_related("user"))
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+def image_pull_run(*, pull_id: int, attempt: int) -> str:
+    """Run pull `pull_id` (attempt `attempt`) on its host's engine, as a worker task does.
+
+    Streams the engine's progress into the pull row (at most every PULL_PROGRESS_WRITE_SECONDS) and
+    into the events of the deployments waiting on it (at 25, 50 and 75 %, then "pulled" with the
+    time it took), marks the pull done or failed (with the engine's error), and asks for a reconcile
+    of the waiting deployments. Returns the pull's final state; a pull that is not this attempt's
+    or not pulling any more is left alone (returns its state).
+    """
+    pull = ImagePull.objects.select_related("host").filter(id=pull_id).first()
+    if pull is None or pull.attempt != attempt or pull.state != ImagePull.State.PULLING:
+        return pull.state if pull else "gone"
+    host = pull.host
+    started = time.monotonic()
+    reached: set[int] = set()
+    last_write = 0.0
+
+    def on_progress(p: engine.PullProgress) -> None:
+        nonlocal last_write
+        percent = p.percent
+        text = f"{percent}% ({_megabytes(p.done_bytes)} of {_megabytes(p.total_bytes)})"
+        milestones = [m for m in PULL_MILESTONES if percent >= m and m not in reached]
+        if not milestones and time.monotonic() - last_write < PULL_PROGRESS_WRITE_SECONDS:
+            return
+        last_write = time.monotonic()
+        ImagePull.objects.filter(id=pull.id, attempt=attempt).update(progress=text, updated_at=timezone.now())
+        if milestones:
+            reached.update(milestones)
+            for deployment in _waiting_deployments(pull):
+                event_record(
+                    deployment=deployment, kind="pulling", message=f"host {host.name} pulls {pull.image}: {text}"
+                )
+
+    try:
+        engine.image_pull(host.endpoint, pull.image, progress=on_progress)
+    except engine.EngineError as exc:
+        ImagePull.objects.filter(id=pull.id, attempt=attempt).update(
+            state=ImagePull.State.FAILED, error=str(exc), updated_at=timezone.now()
+        )
+        log.warning("host %s: %s", host.name, exc)
+        for deployment in _waiting_deployments(pull):
+            reconcile_soon(deployment.id)
+        return ImagePull.State.FAILED
+    seconds = time.monotonic() - started
+    ImagePull.objects.filter(id=pull.id, attempt=attempt).update(
+        state=ImagePull.State.DONE, progress="100%", updated_at=timezone.now()
+    )
+    for deployment in _waiting_deployments(pull):
+        event_record(
+            deployment=deployment, kind="pulled", message=f"host {host.name} pulled {pull.image} in {seconds:.0f} s"
+        )
+        reconcile_soon(deployment.id)
+    return ImagePull.State.DONE

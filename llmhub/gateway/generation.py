@@ -16,4 +16,5 @@ def routing_changed() -> None:
     Call after anything a request's routing depends on changes: tokens created or revoked,
     deployments created, scaled, deleted or changing status, instances becoming ready or stopping.
     """
-    transaction.on_commit(lambda: redis.Redis.from_url(settings.REDIS_URL).incr(GENERATION_KEY))
+    # robust: with Redis down the change still commits; cached routes then expire after routing.TTL.
+    transaction.on_commit(lambda: redis.Redis.from_url(settings.REDIS_URL).incr(GENERATION_KEY), robust=True)

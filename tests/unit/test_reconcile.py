@@ -6,63 +6,14 @@ from llmhub.deployments.models import Deployment
 from llmhub.fleet import engine, reconcile
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
+from tests.fakes import FakeEngine
 
 pytestmark = pytest.mark.django_db
 
 
-class FakeEngine:
-    """Containers by name, as a Docker Engine would keep them; records every request."""
-
-    def __init__(self):
-        self.containers: dict[str, engine.ContainerInfo] = {}
-        self.runs: list[engine.ContainerSpec] = []
-        self.healthy = True
-        self.next_port = 40000
-        self.images = {"llmhub/vllm-cpu:test"}
-        self.pulls: list[str] = []
-
-    def container_run(self, docker_url, spec):
-        self.runs.append(spec)
-        if spec.name not in self.containers:
-            self.next_port += 1
-            self.containers[spec.name] = engine.ContainerInfo(
-                id=f"id-{spec.name}", name=spec.name, status="running", exit_code=None,
-                host_port=self.next_port, labels=spec.labels,
-            )  # fmt: skip
-        return self.containers[spec.name]
-
-    def image_present(self, docker_url, image):
-        return image in self.images
-
-    def image_pull(self, docker_url, image):
-        self.pulls.append(image)
-        self.images.add(image)
-
-    def container_get(self, docker_url, name):
-        return self.containers.get(name)
-
-    def container_remove(self, docker_url, name):
-        return self.containers.pop(name, None) is not None
-
-    def container_logs(self, docker_url, name, tail=40):
-        return "RuntimeError: CUDA out of memory" if name in self.containers else ""
-
-    def containers_list(self, docker_url, installation):
-        return [c for c in self.containers.values() if c.labels.get(engine.LABEL_INSTALLATION) == installation]
-
-    def crash(self, name, code=1):
-        info = self.containers[name]
-        self.containers[name] = engine.ContainerInfo(info.id, name, "exited", code, info.host_port, info.labels)
-
-
 @pytest.fixture
 def fake(monkeypatch):
-    fake = FakeEngine()
-    for name in (
-        "container_run", "container_get", "container_remove", "container_logs", "containers_list",
-        "image_present", "image_pull",
-    ):  # fmt: skip
-        monkeypatch.setattr(engine, name, getattr(fake, name))
+    fake = FakeEngine().install(monkeypatch)
     monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: fake.healthy)
     return fake
 
@@ -146,7 +97,7 @@ def test_no_capacity_leaves_the_instance_pending_with_a_reason(fake, cpu_host):
     assert instance.state == Instance.State.PENDING and instance.started_at is None
     assert fake.runs == []
     assert list(deployment.events.filter(kind="pending").values_list("message", flat=True)) == [
-        f"instance {instance.id} waits: no host with 3 free CPU"
+        f"instance {instance.id} waits: no CPU host has 3 GPUs (the largest has 2)"
     ]
 
 
@@ -191,9 +142,12 @@ def test_delete_removes_the_container_and_keeps_history(fake, cpu_host):
 def test_orphan_containers_are_swept(fake, cpu_host, settings):
     ours = {engine.LABEL_INSTANCE: "999", engine.LABEL_INSTALLATION: settings.CONTAINER_PREFIX}
     another_installations = {engine.LABEL_INSTANCE: "999", engine.LABEL_INSTALLATION: "elsewhere"}
-    fake.container_run(cpu_host.docker_url, engine.ContainerSpec(name="ours-999", image="x", args=[], labels=ours))
     fake.container_run(
-        cpu_host.docker_url, engine.ContainerSpec(name="theirs-999", image="x", args=[], labels=another_installations)
+        cpu_host.docker_url, engine.ContainerSpec(name="ours-999", image="llmhub/vllm-cpu:test", args=[], labels=ours)
+    )
+    fake.container_run(
+        cpu_host.docker_url,
+        engine.ContainerSpec(name="theirs-999", image="llmhub/vllm-cpu:test", args=[], labels=another_installations),
     )
 
     assert reconcile.host_sweep(host=cpu_host) == ["ours-999"]
@@ -219,16 +173,65 @@ def test_scaling_down_stops_extra_instances_and_keeps_the_others_running(fake, c
     assert len(fake.runs) == 2  # nothing was restarted
 
 
-def test_a_host_without_the_engine_image_pulls_it_first(fake, cpu_host):
-    fake.images.clear()
+def test_a_host_without_the_engine_image_pulls_it_in_a_task_with_progress(
+    fake, cpu_host, django_capture_on_commit_callbacks, monkeypatch
+):
+    from llmhub.fleet import services
+    from workers import tasks
+
+    fake.images_everywhere.clear()
+    enqueued = []
+    monkeypatch.setattr(tasks.image_pull, "delay", lambda *args: enqueued.append(args))
+    monkeypatch.setattr(services, "reconcile_soon", lambda deployment_id: None)
     deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
 
-    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    with django_capture_on_commit_callbacks(execute=True):
+        reconcile.deployment_reconcile(deployment_id=deployment.id)
+        reconcile.deployment_reconcile(deployment_id=deployment.id)  # still pulling: no second pull
+    [instance] = Instance.objects.filter(deployment=deployment)
+    assert instance.state == Instance.State.STARTING and instance.started_at is None  # GPUs held, not billed
+    assert fake.runs == [] and len(enqueued) == 1
+
+    assert services.image_pull_run(pull_id=enqueued[0][0], attempt=enqueued[0][1]) == "done"
+    assert services.image_pull_run(pull_id=enqueued[0][0], attempt=enqueued[0][1]) == "done"  # a duplicate: no-op
     reconcile.deployment_reconcile(deployment_id=deployment.id)
 
-    assert fake.pulls == [cpu_host.engine_image]  # once
-    kinds = list(deployment.events.order_by("id").values_list("kind", flat=True))
-    assert kinds[:3] == ["scheduled", "pulling", "starting"]
+    assert fake.pulls == [(cpu_host.docker_url, cpu_host.engine_image)]  # once
+    assert len(fake.runs) == 1
+    events = list(deployment.events.order_by("id").values_list("kind", "message"))
+    assert [k for k, _ in events[:7]] == ["scheduled", "pulling", "pulling", "pulling", "pulling", "pulled", "starting"]
+    assert events[1][1] == f"host {cpu_host.name} pulls {cpu_host.engine_image}: the image is not on the host yet"
+    assert [m.split(": ")[-1] for _, m in events[2:5]] == ["25% (100 MB of 400 MB)", "52% (210 MB of 400 MB)",
+                                                        "82% (330 MB of 400 MB)"]  # fmt: skip
+    assert events[5][1].startswith(f"host {cpu_host.name} pulled {cpu_host.engine_image} in ")
+
+
+def test_a_failed_pull_fails_the_start_and_in_the_end_the_deployment(
+    fake, cpu_host, django_capture_on_commit_callbacks, monkeypatch, settings
+):
+    from llmhub.fleet import services
+    from workers import tasks
+
+    settings.INSTANCE_MAX_RESTARTS = 1
+    monkeypatch.setattr(reconcile, "restart_backoff", lambda n: 0)
+    fake.images_everywhere.clear()
+    fake.pull_error = "manifest for llmhub/vllm-cpu:test not found"
+    enqueued = []
+    monkeypatch.setattr(tasks.image_pull, "delay", lambda *args: enqueued.append(args))
+    monkeypatch.setattr(services, "reconcile_soon", lambda deployment_id: None)
+    deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
+    with django_capture_on_commit_callbacks(execute=True):
+        reconcile.deployment_reconcile(deployment_id=deployment.id)
+    assert services.image_pull_run(pull_id=enqueued[0][0], attempt=enqueued[0][1]) == "failed"
+
+    reconcile.deployment_reconcile(deployment_id=deployment.id)  # start fails: crash 1, replaced
+    reconcile.deployment_reconcile(deployment_id=deployment.id)  # the failure is recent: crash 2, failed
+
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.FAILED
+    assert "cannot pull llmhub/vllm-cpu:test" in deployment.fail_reason
+    assert "manifest for llmhub/vllm-cpu:test not found" in deployment.fail_reason
+    assert fake.runs == [] and len(fake.pulls) == 1
 
 
 def test_the_hugging_face_token_reaches_the_container_and_nothing_else(fake, cpu_host):
@@ -241,3 +244,34 @@ def test_the_hugging_face_token_reaches_the_container_and_nothing_else(fake, cpu
     assert fake.runs[0].environment == {"HF_TOKEN": "hf_private_123"}
     assert "hf_private_123" not in " ".join(fake.runs[0].args)
     assert "hf_private_123" not in " ".join(deployment.events.values_list("message", flat=True))
+
+
+def test_a_pull_whose_worker_died_is_taken_over_once_stale_and_a_failed_one_retried_later(
+    fake, cpu_host, django_capture_on_commit_callbacks, monkeypatch
+):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from llmhub.fleet import services
+    from llmhub.fleet.models import ImagePull
+    from workers import tasks
+
+    enqueued = []
+    monkeypatch.setattr(tasks.image_pull, "delay", lambda *args: enqueued.append(args))
+    with django_capture_on_commit_callbacks(execute=True):
+        pull, started = services.image_pull_request(host=cpu_host, image="img:1")
+        again, started_again = services.image_pull_request(host=cpu_host, image="img:1")
+        assert (started, started_again, again.id) == (True, False, pull.id)
+        ImagePull.objects.filter(id=pull.id).update(updated_at=timezone.now() - timedelta(seconds=121))
+        taken, taken_over = services.image_pull_request(host=cpu_host, image="img:1")  # its worker was killed
+    assert taken_over and taken.attempt == 2 and enqueued == [(pull.id, 1), (pull.id, 2)]
+    assert services.image_pull_run(pull_id=pull.id, attempt=1) == "pulling"  # the dead attempt's task: no-op
+
+    fake.pull_error = "registry unreachable"
+    assert services.image_pull_run(pull_id=pull.id, attempt=2) == "failed"
+    with django_capture_on_commit_callbacks(execute=True):
+        assert services.image_pull_request(host=cpu_host, image="img:1")[1] is False  # recent failure: not yet
+        ImagePull.objects.filter(id=pull.id).update(updated_at=timezone.now() - timedelta(seconds=61))
+        assert services.image_pull_request(host=cpu_host, image="img:1")[1] is True
+    assert enqueued[-1] == (pull.id, 3)

@@ -1,0 +1,189 @@
+"""Host health, once per reconcile pass: what each engine reports, heartbeats, lost hosts, orphans.
+
+`hosts_observe` lists this installation's containers on every host (one engine call per host, in
+parallel), records a heartbeat for each engine that answered and turns an engine that has not
+answered for longer than `settings.HOST_UNREACHABLE_GRACE` seconds into an unreachable host: its
+instances are marked lost, their billed interval closed at the host's last heartbeat, and the
+reconcile pass replaces them elsewhere. A host that answers again returns to the state it had.
+`orphans_sweep` removes containers that no live instance on that host accounts for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.conf import settings
+from django.db.models import Exists, F, OuterRef
+from django.utils import timezone
+
+from llmhub.deployments.services import event_record
+
+from . import engine
+from .models import Host, Instance
+
+log = logging.getLogger(__name__)
+
+OBSERVE_THREADS = 16  # engines listed at once
+
+
+@dataclass
+class Observation:
+    """What the engines reported at the start of one reconcile pass.
+
+    `containers`: {host id: {container name: info}} for hosts whose engine answered; `unreachable`:
+    ids of hosts whose engine did not. `capacity_exhausted`: {GPU type id: the smallest GPU count no
+    host could place in this pass} (placements that need as many or more are not tried again until
+    `capacity_freed`); a pass-local memo, not a source of truth.
+    """
+
+    containers: dict[int, dict[str, engine.ContainerInfo]] = field(default_factory=dict)
+    unreachable: set[int] = field(default_factory=set)
+    capacity_exhausted: dict[int, int] = field(default_factory=dict)
+    capacity_freed: bool = False
+
+    def container(self, host_id: int, name: str) -> engine.ContainerInfo | None:
+        return self.containers.get(host_id, {}).get(name)
+
+    def gpus_freed(self) -> None:
+        self.capacity_exhausted.clear()
+        self.capacity_freed = True
+
+
+def _list(host: Host) -> list[engine.ContainerInfo] | Exception:
+    try:
+        return engine.containers_list(host.endpoint, installation=settings.CONTAINER_PREFIX)
+    except engine.EngineError as exc:
+        return exc
+    except ValueError as exc:  # TLS key that the encryption key cannot decrypt
+        return exc
+
+
+def hosts_observe(hosts: list[Host], *, now: datetime | None = None) -> Observation:
+    """List containers on every host in `hosts`, record heartbeats, declare long-silent hosts lost.
+
+    Queries: one bulk heartbeat update, plus a few per host whose reachability changed (rare).
+    Returns the Observation the reconcile pass works from. Raises nothing for engine failures.
+    """
+    now = now or timezone.now()
+    observation = Observation()
+    if not hosts:
+        return observation
+    with ThreadPoolExecutor(max_workers=min(OBSERVE_THREADS, len(hosts))) as pool:
+        results = list(pool.map(_list, hosts))
+    answered = []
+    for host, result in zip(hosts, results):
+        if isinstance(result, Exception):
+            observation.unreachable.add(host.id)
+            _silent(host, str(result), now=now)
+        else:
+            observation.containers[host.id] = {c.name: c for c in result}
+            answered.append(host)
+    if answered:
+        Host.objects.filter(id__in=[h.id for h in answered]).update(heartbeat_at=now, last_error="")
+    for host in answered:
+        host.heartbeat_at = now
+        if host.state == Host.State.UNREACHABLE:
+            host_returned(host)
+    return observation
+
+
+def _silent(host: Host, error: str, *, now: datetime) -> None:
+    """An engine did not answer: note the error; past the grace period, the host is lost."""
+    if host.last_error != error:
+        Host.objects.filter(id=host.id).update(last_error=error)
+        host.last_error = error
+    if host.state == Host.State.UNREACHABLE:
+        return
+    last_seen = host.heartbeat_at or host.created_at
+    if (now - last_seen).total_seconds() > settings.HOST_UNREACHABLE_GRACE:
+        host_lost(host, reason=error)
+
+
+def host_lost(host: Host, *, reason: str) -> int:
+    """Mark `host` unreachable and its live instances lost; returns how many instances were lost.
+
+    Each lost instance's billed interval closes at the host's last heartbeat (not before its own
+    start); its deployment gets a "lost" event, and the next reconcile of that deployment schedules
+    a replacement on another host. A host already unreachable is left alone (returns 0).
+    """
+    if (
+        not Host.objects.filter(id=host.id)
+        .exclude(state=Host.State.UNREACHABLE)
+        .update(
+            state=Host.State.UNREACHABLE,
+            resume_state=F("state"),  # SET sees the old row: the state it had
+        )
+    ):
+        return 0
+    host.resume_state, host.state = host.state, Host.State.UNREACHABLE
+    last_seen = host.heartbeat_at or host.created_at
+    log.warning("host %s unreachable since %s: %s", host.name, last_seen.isoformat(), reason)
+    lost = 0
+    for instance in Instance.objects.filter(host=host, state__in=Instance.LIVE_STATES).select_related(
+        "deployment__user"
+    ):
+        stopped_at = max(last_seen, instance.started_at) if instance.started_at else None
+        if Instance.objects.filter(id=instance.id, state=instance.state).update(
+            state=Instance.State.LOST,
+            stopped_at=stopped_at,
+            last_error=f"host {host.name} unreachable since {last_seen:%Y-%m-%d %H:%M:%S} UTC: {reason}",
+        ):
+            lost += 1
+            event_record(
+                deployment=instance.deployment,
+                kind="lost",
+                message=f"instance {instance.id} lost: host {host.name} has not answered since "
+                f"{last_seen:%H:%M:%S} UTC; a replacement is scheduled on another host",
+            )
+    return lost
+
+
+def host_returned(host: Host) -> bool:
+    """An unreachable host answers again: back to the state it had (ready, cordoned or draining)."""
+    resume = host.resume_state or Host.State.READY
+    if Host.objects.filter(id=host.id, state=Host.State.UNREACHABLE).update(state=resume, resume_state=""):
+        log.warning("host %s answers again: %s", host.name, resume)
+        host.state, host.resume_state = resume, ""
+        return True
+    return False
+
+
+def drains_complete() -> int:
+    """Cordon every draining host that has no live instance left (one query). Returns how many."""
+    live = Instance.objects.filter(host=OuterRef("pk"), state__in=Instance.LIVE_STATES)
+    return Host.objects.filter(state=Host.State.DRAINING).exclude(Exists(live)).update(state=Host.State.CORDONED)
+
+
+def orphans_sweep(hosts: list[Host], observation: Observation) -> list[str]:
+    """Remove this installation's containers that no live instance placed on their host accounts for.
+
+    Works from the pass's observation (containers listed before this pass read the instances, so a
+    container made during the pass is never mistaken for an orphan): one query for all hosts. A
+    container whose label is not an instance id is removed too. Returns the names removed.
+    """
+    labelled: dict[int, list[tuple[int | None, engine.ContainerInfo]]] = {}
+    ids: set[int] = set()
+    for host in hosts:
+        for info in observation.containers.get(host.id, {}).values():
+            label = info.labels.get(engine.LABEL_INSTANCE, "")
+            instance_id = int(label) if label.isdigit() else None
+            labelled.setdefault(host.id, []).append((instance_id, info))
+            if instance_id is not None:
+                ids.add(instance_id)
+    if not labelled:
+        return []
+    placed = set(Instance.objects.filter(id__in=ids, state__in=Instance.LIVE_STATES).values_list("id", "host_id"))
+    removed = []
+    for host in hosts:
+        for instance_id, info in labelled.get(host.id, []):
+            if (instance_id, host.id) in placed:
+                continue
+            with contextlib.suppress(engine.EngineError):
+                if engine.container_remove(host.endpoint, info.name):  # False: someone removed it meanwhile
+                    removed.append(info.name)
+                    log.info("host %s: removed orphan container %s", host.name, info.name)
+    return removed

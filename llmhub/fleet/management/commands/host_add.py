@@ -1,0 +1,95 @@
+"""`manage.py host_add NAME --docker-url URL --gpu-type TYPE --engine-image IMAGE`: register a GPU host.
+
+The engine is asked for its version and the GPUs it advertises (dockerd ``--node-generic-resource
+NVIDIA-GPU=<uuid>``); `--gpus` sets the count by hand for engines that advertise none. ``tcp://``
+engines need Docker's TLS client files (``--tls-ca``, ``--tls-cert``, ``--tls-key``: the files
+``docker --tlsverify`` uses). Running it again for the same name updates the host.
+"""
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+
+from llmhub.fleet import engine
+from llmhub.fleet.models import GpuType
+from llmhub.fleet.services import host_register
+
+
+def _read(option: str, path: str | None) -> str:
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise CommandError(f"{option}: cannot read {path}: {exc.strerror}") from exc
+
+
+class Command(BaseCommand):
+    help = "Register (or update) a GPU host: its Docker Engine, the address the gateway reaches it by, its GPUs."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name", help="host name, e.g. gpu-1")
+        parser.add_argument("--docker-url", required=True, help="unix:///var/run/docker.sock or tcp://host:2376")
+        parser.add_argument(
+            "--address", help="IP or DNS name the gateway reaches published ports on (default: the URL's host)"
+        )
+        parser.add_argument("--gpu-type", required=True, help="name of an existing GPU type, e.g. H100-80GB")
+        parser.add_argument("--gpus", type=int, help="GPU count, when the engine does not advertise its GPUs")
+        parser.add_argument(
+            "--engine-image", required=True, help="image instances run from, e.g. vllm/vllm-openai:v0.10.0"
+        )
+        parser.add_argument("--tls-ca", help="CA certificate (PEM file) of a tcp:// engine")
+        parser.add_argument("--tls-cert", help="client certificate (PEM file)")
+        parser.add_argument("--tls-key", help="client key (PEM file); stored encrypted")
+
+    def handle(self, *args, name, docker_url, address, gpu_type, gpus, engine_image, tls_ca, tls_cert, tls_key, **opts):
+        kind = GpuType.objects.filter(name=gpu_type).first()
+        if kind is None:
+            known = ", ".join(GpuType.objects.values_list("name", flat=True)) or "none yet"
+            raise CommandError(f"Unknown GPU type '{gpu_type}' (known: {known}). Create it in the admin first.")
+        tls = None
+        if tls_ca or tls_cert or tls_key:
+            if not (tls_ca and tls_cert and tls_key):
+                raise CommandError("TLS needs all three of --tls-ca, --tls-cert and --tls-key.")
+            tls = engine.TlsCredentials(
+                ca_cert=_read("--tls-ca", tls_ca),
+                client_cert=_read("--tls-cert", tls_cert),
+                client_key=_read("--tls-key", tls_key),
+            )
+        if address is None:
+            address = (
+                (urlsplit(docker_url.strip()).hostname or "127.0.0.1")
+                if docker_url.startswith("tcp://")
+                else "127.0.0.1"
+            )
+        try:
+            normalised = engine.url_validate(docker_url, tls=tls is not None)
+        except ValueError as exc:
+            raise CommandError(f"--docker-url: {exc}") from exc
+        try:
+            facts = engine.engine_facts(engine.Endpoint(url=normalised, tls=tls))
+        except engine.EngineError as exc:
+            raise CommandError(f"--docker-url: {exc}") from exc
+        if gpus is None and facts.gpu_count is None:
+            raise CommandError(
+                f"The engine at {normalised} advertises no GPUs (dockerd --node-generic-resource NVIDIA-GPU=<uuid>): "
+                "give their number with --gpus N."
+            )
+        if gpus is not None and facts.gpu_count is not None and gpus != facts.gpu_count:
+            self.stderr.write(f"note: the engine advertises {facts.gpu_count} GPUs; using --gpus {gpus}")
+        try:
+            host = host_register(
+                name=name, docker_url=normalised, address=address, gpu_type=kind, engine_image=engine_image,
+                gpu_count=gpus if gpus is not None else facts.gpu_count, tls=tls,
+            )  # fmt: skip
+        except ValidationError as exc:
+            raise CommandError(
+                "; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in exc.message_dict.items())
+            ) from exc
+        source = "set by hand" if gpus is not None else "advertised by the engine"
+        self.stdout.write(
+            f"Host {host.name}: {host.docker_url} (Docker {facts.server_version}), reached at {host.address}, "
+            f"{host.gpu_count} × {kind.name} ({source}), engine image {host.engine_image}, state {host.state}."
+        )
