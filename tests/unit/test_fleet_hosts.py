@@ -17,7 +17,7 @@ from llmhub.fleet import engine, reconcile, services
 from llmhub.fleet.models import Host, Instance
 from llmhub.fleet.selectors import instance_counts
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
-from tests.fakes import FakeEngine
+from tests.fakes.engine import FakeEngine
 
 pytestmark = pytest.mark.django_db
 

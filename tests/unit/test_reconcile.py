@@ -6,7 +6,7 @@ from llmhub.deployments.models import Deployment
 from llmhub.fleet import engine, reconcile
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
-from tests.fakes import FakeEngine
+from tests.fakes.engine import FakeEngine
 
 pytestmark = pytest.mark.django_db
 

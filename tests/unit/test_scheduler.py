@@ -13,7 +13,7 @@ from llmhub.fleet import reconcile, scheduler
 from llmhub.fleet.models import Host, Instance
 from llmhub.fleet.scheduler import instance_place, no_capacity_reason
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
-from tests.fakes import FakeEngine
+from tests.fakes.engine import FakeEngine
 
 
 @pytest.fixture
