@@ -58,21 +58,24 @@ def test_scale_to_zero_wake_with_held_requests_and_scale_up(stack):
     enough = threading.Event()
 
     def stream(_):
-        with client.chat.completions.create(
-            model="scaler/elastic", messages=[{"role": "user", "content": "go"}], max_tokens=1500,
-            stream=True, extra_body={"ignore_eos": True},
-        ) as chunks:  # fmt: skip
-            for _ in chunks:
-                if enough.is_set():
-                    return  # closing the stream cancels the engine's work
+        while not enough.is_set():  # keep seven streams open until the autoscaler has reacted
+            with client.chat.completions.create(
+                model="scaler/elastic", messages=[{"role": "user", "content": "go"}], max_tokens=1500,
+                stream=True, extra_body={"ignore_eos": True},
+            ) as chunks:  # fmt: skip
+                for _ in chunks:
+                    if enough.is_set():
+                        return  # closing the stream cancels the engine's work
 
     with ThreadPoolExecutor(7) as pool:
         futures = [pool.submit(stream, i) for i in range(7)]
-        wait_for(
-            lambda: Instance.objects.filter(deployment=deployment).count() - started_before >= 2,
-            timeout=120, interval=1, what="a second instance under load",
-        )  # fmt: skip
-        enough.set()
+        try:
+            wait_for(
+                lambda: Instance.objects.filter(deployment=deployment).count() - started_before >= 2,
+                timeout=180, interval=1, what="a second instance under load",
+            )  # fmt: skip
+        finally:
+            enough.set()
         for future in futures:
             future.result()
     scaled_up = deployment.events.filter(kind="scaled", message__contains="1 → 2 instances").get()
