@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.conf import settings
+from django.db import transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
@@ -65,7 +66,7 @@ def _list(host: Host) -> list[engine.ContainerInfo] | Exception:
 def hosts_observe(hosts: list[Host], *, now: datetime | None = None) -> Observation:
     """List containers on every host in `hosts`, record heartbeats, declare long-silent hosts lost.
 
-    Queries: one bulk heartbeat update, plus a few per host whose reachability changed (rare).
+    Queries: two for the heartbeats, plus a few per host whose reachability changed (rare).
     Returns the Observation the reconcile pass works from. Raises nothing for engine failures.
     """
     now = now or timezone.now()
@@ -83,12 +84,23 @@ def hosts_observe(hosts: list[Host], *, now: datetime | None = None) -> Observat
             observation.containers[host.id] = {c.name: c for c in result}
             answered.append(host)
     if answered:
-        Host.objects.filter(id__in=[h.id for h in answered]).update(heartbeat_at=now, last_error="")
+        _heartbeats([h.id for h in answered], now=now)
     for host in answered:
         host.heartbeat_at = now
         if host.state == Host.State.UNREACHABLE:
             host_returned(host)
     return observation
+
+
+def _heartbeats(host_ids: list[int], *, now: datetime) -> None:
+    """Record that these hosts' engines answered (and clear their last error), in one update.
+
+    Rows are locked in id order and rows locked by someone else are skipped (their heartbeat waits
+    for the next pass), so concurrent passes and operators' changes never wait on or deadlock with it.
+    """
+    with transaction.atomic():
+        free = Host.objects.select_for_update(skip_locked=True).filter(id__in=host_ids).order_by("id")
+        Host.objects.filter(id__in=list(free.values_list("id", flat=True))).update(heartbeat_at=now, last_error="")
 
 
 def _silent(host: Host, error: str, *, now: datetime) -> None:

@@ -125,7 +125,7 @@ def test_concurrent_reconcile_workers_never_give_one_gpu_to_two_instances(monkey
     def checked_place(**kwargs):
         placement = real_place(**kwargs)
         if placement is not None:
-            placed.append(kwargs["instance_id"])
+            placed.append(threading.get_ident())
             rows = Instance.objects.filter(host=placement.host, state__in=Instance.LIVE_STATES).values_list(
                 "id", "gpu_indexes"
             )
@@ -178,7 +178,9 @@ def test_concurrent_reconcile_workers_never_give_one_gpu_to_two_instances(monkey
         reconcile.reconcile_all()
 
     assert violations == []
-    assert len(placed) >= 15, "the workers placed many instances (the test exercised the scheduler)"
+    assert len(placed) >= 10 and len(set(placed)) >= 2, (
+        "several workers placed instances (the test exercised the scheduler)"
+    )
     last_spec = {spec.name: spec for spec in fake.runs}
     for host in hosts:
         live = list(Instance.objects.filter(host=host, state__in=Instance.LIVE_STATES))
