@@ -30,7 +30,7 @@ from tests.stack import database_url
 pytestmark = [pytest.mark.docker, pytest.mark.django_db]
 
 
-def until(predicate, *, timeout=30.0, what="the fleet to converge", passes=True):
+def until(predicate, *, timeout=60.0, what="the fleet to converge", passes=True):
     """Run reconcile passes (when `passes`) until `predicate()` is truthy; returns its value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -138,7 +138,7 @@ def test_host_add_over_tls_reads_the_gpus_and_refuses_other_certificates(fleet_e
 
 
 def test_an_engine_silent_past_the_grace_period_loses_its_instances_and_they_come_back_elsewhere(fleet, settings):
-    settings.HOST_UNREACHABLE_GRACE = 3
+    settings.HOST_UNREACHABLE_GRACE = 8
     deployment = DeploymentFactory(user=fleet.owner, gpu_type=fleet.gpu_type, num_gpus=2)
     [old] = until(lambda: ready(deployment))
     assert old.host_id == fleet.a.id  # both empty: the lowest id
@@ -148,7 +148,7 @@ def test_an_engine_silent_past_the_grace_period_loses_its_instances_and_they_com
     old.refresh_from_db()
     assert old.state == Instance.State.READY  # within the grace period
     heartbeat = Host.objects.get(id=fleet.a.id).heartbeat_at
-    time.sleep(3.2)
+    time.sleep(max((heartbeat + timedelta(seconds=8.2) - timezone.now()).total_seconds(), 0))
     reconcile.reconcile_all()
 
     old.refresh_from_db()
@@ -226,7 +226,7 @@ def test_a_crashing_engine_restarts_with_backoff_then_fails_with_its_last_log_li
     assert first.state == Instance.State.STOPPED and first.stopped_at > first.started_at
     assert "exited with code 3" in first.last_error and "illegal memory access" in first.last_error
     assert second.restarts == 1 and second.state == Instance.State.PENDING
-    assert timedelta(seconds=0.5) < second.next_attempt_at - first.stopped_at < timedelta(seconds=2)
+    assert timedelta(seconds=0.5) < second.next_attempt_at - second.created_at <= timedelta(seconds=1)  # backoff 1 s
     [second] = until(lambda: ready(deployment))
     assert second.started_at >= second.next_attempt_at  # waited out the backoff
 
