@@ -104,6 +104,12 @@ def test_compose_serves_a_deployment_through_the_gateway_and_publishes_engines_o
     client, owner = compose.client, compose.owner
     settings = compose.settings
 
+    services = {
+        c.labels["com.docker.compose.service"]: c.status
+        for c in client.containers.list(all=True, filters={"label": f"com.docker.compose.project={compose.name}"})
+    }
+    assert services == dict.fromkeys(["web", "worker", "outbound", "beat", "postgres", "redis"], "running")
+
     # The application image carries no secret: they come from the env file at run time.
     config_env = client.images.get(settings["LLMHUB_IMAGE"]).attrs["Config"]["Env"]
     assert not [e for e in config_env if e.split("=")[0] in ("SECRET_KEY", "LLMHUB_ENCRYPTION_KEY", "DATABASE_URL")]
