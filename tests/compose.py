@@ -8,6 +8,7 @@ containers its worker started and its application image tag, whatever state it i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -94,22 +95,28 @@ class ComposeProject:
         return proc.stdout + proc.stderr
 
     def down(self, *, client: docker.DockerClient, owner: str) -> None:
-        """Remove the project's containers, networks and volumes, then the engine containers of its
-        installation (`LLMHUB_CONTAINER_PREFIX`), the volumes they used that are named for this
-        installation or for `owner` (a username unique to the test), and its application image tag."""
-        self.run("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=120, check=False)
+        """Remove the project's containers, networks and volumes; then the engine containers of its
+        installation (`LLMHUB_CONTAINER_PREFIX`), the volumes and networks they used that are this
+        installation's own (labelled with it, or named for it or for `owner`, a username unique to the
+        test; never a cache or network shared with others), and its application image tag."""
+        try:
+            self.run("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=120, check=False)
+        finally:
+            self._remove_leftovers(client=client, owner=owner)
+
+    def _remove_leftovers(self, *, client: docker.DockerClient, owner: str) -> None:
         prefix = self.settings["LLMHUB_CONTAINER_PREFIX"]
-        volumes = set()
-        for container in client.containers.list(all=True, filters={"label": f"{engine.LABEL_INSTALLATION}={prefix}"}):
-            volumes.update(m["Name"] for m in container.attrs.get("Mounts", []) if m.get("Type") == "volume")
+        mine = {"label": f"{engine.LABEL_INSTALLATION}={prefix}"}
+        used = set()
+        for container in client.containers.list(all=True, filters=mine):
+            used.update(("volume", m["Name"]) for m in container.attrs.get("Mounts", []) if m.get("Type") == "volume")
+            used.update(("network", name) for name in container.attrs["NetworkSettings"]["Networks"])
             container.remove(force=True)
-        for name in volumes:
-            if prefix in name or owner in name:  # this installation's own, never a cache shared with others
-                try:
-                    client.volumes.get(name).remove()
-                except docker.errors.APIError:
-                    pass
-        try:  # the untagged layers stay as build cache for the next run
+        doomed = {(kind, name) for kind, name in used if prefix in name or owner in name}
+        doomed.update(("network", n.name) for n in client.networks.list(filters=mine))
+        doomed.update(("volume", v.name) for v in client.volumes.list(filters=mine))
+        for kind, name in doomed:
+            with contextlib.suppress(docker.errors.APIError):
+                (client.volumes if kind == "volume" else client.networks).get(name).remove()
+        with contextlib.suppress(docker.errors.APIError):  # untagged, its layers stay as build cache
             client.images.remove(self.settings["LLMHUB_IMAGE"], noprune=True)
-        except docker.errors.APIError:
-            pass
