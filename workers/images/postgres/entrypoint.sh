@@ -21,7 +21,9 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   as_postgres initdb -D "$PGDATA" -U "$user" --pwfile="$pwfile" -E UTF8 --locale=C.UTF-8 \
     --auth-local=trust --auth-host=scram-sha-256 >/dev/null
   rm -f "$pwfile"
+  # As the public image: every address by default (compose.yaml narrows it with -c listen_addresses).
   echo "host all all all scram-sha-256" >> "$PGDATA/pg_hba.conf"
+  printf "\nlisten_addresses = '*'\n" >> "$PGDATA/postgresql.conf"
   if [ "$db" != postgres ]; then
     echo "CREATE DATABASE \"$db\" OWNER \"$user\";" | as_postgres postgres --single -D "$PGDATA" -j postgres >/dev/null
   fi
