@@ -1,8 +1,15 @@
-"""Engine images built from recipes in ``workers/images/<recipe>/`` (no image registry needed).
+"""Images built from recipes in ``workers/images/<recipe>/`` (no image registry needed): the engine
+images (``vllm-cpu``, ``fake-engine``) and the images ``compose.yaml`` runs on a machine that cannot
+pull (``platform-base``, ``postgres``, ``redis``).
 
 A recipe is a directory holding a ``Dockerfile`` and the files it copies. Its image is tagged
-``llmhub/<recipe>:<recipe hash>``, so any change to the recipe (or to the torch wheel it installs)
-gives a new tag, and an unchanged recipe is found in Docker's image store without building.
+``llmhub/<recipe>:<recipe hash>``, so any change to the recipe (or to the torch wheel it installs,
+or to the project files it names) gives a new tag, and an unchanged recipe is found in Docker's
+image store without building.
+
+A recipe may name files of the project itself in ``project-files`` (one path a line, relative to
+the repository root; ``#`` starts a comment): they are copied into the build context under the same
+relative path and hashed with the recipe (``platform-base`` names ``requirements.lock``).
 
 Build inputs from the host, added to the build context next to the recipe files when its
 Dockerfile names them (the vLLM recipe does; the small ``fake-engine`` recipe needs neither):
@@ -42,7 +49,9 @@ from pathlib import Path
 import docker
 import docker.errors
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "workers" / "images"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+RECIPES_DIR = PROJECT_ROOT / "workers" / "images"
+PROJECT_FILES = "project-files"
 BASE_IMAGE = "llmhub/debian-bookworm:minbase"
 BASE_SUITE = "bookworm"
 BASE_MIRROR = "http://deb.debian.org/debian"
@@ -89,6 +98,26 @@ def recipe_files(recipe: str = "vllm-cpu") -> list[Path]:
     return sorted(files, key=lambda p: p.as_posix())
 
 
+def project_files(recipe: str = "vllm-cpu") -> list[Path]:
+    """Project files a recipe names in its ``project-files`` (relative to the repository root), sorted.
+
+    Raises ``EngineImageError`` when a named file is missing or lies outside the repository.
+    """
+    listing = recipe_dir(recipe) / PROJECT_FILES
+    if not listing.is_file():
+        return []
+    names = []
+    for line in listing.read_text().splitlines():
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        path = (PROJECT_ROOT / name).resolve()
+        if not path.is_relative_to(PROJECT_ROOT) or not path.is_file():
+            raise EngineImageError(f"{listing}: {name!r} is not a file of the project")
+        names.append(path.relative_to(PROJECT_ROOT))
+    return sorted(set(names), key=lambda p: p.as_posix())
+
+
 def torch_wheel() -> Path:
     """The torch CPU wheel the recipe installs (``$LLMHUB_WHEELS_DIR``, default ``/opt/wheels``).
 
@@ -115,15 +144,19 @@ def recipe_hash(recipe: str = "vllm-cpu") -> str:
     """Content hash of a recipe: 12 lowercase hex chars.
 
     sha256 over, for each file of ``workers/images/<recipe>/`` in sorted relative-path order, the
-    path, a NUL, the file's bytes and a NUL; then, for a recipe that installs the torch wheel, the
-    wheel's file name (the wheel itself is not read: its name carries its version). Raises
-    ``EngineImageError`` for an unknown recipe or a missing wheel.
+    path, a NUL, the file's bytes and a NUL; then the same for each project file the recipe names
+    (path prefixed ``project:``); then, for a recipe that installs the torch wheel, the wheel's file
+    name (the wheel itself is not read: its name carries its version). Raises ``EngineImageError``
+    for an unknown recipe, a missing project file or a missing wheel.
     """
     root = recipe_dir(recipe)
     digest = hashlib.sha256()
     for rel in recipe_files(recipe):
         digest.update(rel.as_posix().encode() + b"\0")
         digest.update((root / rel).read_bytes() + b"\0")
+    for rel in project_files(recipe):
+        digest.update(b"project:" + rel.as_posix().encode() + b"\0")
+        digest.update((PROJECT_ROOT / rel).read_bytes() + b"\0")
     if _uses_wheel(recipe):
         digest.update(torch_wheel().name.encode())
     return digest.hexdigest()[:12]
@@ -235,11 +268,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _build_context(recipe: str, into: Path) -> None:
-    """Fill ``into`` with the recipe files and, when its Dockerfile names them, the torch wheel and the CA bundle."""
+    """Fill ``into`` with the recipe files, the project files it names and, when its Dockerfile names
+    them, the torch wheel and the CA bundle."""
     root = recipe_dir(recipe)
     for rel in recipe_files(recipe):
         (into / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, into / rel)
+    for rel in project_files(recipe):
+        (into / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / rel, into / rel)
     if _uses_wheel(recipe):
         wheel = torch_wheel()
         _link_or_copy(wheel, into / wheel.name)
