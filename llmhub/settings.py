@@ -116,6 +116,9 @@ WHITENOISE_USE_FINDERS = True
 # Celery (workers/celery.py reads the CELERY_* names).
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_TASK_DEFAULT_QUEUE = env.str("LLMHUB_QUEUE", default="llmhub")
+# Deliveries to user-supplied URLs (alert webhooks, and alert e-mail) run on their own queue, consumed by a
+# worker process of their own, so a slow endpoint never delays reconcile (routing: workers/celery.py).
+OUTBOUND_QUEUE = f"{CELERY_TASK_DEFAULT_QUEUE}-outbound"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -165,7 +168,11 @@ BILLING_CHECK_INTERVAL = env.float("LLMHUB_BILLING_CHECK_INTERVAL", default=30.0
 BILLING_INVOICE_GRACE = env.float("LLMHUB_BILLING_INVOICE_GRACE", default=3600.0)
 BILLING_INVOICE_WEEKS_BACK = env.int("LLMHUB_BILLING_INVOICE_WEEKS_BACK", default=8)
 BILLING_INVOICE_DAYS_UNTIL_DUE = env.int("LLMHUB_BILLING_INVOICE_DAYS_UNTIL_DUE", default=14)
+# Seconds one alert webhook delivery may take in all (resolve, connect, send, answer): a total deadline.
 BILLING_WEBHOOK_TIMEOUT = env.float("LLMHUB_BILLING_WEBHOOK_TIMEOUT", default=10.0)
+# Webhooks (llmhub/outbound.py) refuse loopback, private, link-local and other internal addresses unless an
+# on-premises operator allows them here.
+WEBHOOK_ALLOW_PRIVATE = env.bool("LLMHUB_WEBHOOK_ALLOW_PRIVATE", default=False)
 if BILLING_CHECK_INTERVAL <= 0:
     raise environ.ImproperlyConfigured("LLMHUB_BILLING_CHECK_INTERVAL must be more than 0 seconds")
 # Alert e-mail through Django's mail: EMAIL_URL such as smtp+tls://user:password@smtp.example.com:587
