@@ -6,6 +6,7 @@ A bad value fails loudly at start-up.
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -44,6 +45,7 @@ INSTALLED_APPS = [
     "llmhub.deployments",
     "llmhub.gateway",
     "llmhub.billing",
+    "axes",
 ]
 
 MIDDLEWARE = [
@@ -56,6 +58,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks: turns a lockout into the 429 page
 ]
 
 ROOT_URLCONF = "llmhub.urls"
@@ -98,6 +101,22 @@ AUTH_USER_MODEL = "accounts.User"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "deployments:list"
 LOGOUT_REDIRECT_URL = "login"
+# Sign-in throttling (django-axes, llmhub/accounts/throttle.py): failures per account and per client address
+# within a sliding cool-off window; past either, sign-in is refused (HTTP 429) until the window passes.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+SIGNIN_FAILURES_PER_ADDRESS = env.int("LLMHUB_SIGNIN_FAILURES_PER_ADDRESS", default=100)
+SIGNIN_COOLOFF = env.int("LLMHUB_SIGNIN_COOLOFF", default=900)  # seconds
+AXES_FAILURE_LIMIT = env.int("LLMHUB_SIGNIN_FAILURES_PER_ACCOUNT", default=10)
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_HANDLER = "llmhub.accounts.throttle.SignInThrottle"
+AXES_COOLOFF_TIME = timedelta(seconds=SIGNIN_COOLOFF)
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False  # the retry time shown holds
+AXES_RESET_ON_SUCCESS = False  # a success must not reset the address's count (one's own account would)
+AXES_LOCKOUT_CALLABLE = "llmhub.accounts.throttle.lockout_response"
+AXES_VERBOSE = False
+if min(AXES_FAILURE_LIMIT, SIGNIN_FAILURES_PER_ADDRESS, SIGNIN_COOLOFF) < 1:
+    raise environ.ImproperlyConfigured("LLMHUB_SIGNIN_* settings must be at least 1")
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
