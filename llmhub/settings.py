@@ -8,6 +8,7 @@ A bad value fails loudly at start-up.
 import os
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 
@@ -25,6 +26,30 @@ SECRET_KEY = env.str("SECRET_KEY")
 DEBUG = env("DEBUG")
 ALLOWED_HOSTS = env("ALLOWED_HOSTS")
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# Public base URL of the site (dashboard, APIs, gateway), shown in the dashboard's examples. Its host is
+# added to ALLOWED_HOSTS and its origin to CSRF_TRUSTED_ORIGINS. An https:// URL turns HTTPS on: secure
+# cookies, HSTS, redirects from http:// (README, "Running in production").
+PUBLIC_URL = env.str("LLMHUB_PUBLIC_URL", default="http://127.0.0.1:8000")
+_public = urlsplit(PUBLIC_URL)
+if _public.scheme not in ("http", "https") or not _public.hostname:
+    raise environ.ImproperlyConfigured(f"LLMHUB_PUBLIC_URL must be an http:// or https:// URL, not {PUBLIC_URL!r}")
+ALLOWED_HOSTS = list(dict.fromkeys([*ALLOWED_HOSTS, _public.hostname]))
+CSRF_TRUSTED_ORIGINS = list(dict.fromkeys([*CSRF_TRUSTED_ORIGINS, f"{_public.scheme}://{_public.netloc}"]))
+if _public.scheme == "https":
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = True
+    SECURE_HSTS_SECONDS = env.int("LLMHUB_HSTS_SECONDS", default=31_536_000)  # a year
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("LLMHUB_HSTS_INCLUDE_SUBDOMAINS", default=True)
+    # Preloading is a request to browser vendors that only the domain's owner can make: off unless asked
+    # for; Django's reminder about it (security.W021) is silenced while it is off.
+    SECURE_HSTS_PRELOAD = env.bool("LLMHUB_HSTS_PRELOAD", default=False)
+    if not SECURE_HSTS_PRELOAD:
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]
+# Behind a TLS-terminating proxy: the header (e.g. X-Forwarded-Proto) through which the proxy says the
+# client used https. Set it only when the proxy always sets (overwrites) that header.
+if _proxy_header := env.str("LLMHUB_PROXY_SSL_HEADER", default=""):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_header.upper().replace("-", "_"), "https")
 
 # Fernet key (urlsafe base64, 32 bytes) that encrypts Hugging Face tokens at rest.
 ENCRYPTION_KEY = env.str("LLMHUB_ENCRYPTION_KEY")
@@ -50,7 +75,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "llmhub.staticfiles.StaticFilesMiddleware",  # WhiteNoise, asynchronous under ASGI
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -161,8 +186,6 @@ INSTANCE_START_TIMEOUT = env.float("LLMHUB_INSTANCE_START_TIMEOUT", default=900.
 # library's default), and whether it may ask the hub at all.
 HF_CACHE_DIR = env.str("LLMHUB_HF_CACHE_DIR", default=None)
 HF_HUB_OFFLINE = env.bool("HF_HUB_OFFLINE", default=False)
-# Public base URL of the gateway, shown in the dashboard's examples.
-PUBLIC_URL = env.str("LLMHUB_PUBLIC_URL", default="http://127.0.0.1:8000")
 # Requests per minute per API token at the gateway (0: no limit).
 GATEWAY_RATE_LIMIT_PER_MINUTE = env.int("LLMHUB_RATE_LIMIT_PER_MINUTE", default=600)
 # Seconds a request to a deployment with no ready instance (e.g. scaled to zero) is held before a 503.

@@ -46,9 +46,9 @@ class SignInThrottle(AxesDatabaseHandler):
 
 def retry_at(request, username: str | None) -> datetime:
     """When the lock on `username` or the request's address ends: its latest counted failure + the cool-off."""
-    latest = AccessAttempt.objects.filter(
-        Q(username=username) | Q(ip_address=request.axes_ip_address)
-    ).aggregate(t=Max("attempt_time"))["t"]
+    latest = AccessAttempt.objects.filter(Q(username=username) | Q(ip_address=request.axes_ip_address)).aggregate(
+        t=Max("attempt_time")
+    )["t"]
     return (latest or timezone.now()) + timedelta(seconds=settings.SIGNIN_COOLOFF)
 
 
