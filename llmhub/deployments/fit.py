@@ -10,6 +10,8 @@ gated MLP 3·h·i (× experts for mixture-of-experts). The weights must leave at
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -98,13 +100,22 @@ def _safetensors_bytes(repo: str, revision: str, token: str) -> int | None:
     return sum(count * DTYPE_BYTES.get(dtype, 2) for dtype, count in meta.parameter_count.items())
 
 
+def token_key(token: str) -> str:
+    """'anonymous' for no token, else 16 hex digits of HMAC-SHA256(SECRET_KEY, token): names the token's
+    cache entries without revealing it (also not to someone who reads the cache)."""
+    if not token:
+        return "anonymous"
+    return hmac.new(settings.SECRET_KEY.encode(), token.encode(), hashlib.sha256).hexdigest()[:16]
+
+
 def weights_gb(repo: str, revision: str = "", token: str = "") -> float | None:
     """Estimated GB (10^9 bytes) of the weights of `repo` at `revision`, or None when unknown.
 
-    Cached per repo and revision, an hour when found and 5 minutes when unknown (the token is not
-    part of the key: a size is no secret). Network calls time out after 3 s.
+    Cached per repo, revision and Hugging Face token, an hour when found and 5 minutes when unknown: a
+    private repo's existence and size are learned only with a token that can read it. The key holds a
+    keyed hash of the token (`token_key`), never the token. Network calls time out after 3 s.
     """
-    key = f"fit:weights:{repo}@{revision or 'main'}"
+    key = f"fit:weights:{token_key(token)}:{repo}@{revision or 'main'}"
     cached = cache.get(key)
     if cached is not None:
         return cached if cached >= 0 else None
