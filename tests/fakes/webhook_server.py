@@ -1,12 +1,13 @@
 """A real HTTP server on 127.0.0.1 that plays a webhook endpoint, well-behaved or hostile.
 
 Behaviours: "ok" (200), "trickle" (200, then one body byte every `interval` seconds for `duration`),
-"redirect" (307 to `location`), "huge" (200 with an endless body). Every request is recorded
+"redirect" (307 to `location`), "huge" (200 with an endless body); over TLS when given a server context (see `tls_pair`). Every request is recorded
 (path, headers) so a test can tell whether anything reached it at all.
 """
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from contextlib import contextmanager
@@ -21,11 +22,12 @@ class Endpoint:
     interval: float = 0.5
     duration: float = 30.0
     port: int = 0
+    tls: ssl.SSLContext | None = None  # serve https with this server context
     received: list = field(default_factory=list)  # (path, {header: value})
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/hook"
 
 
 def _handler(endpoint: Endpoint):
@@ -83,6 +85,8 @@ def endpoint_running(**kwargs):
     endpoint = Endpoint(**kwargs)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(endpoint))
     server.daemon_threads = True
+    if endpoint.tls is not None:
+        server.socket = endpoint.tls.wrap_socket(server.socket, server_side=True)
     endpoint.port = server.server_address[1]
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -90,3 +94,41 @@ def endpoint_running(**kwargs):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def tls_pair(name: str, tmp_path) -> tuple[ssl.SSLContext, str]:
+    """A throwaway CA and a certificate for `name` signed by it: (server context, path of the CA's PEM)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+
+    def certificate(subject, issuer, key, signer, *, ca: bool, san: str | None = None):
+        builder = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )  # fmt: skip
+        if san:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "LLMHub test CA")])
+    ca = certificate(ca_name, ca_name, ca_key, ca_key, ca=True)
+    leaf_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    leaf = certificate(leaf_name, ca_name, key, ca_key, ca=False, san=name)
+    ca_pem, chain = tmp_path / "ca.pem", tmp_path / "server.pem"
+    ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    chain.write_bytes(
+        leaf.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(chain)
+    return context, str(ca_pem)

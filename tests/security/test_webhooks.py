@@ -17,7 +17,7 @@ from llmhub import outbound
 from llmhub.billing import services
 from llmhub.billing.forms import BillingSettingsForm
 from llmhub.billing.models import AlertDelivery, SpendingAlert
-from tests.fakes.webhook_server import endpoint_running
+from tests.fakes.webhook_server import endpoint_running, tls_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -213,3 +213,29 @@ def test_errors_shown_to_the_user_are_generic(user, settings):
     delivery = deliver(delivery_to(user, f"http://127.0.0.1:{port}/gone"))  # nothing listens any more
 
     assert delivery.last_error == "connection refused"
+
+
+@pytest.fixture
+def tls(tmp_path, monkeypatch, settings):
+    """An https endpoint on 127.0.0.1 with a certificate for `hooks.example.test` from a throwaway CA that
+    the outbound seam trusts (in place of the public CAs)."""
+    settings.WEBHOOK_ALLOW_PRIVATE = True
+    server_context, ca = tls_pair("hooks.example.test", tmp_path)
+    monkeypatch.setattr(outbound, "_ssl_context", lambda: outbound.ssl.create_default_context(cafile=ca))
+    monkeypatch.setattr(outbound, "resolve", lambda host, port: ["127.0.0.1"])
+    with endpoint_running(tls=server_context) as endpoint:
+        yield endpoint
+
+
+def test_https_to_the_pinned_address_verifies_the_certificate_for_the_host_name(tls, user):
+    delivery = deliver(delivery_to(user, f"https://hooks.example.test:{tls.port}/hook"))
+
+    assert delivery.status == "sent"
+    assert tls.received[0][1]["Host"] == f"hooks.example.test:{tls.port}"
+
+
+def test_https_refuses_a_certificate_for_another_name(tls, user):
+    delivery = deliver(delivery_to(user, f"https://other.example.test:{tls.port}/hook"))
+
+    assert (delivery.status, delivery.last_error) == ("pending", "TLS error: the certificate could not be verified")
+    assert tls.received == []
