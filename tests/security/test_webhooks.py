@@ -9,15 +9,15 @@ Real HTTP servers on 127.0.0.1 play the endpoints; names resolve through the out
 import socket
 import time
 from datetime import UTC, datetime
-from decimal import Decimal
 
 import pytest
 
 from llmhub import outbound
 from llmhub.billing import services
 from llmhub.billing.forms import BillingSettingsForm
-from llmhub.billing.models import AlertDelivery, SpendingAlert
+from llmhub.billing.models import AlertDelivery
 from tests.fakes.webhook_server import endpoint_running, tls_pair
+from tests.security.support import webhook_delivery
 
 pytestmark = pytest.mark.django_db
 
@@ -69,13 +69,7 @@ def settings_form(url):
 
 
 def delivery_to(user, url) -> AlertDelivery:
-    """A webhook delivery of a 100 % alert for `user`, due now (as if the URL had been saved earlier)."""
-    account = services.billing_account_get(user=user)
-    alert = SpendingAlert.objects.create(
-        account=account, month=NOW.date().replace(day=1), threshold=100, limit=Decimal("10"), spent=Decimal("10"),
-        created_at=NOW,
-    )  # fmt: skip
-    return AlertDelivery.objects.create(alert=alert, channel="webhook", target=url, next_attempt_at=NOW)
+    return webhook_delivery(user, url, now=NOW)
 
 
 def deliver(delivery) -> AlertDelivery:
