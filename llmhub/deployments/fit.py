@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -75,19 +76,26 @@ def weights_bytes_from_config(config: dict) -> int | None:
 
 
 def _config(repo: str, revision: str, token: str) -> dict | None:
-    from huggingface_hub import hf_hub_download
+    """The repo's config.json: from the local Hugging Face cache, else downloaded. The local cache is shared
+    by every user's estimates, so only what anyone may read goes into it: a download made with a token
+    (perhaps of a private repo) goes to a temporary directory, removed at once."""
+    import huggingface_hub
 
-    for local_only in (True, False):
+    def download(cache_dir, local_only: bool) -> dict | None:
         try:
-            path = hf_hub_download(
+            path = huggingface_hub.hf_hub_download(
                 repo, "config.json", revision=revision or None, token=token or None,
-                cache_dir=settings.HF_CACHE_DIR, local_files_only=local_only, etag_timeout=3,
+                cache_dir=cache_dir, local_files_only=local_only, etag_timeout=3,
             )  # fmt: skip
         except Exception:  # noqa: BLE001 - any hub or network failure means "unknown"
-            continue
+            return None
         with open(path) as f:
             return json.load(f)
-    return None
+
+    if (config := download(settings.HF_CACHE_DIR, True)) is not None or not token:
+        return config if config is not None else download(settings.HF_CACHE_DIR, False)
+    with tempfile.TemporaryDirectory(prefix="llmhub-fit-") as private:
+        return download(private, False)
 
 
 def _safetensors_bytes(repo: str, revision: str, token: str) -> int | None:

@@ -4,6 +4,7 @@ GPU quota until its instances have stopped."""
 
 import json
 import uuid
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -91,3 +92,32 @@ def test_a_deployment_being_deleted_counts_against_the_quota_until_its_instances
     created = services.deployment_create(user=user, model_name="new", gpu_type=cpu, num_gpus=4, max_batch_size=8,
                                          hf_repo="acme/m", max_instances=1)  # fmt: skip
     assert created.status == "deploying"
+
+
+def test_a_config_downloaded_with_a_token_is_not_left_where_others_read_it(monkeypatch, settings, tmp_path):
+    """The web's Hugging Face cache is shared by every user's estimates: what was fetched with alice's token
+    (a private repo's config.json) must not be found there by bob's estimate once the cached size expires."""
+    settings.HF_HUB_OFFLINE, settings.HF_CACHE_DIR = True, str(tmp_path / "hf")  # no safetensors metadata
+    repo = f"alice-corp/secret-{uuid.uuid4().hex[:8]}"
+    config = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "intermediate_size": 14336, "vocab_size": 128256, "torch_dtype": "bfloat16"}  # fmt: skip
+
+    def download(repo_id, filename, revision=None, token=None, cache_dir=None, local_files_only=False, **kwargs):
+        """The hub's download into `cache_dir` (its layout simplified): private, readable with alice's token."""
+        path = Path(cache_dir or tmp_path / "default") / repo_id.replace("/", "--") / filename
+        if local_files_only:
+            if not path.exists():
+                raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+            return str(path)
+        if token != ALICE_HF_TOKEN:
+            raise huggingface_hub.errors.RepositoryNotFoundError("404 Client Error: Repository Not Found")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+
+    assert weights_gb(repo, "", ALICE_HF_TOKEN) == pytest.approx(16.06, abs=0.01)
+    client = cache._cache.get_client()
+    client.delete(*client.keys("*fit:weights:*"))  # the cached sizes expire
+    assert weights_gb(repo, "", "") is None
