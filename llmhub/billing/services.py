@@ -366,7 +366,11 @@ def alerts_deliver(*, now: datetime | None = None, batch: int = 50) -> int:
             _send(delivery)
         except Exception as exc:  # noqa: BLE001 — any failure is recorded and retried
             # The user sees last_error: the outbound seam's generic message, never internal details.
-            error = str(exc)[:1000] if isinstance(exc, outbound.OutboundError) else f"{exc.__class__.__name__}: {exc}"[:1000]
+            error = (
+                str(exc)[:1000]
+                if isinstance(exc, outbound.OutboundError)
+                else f"{exc.__class__.__name__}: {exc}"[:1000]
+            )
             log.warning("alert delivery %s (%s) failed: %s", delivery.id, delivery.channel, error)
             final = attempts >= DELIVERY_MAX_ATTEMPTS
             AlertDelivery.objects.filter(id=delivery.id).update(
