@@ -17,11 +17,15 @@ BIN = Path(sys.executable).parent
 
 
 def platform_commands(*, port: int, schedule: Path, embedded_beat: bool = False) -> dict[str, list[str]]:
-    """argv per process: web (uvicorn on 127.0.0.1:`port`), worker, and beat (inside the worker when
-    `embedded_beat`, as tests do; a process of its own otherwise). `schedule` is beat's state file."""
+    """argv per process: web (uvicorn on 127.0.0.1:`port`), worker (the default queue: reconcile, autoscale,
+    billing), outbound (a worker for the `<LLMHUB_QUEUE>-outbound` queue: alert webhooks and e-mail, so a
+    slow endpoint never delays reconcile), and beat (inside the worker when `embedded_beat`, as tests do;
+    a process of its own otherwise). `schedule` is beat's state file."""
+    celery = [str(BIN / "celery"), "-A", "workers", "worker", "-l", "info"]
     commands = {
         "web": [str(BIN / "uvicorn"), "llmhub.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
-        "worker": [str(BIN / "celery"), "-A", "workers", "worker", "-l", "info", "--concurrency", "2"],
+        "worker": [*celery, "--concurrency", "2", "-Q", settings.CELERY_TASK_DEFAULT_QUEUE, "-n", "main@%h"],
+        "outbound": [*celery, "--concurrency", "2", "-Q", settings.OUTBOUND_QUEUE, "-n", "outbound@%h"],
     }
     beat = ["--schedule", str(schedule)]
     if embedded_beat:

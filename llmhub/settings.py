@@ -6,7 +6,9 @@ A bad value fails loudly at start-up.
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import environ
 
@@ -24,6 +26,30 @@ SECRET_KEY = env.str("SECRET_KEY")
 DEBUG = env("DEBUG")
 ALLOWED_HOSTS = env("ALLOWED_HOSTS")
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+# Public base URL of the site (dashboard, APIs, gateway), shown in the dashboard's examples. Its host is
+# added to ALLOWED_HOSTS and its origin to CSRF_TRUSTED_ORIGINS. An https:// URL turns HTTPS on: secure
+# cookies, HSTS, redirects from http:// (README, "Running in production").
+PUBLIC_URL = env.str("LLMHUB_PUBLIC_URL", default="http://127.0.0.1:8000")
+_public = urlsplit(PUBLIC_URL)
+if _public.scheme not in ("http", "https") or not _public.hostname:
+    raise environ.ImproperlyConfigured(f"LLMHUB_PUBLIC_URL must be an http:// or https:// URL, not {PUBLIC_URL!r}")
+ALLOWED_HOSTS = list(dict.fromkeys([*ALLOWED_HOSTS, _public.hostname]))
+CSRF_TRUSTED_ORIGINS = list(dict.fromkeys([*CSRF_TRUSTED_ORIGINS, f"{_public.scheme}://{_public.netloc}"]))
+if _public.scheme == "https":
+    SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = True
+    SECURE_HSTS_SECONDS = env.int("LLMHUB_HSTS_SECONDS", default=31_536_000)  # a year
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("LLMHUB_HSTS_INCLUDE_SUBDOMAINS", default=True)
+    # Preloading is a request to browser vendors that only the domain's owner can make: off unless asked
+    # for; Django's reminder about it (security.W021) is silenced while it is off.
+    SECURE_HSTS_PRELOAD = env.bool("LLMHUB_HSTS_PRELOAD", default=False)
+    if not SECURE_HSTS_PRELOAD:
+        SILENCED_SYSTEM_CHECKS = ["security.W021"]
+# Behind a TLS-terminating proxy: the header (e.g. X-Forwarded-Proto) through which the proxy says the
+# client used https. Set it only when the proxy always sets (overwrites) that header.
+if _proxy_header := env.str("LLMHUB_PROXY_SSL_HEADER", default=""):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_header.upper().replace("-", "_"), "https")
 
 # Fernet key (urlsafe base64, 32 bytes) that encrypts Hugging Face tokens at rest.
 ENCRYPTION_KEY = env.str("LLMHUB_ENCRYPTION_KEY")
@@ -44,11 +70,12 @@ INSTALLED_APPS = [
     "llmhub.deployments",
     "llmhub.gateway",
     "llmhub.billing",
+    "axes",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "llmhub.staticfiles.StaticFilesMiddleware",  # WhiteNoise, asynchronous under ASGI
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -56,6 +83,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes asks: turns a lockout into the 429 page
 ]
 
 ROOT_URLCONF = "llmhub.urls"
@@ -98,6 +126,22 @@ AUTH_USER_MODEL = "accounts.User"
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "deployments:list"
 LOGOUT_REDIRECT_URL = "login"
+# Sign-in throttling (django-axes, llmhub/accounts/throttle.py): failures per account and per client address
+# within a sliding cool-off window; past either, sign-in is refused (HTTP 429) until the window passes.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+SIGNIN_FAILURES_PER_ADDRESS = env.int("LLMHUB_SIGNIN_FAILURES_PER_ADDRESS", default=100)
+SIGNIN_COOLOFF = env.int("LLMHUB_SIGNIN_COOLOFF", default=900)  # seconds
+AXES_FAILURE_LIMIT = env.int("LLMHUB_SIGNIN_FAILURES_PER_ACCOUNT", default=10)
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_HANDLER = "llmhub.accounts.throttle.SignInThrottle"
+AXES_COOLOFF_TIME = timedelta(seconds=SIGNIN_COOLOFF)
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False  # the retry time shown holds
+AXES_RESET_ON_SUCCESS = False  # a success must not reset the address's count (one's own account would)
+AXES_LOCKOUT_CALLABLE = "llmhub.accounts.throttle.lockout_response"
+AXES_VERBOSE = False
+if min(AXES_FAILURE_LIMIT, SIGNIN_FAILURES_PER_ADDRESS, SIGNIN_COOLOFF) < 1:
+    raise environ.ImproperlyConfigured("LLMHUB_SIGNIN_* settings must be at least 1")
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
@@ -116,6 +160,9 @@ WHITENOISE_USE_FINDERS = True
 # Celery (workers/celery.py reads the CELERY_* names).
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_TASK_DEFAULT_QUEUE = env.str("LLMHUB_QUEUE", default="llmhub")
+# Deliveries to user-supplied URLs (alert webhooks, and alert e-mail) run on their own queue, consumed by a
+# worker process of their own, so a slow endpoint never delays reconcile (routing: workers/celery.py).
+OUTBOUND_QUEUE = f"{CELERY_TASK_DEFAULT_QUEUE}-outbound"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
@@ -139,8 +186,6 @@ INSTANCE_START_TIMEOUT = env.float("LLMHUB_INSTANCE_START_TIMEOUT", default=900.
 # library's default), and whether it may ask the hub at all.
 HF_CACHE_DIR = env.str("LLMHUB_HF_CACHE_DIR", default=None)
 HF_HUB_OFFLINE = env.bool("HF_HUB_OFFLINE", default=False)
-# Public base URL of the gateway, shown in the dashboard's examples.
-PUBLIC_URL = env.str("LLMHUB_PUBLIC_URL", default="http://127.0.0.1:8000")
 # Requests per minute per API token at the gateway (0: no limit).
 GATEWAY_RATE_LIMIT_PER_MINUTE = env.int("LLMHUB_RATE_LIMIT_PER_MINUTE", default=600)
 # Seconds a request to a deployment with no ready instance (e.g. scaled to zero) is held before a 503.
@@ -165,7 +210,11 @@ BILLING_CHECK_INTERVAL = env.float("LLMHUB_BILLING_CHECK_INTERVAL", default=30.0
 BILLING_INVOICE_GRACE = env.float("LLMHUB_BILLING_INVOICE_GRACE", default=3600.0)
 BILLING_INVOICE_WEEKS_BACK = env.int("LLMHUB_BILLING_INVOICE_WEEKS_BACK", default=8)
 BILLING_INVOICE_DAYS_UNTIL_DUE = env.int("LLMHUB_BILLING_INVOICE_DAYS_UNTIL_DUE", default=14)
+# Seconds one alert webhook delivery may take in all (resolve, connect, send, answer): a total deadline.
 BILLING_WEBHOOK_TIMEOUT = env.float("LLMHUB_BILLING_WEBHOOK_TIMEOUT", default=10.0)
+# Webhooks (llmhub/outbound.py) refuse loopback, private, link-local and other internal addresses unless an
+# on-premises operator allows them here.
+WEBHOOK_ALLOW_PRIVATE = env.bool("LLMHUB_WEBHOOK_ALLOW_PRIVATE", default=False)
 if BILLING_CHECK_INTERVAL <= 0:
     raise environ.ImproperlyConfigured("LLMHUB_BILLING_CHECK_INTERVAL must be more than 0 seconds")
 # Alert e-mail through Django's mail: EMAIL_URL such as smtp+tls://user:password@smtp.example.com:587

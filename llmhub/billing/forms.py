@@ -4,6 +4,8 @@ from decimal import Decimal
 
 from django import forms
 
+from llmhub import outbound
+
 MAX_LIMIT = Decimal("10000000")
 
 
@@ -57,4 +59,9 @@ class BillingSettingsForm(forms.Form):
         url = self.cleaned_data["alert_webhook_url"]
         if url and not url.lower().startswith(("http://", "https://")):
             raise forms.ValidationError("Use an http:// or https:// URL.")
+        if url:
+            try:
+                outbound.url_check(url)  # checked again at every delivery (DNS may change)
+            except outbound.OutboundError as exc:
+                raise forms.ValidationError(f"This URL cannot receive alerts: {exc}.") from None
         return url

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 
-import httpx
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
@@ -23,6 +22,7 @@ from django.db.models import Q
 from django.template.loader import render_to_string
 from django.utils import timezone
 
+from llmhub import outbound
 from llmhub.accounts.models import User
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import event_record, reconcile_soon
@@ -331,14 +331,15 @@ def _send(delivery: AlertDelivery) -> None:
         body = render_to_string("billing/email/alert.txt", context)
         send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [delivery.target])
         return
-    response = httpx.post(
+    # Through the outbound seam: internal addresses refused at connect time too, one total deadline.
+    response = outbound.post_json(
         delivery.target,
-        content=json.dumps(alert_payload(alert)),
-        headers={"Content-Type": "application/json", "User-Agent": "LLMHub-alerts"},
-        timeout=settings.BILLING_WEBHOOK_TIMEOUT,
+        content=json.dumps(alert_payload(alert)).encode(),
+        headers={"User-Agent": "LLMHub-alerts"},
+        deadline=settings.BILLING_WEBHOOK_TIMEOUT,
     )
-    if not response.is_success:
-        raise RuntimeError(f"webhook answered HTTP {response.status_code}")
+    if not response.ok:
+        raise outbound.OutboundError(f"HTTP {response.status}")
 
 
 def alerts_deliver(*, now: datetime | None = None, batch: int = 50) -> int:
@@ -364,7 +365,12 @@ def alerts_deliver(*, now: datetime | None = None, batch: int = 50) -> int:
         try:
             _send(delivery)
         except Exception as exc:  # noqa: BLE001 — any failure is recorded and retried
-            error = f"{exc.__class__.__name__}: {exc}"[:1000]
+            # The user sees last_error: the outbound seam's generic message, never internal details.
+            error = (
+                str(exc)[:1000]
+                if isinstance(exc, outbound.OutboundError)
+                else f"{exc.__class__.__name__}: {exc}"[:1000]
+            )
             log.warning("alert delivery %s (%s) failed: %s", delivery.id, delivery.channel, error)
             final = attempts >= DELIVERY_MAX_ATTEMPTS
             AlertDelivery.objects.filter(id=delivery.id).update(

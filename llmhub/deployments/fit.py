@@ -10,8 +10,11 @@ gated MLP 3·h·i (× experts for mixture-of-experts). The weights must leave at
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import tempfile
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -73,19 +76,26 @@ def weights_bytes_from_config(config: dict) -> int | None:
 
 
 def _config(repo: str, revision: str, token: str) -> dict | None:
-    from huggingface_hub import hf_hub_download
+    """The repo's config.json: from the local Hugging Face cache, else downloaded. The local cache is shared
+    by every user's estimates, so only what anyone may read goes into it: a download made with a token
+    (perhaps of a private repo) goes to a temporary directory, removed at once."""
+    import huggingface_hub
 
-    for local_only in (True, False):
+    def download(cache_dir, local_only: bool) -> dict | None:
         try:
-            path = hf_hub_download(
+            path = huggingface_hub.hf_hub_download(
                 repo, "config.json", revision=revision or None, token=token or None,
-                cache_dir=settings.HF_CACHE_DIR, local_files_only=local_only, etag_timeout=3,
+                cache_dir=cache_dir, local_files_only=local_only, etag_timeout=3,
             )  # fmt: skip
         except Exception:  # noqa: BLE001 - any hub or network failure means "unknown"
-            continue
+            return None
         with open(path) as f:
             return json.load(f)
-    return None
+
+    if (config := download(settings.HF_CACHE_DIR, True)) is not None or not token:
+        return config if config is not None else download(settings.HF_CACHE_DIR, False)
+    with tempfile.TemporaryDirectory(prefix="llmhub-fit-") as private:
+        return download(private, False)
 
 
 def _safetensors_bytes(repo: str, revision: str, token: str) -> int | None:
@@ -98,13 +108,22 @@ def _safetensors_bytes(repo: str, revision: str, token: str) -> int | None:
     return sum(count * DTYPE_BYTES.get(dtype, 2) for dtype, count in meta.parameter_count.items())
 
 
+def token_key(token: str) -> str:
+    """'anonymous' for no token, else 16 hex digits of HMAC-SHA256(SECRET_KEY, token): names the token's
+    cache entries without revealing it (also not to someone who reads the cache)."""
+    if not token:
+        return "anonymous"
+    return hmac.new(settings.SECRET_KEY.encode(), token.encode(), hashlib.sha256).hexdigest()[:16]
+
+
 def weights_gb(repo: str, revision: str = "", token: str = "") -> float | None:
     """Estimated GB (10^9 bytes) of the weights of `repo` at `revision`, or None when unknown.
 
-    Cached per repo and revision, an hour when found and 5 minutes when unknown (the token is not
-    part of the key: a size is no secret). Network calls time out after 3 s.
+    Cached per repo, revision and Hugging Face token, an hour when found and 5 minutes when unknown: a
+    private repo's existence and size are learned only with a token that can read it. The key holds a
+    keyed hash of the token (`token_key`), never the token. Network calls time out after 3 s.
     """
-    key = f"fit:weights:{repo}@{revision or 'main'}"
+    key = f"fit:weights:{token_key(token)}:{repo}@{revision or 'main'}"
     cached = cache.get(key)
     if cached is not None:
         return cached if cached >= 0 else None

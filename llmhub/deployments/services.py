@@ -2,12 +2,12 @@
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import F, Sum
+from django.db.models import Exists, F, OuterRef, Q, Sum
 from django.utils import timezone
 
 from llmhub import crypto
 from llmhub.accounts.models import User
-from llmhub.fleet.models import GpuType
+from llmhub.fleet.models import GpuType, Instance
 from llmhub.gateway.generation import routing_changed
 
 from .forms import bounds_error
@@ -16,7 +16,8 @@ from .selectors import model_name_taken
 
 DEFAULT_COOLDOWN = 300  # seconds
 NAME_TAKEN = "You already have a deployment named '{name}'. Choose another name."
-# Statuses whose deployments count against the GPU quota (they hold or may hold GPUs).
+# Statuses whose deployments count against the GPU quota (they hold or may hold GPUs); a deployment in any
+# other status counts too while one of its instances has not stopped (`gpus_reserved`).
 QUOTA_STATUSES = (Deployment.Status.DEPLOYING, Deployment.Status.RUNNING, Deployment.Status.SUSPENDED)
 
 
@@ -39,8 +40,10 @@ def reconcile_soon(deployment_id: int) -> None:
 
 
 def gpus_reserved(user: User, *, excluding: Deployment | None = None) -> int:
-    """GPUs the user's live deployments may hold at most: Σ max_instances × num_gpus (`excluding` one)."""
-    deployments = Deployment.objects.filter(user=user, status__in=QUOTA_STATUSES)
+    """GPUs the user's deployments may hold at most: Σ max_instances × num_gpus (`excluding` one) over live
+    deployments and over any other (deleting, failed) that still has an instance that has not stopped."""
+    still_running = Instance.objects.filter(deployment=OuterRef("pk"), state__in=Instance.LIVE_STATES)
+    deployments = Deployment.objects.filter(Q(status__in=QUOTA_STATUSES) | Q(Exists(still_running)), user=user)
     if excluding is not None:
         deployments = deployments.exclude(id=excluding.id)
     return deployments.aggregate(n=Sum(F("max_instances") * F("num_gpus"))).get("n") or 0

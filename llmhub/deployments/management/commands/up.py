@@ -1,7 +1,7 @@
 """`manage.py up`: run LLMHub locally with a demo deployment, the README's first command.
 
 Builds (or reuses) the CPU engine image, registers the local Docker Engine as a host, creates the
-demo user and API token, starts web (uvicorn), worker and beat, creates `demo/tiny-llama`, shows
+demo user and API token, starts web (uvicorn), worker, outbound worker and beat, creates `demo/tiny-llama`, shows
 progress until it serves, sends one chat completion through the gateway, prints how to use it and
 writes `.llmhub/demo.env`. Ctrl-C stops the processes it started; the data stays.
 """
@@ -44,7 +44,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 class Command(BaseCommand):
-    help = "Run LLMHub (web, worker, beat) on the local Docker Engine with a demo deployment."
+    help = "Run LLMHub (web, worker, outbound worker, beat) on the local Docker Engine with a demo deployment."
 
     def add_arguments(self, parser):
         parser.add_argument("--port", type=int, default=int(os.environ.get("LLMHUB_PORT", 8000)))
@@ -105,7 +105,7 @@ class Command(BaseCommand):
         return user, password, token
 
     def start_processes(self, port: int):
-        self.step("Starting web, worker and beat (logs in .llmhub/logs/)")
+        self.step("Starting web, worker, outbound worker and beat (logs in .llmhub/logs/)")
         commands = processes.platform_commands(port=port, schedule=settings.STATE_DIR / "celerybeat-schedule")
         self.children = processes.start(commands, log_dir=LOG_DIR)
         time.sleep(2)
