@@ -70,6 +70,10 @@ class Command(BaseCommand):
                 client_cert=_read("--tls-cert", tls_cert),
                 client_key=_read("--tls-key", tls_key),
             )
+        try:
+            normalised = engine.url_validate(docker_url, tls=tls is not None)
+        except ValueError as exc:
+            raise CommandError(f"--docker-url: {exc}") from exc
         if bind_address is None:
             if docker_url.strip().startswith("tcp://"):
                 raise CommandError(
@@ -79,10 +83,6 @@ class Command(BaseCommand):
             bind_address = "127.0.0.1"
         if address is None:
             address = bind_address
-        try:
-            normalised = engine.url_validate(docker_url, tls=tls is not None)
-        except ValueError as exc:
-            raise CommandError(f"--docker-url: {exc}") from exc
         try:
             facts = engine.engine_facts(engine.Endpoint(url=normalised, tls=tls))
         except engine.EngineError as exc:
