@@ -149,3 +149,33 @@ def test_host_add_needs_a_bind_address_for_a_remote_engine(monkeypatch, tmp_path
 
     host = Host.objects.get(name="gpu-1")
     assert (host.bind_address, host.address) == ("10.0.0.5", "10.0.0.5")
+
+
+def test_the_admin_prunes_a_user_s_cache_on_a_host_unless_they_run_there(monkeypatch, admin_client, settings):
+    fake = FakeEngine().install(monkeypatch)
+    host = HostFactory(name="gpu-1", docker_url="unix:///run/gpu-1.sock")
+    alice, bob = UserFactory(username="alice"), UserFactory(username="bob")
+    for user in (alice, bob):
+        fake.volumes[host.docker_url].add(engine.cache_volume_name(settings.CONTAINER_PREFIX, user.id))
+    DeploymentFactory(user=bob, gpu_type=host.gpu_type)
+    Instance.objects.create(deployment=bob.deployments.get(), host=host, state="ready")
+    action = {"action": "prune_cache", "_selected_action": [host.id]}
+
+    asked = admin_client.post("/admin/fleet/host/", action)
+    pruned = admin_client.post("/admin/fleet/host/", {**action, "apply": "1", "user": "alice"}, follow=True)
+    refused = admin_client.post("/admin/fleet/host/", {**action, "apply": "1", "user": "bob"}, follow=True)
+
+    assert asked.status_code == 200 and "Prune a user" in asked.content.decode()
+    assert "alice&#x27;s model cache pruned" in pruned.content.decode()
+    assert any("bob has a live instance on gpu-1" in str(m) for m in refused.context["messages"])
+    assert fake.volumes[host.docker_url] == {engine.cache_volume_name(settings.CONTAINER_PREFIX, bob.id)}
+
+
+def test_log_tails_shown_to_users_have_the_host_facts_redacted():
+    from llmhub.fleet import notices
+
+    host = HostFactory(name="gpu-secret", docker_url="tcp://gpu-secret.corp:2376", address="gpu-secret.corp",
+                       bind_address="10.1.2.3")  # fmt: skip
+    text = "INFO loading on gpu-secret (10.1.2.3, tcp://gpu-secret.corp:2376)\nlocal_rank=0 gpu-secretive"
+
+    assert notices.redact(text, host=host) == "INFO loading on [host] ([host], [host])\nlocal_rank=0 gpu-secretive"

@@ -40,8 +40,12 @@ def h100(db):
 @pytest.fixture
 def hosts(h100):
     return (
-        HostFactory(name="gpu-a", gpu_type=h100, gpu_count=2, docker_url=A, address="10.0.0.1", bind_address="10.0.0.1"),
-        HostFactory(name="gpu-b", gpu_type=h100, gpu_count=2, docker_url=B, address="10.0.0.2", bind_address="10.0.0.2"),
+        HostFactory(
+            name="gpu-a", gpu_type=h100, gpu_count=2, docker_url=A, address="10.0.0.1", bind_address="10.0.0.1"
+        ),
+        HostFactory(
+            name="gpu-b", gpu_type=h100, gpu_count=2, docker_url=B, address="10.0.0.2", bind_address="10.0.0.2"
+        ),
     )
 
 
