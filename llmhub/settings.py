@@ -182,6 +182,10 @@ INSTANCE_MAX_RESTARTS = env.int("LLMHUB_INSTANCE_MAX_RESTARTS", default=3)
 HOST_UNREACHABLE_GRACE = env.float("LLMHUB_HOST_UNREACHABLE_GRACE", default=60.0)
 # Seconds an instance may take from container start to a healthy engine before it counts as crashed.
 INSTANCE_START_TIMEOUT = env.float("LLMHUB_INSTANCE_START_TIMEOUT", default=900.0)
+# Engine containers: processes + threads each may run (vLLM CPU on 2 cores runs about 72), and Linux
+# capabilities given back after dropping all (none needed by vLLM 0.32 on CPU; comma-separated, e.g. SYS_NICE).
+ENGINE_PIDS_LIMIT = env.int("LLMHUB_ENGINE_PIDS_LIMIT", default=8192)
+ENGINE_CAP_ADD = tuple(c.strip().upper() for c in env.list("LLMHUB_ENGINE_CAP_ADD", default=[]) if c.strip())
 # Hugging Face cache the web process reads config.json from for model-fit estimates (None: the
 # library's default), and whether it may ask the hub at all.
 HF_CACHE_DIR = env.str("LLMHUB_HF_CACHE_DIR", default=None)

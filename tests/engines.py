@@ -424,7 +424,8 @@ def register(dockerd: Dockerd, gpu_type, *, image: str, state: str = "ready"):
 
     tls = dockerd.endpoint.tls
     return HostFactory(
-        name=dockerd.name, docker_url=dockerd.url, address=dockerd.address, gpu_type=gpu_type, gpu_count=dockerd.gpus,
+        name=dockerd.name, docker_url=dockerd.url, address=dockerd.address, bind_address=dockerd.address,
+        gpu_type=gpu_type, gpu_count=dockerd.gpus,
         engine_image=image, state=state,
         tls_ca_cert=tls.ca_cert if tls else "", tls_client_cert=tls.client_cert if tls else "",
         tls_client_key_encrypted=crypto.encrypt(tls.client_key) if tls else "",

@@ -39,7 +39,7 @@ def database_url() -> str:
 def running_stack(log_dir: Path):
     """Start web, worker and beat on the test database; yield the web base URL; stop them after.
 
-    Every container of this test installation (LLMHUB_CONTAINER_PREFIX) is removed at the end.
+    Every container and cache volume of this test installation (LLMHUB_CONTAINER_PREFIX) is removed at the end.
     """
     port = free_port()
     env = {
@@ -61,6 +61,11 @@ def running_stack(log_dir: Path):
         processes.stop(children, grace=20)
         for info in engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX):
             engine.container_remove(DOCKER, info.name)
+        client = docker.from_env(timeout=60)
+        for volume in client.volumes.list(
+            filters={"label": f"{engine.LABEL_INSTALLATION}={settings.CONTAINER_PREFIX}"}
+        ):
+            volume.remove(force=True)  # the owners' caches this run made
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 1.0, what: str = "condition"):

@@ -64,7 +64,9 @@ def engine_signals(deployment: Deployment) -> tuple[float, float, int]:
     ):
         if instance.state in (Instance.State.PENDING, Instance.State.STARTING):
             starting += 1
-        elif instance.state == Instance.State.READY and (measured := vllm.engine_load(instance.base_url)):
+        elif instance.state == Instance.State.READY and (
+            measured := vllm.engine_load(instance.base_url, key=instance.engine_key)
+        ):
             running, waiting = running + measured[0], waiting + measured[1]
     return running, waiting, starting
 

@@ -2,9 +2,12 @@
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.core.exceptions import ValidationError
+from django.template.response import TemplateResponse
 
 from llmhub import crypto
+from llmhub.accounts.models import User
 
 from . import engine, services
 from .models import GpuType, Host, ImagePull, Instance
@@ -13,7 +16,7 @@ from .selectors import hosts_with_gpus_used
 
 @admin.register(GpuType)
 class GpuTypeAdmin(admin.ModelAdmin):
-    list_display = ("name", "memory_gb", "hourly_price", "uses_devices")
+    list_display = ("name", "memory_gb", "host_memory_gb_per_gpu", "hourly_price", "uses_devices")
 
 
 class HostForm(forms.ModelForm):
@@ -38,6 +41,7 @@ class HostForm(forms.ModelForm):
             "tls_ca_cert",
             "tls_client_cert",
             "address",
+            "bind_address",
             "gpu_type",
             "gpu_count",
             "engine_image",
@@ -80,11 +84,13 @@ class HostForm(forms.ModelForm):
 @admin.register(Host)
 class HostAdmin(admin.ModelAdmin):
     form = HostForm
-    list_display = ("name", "state", "gpu_type", "gpus", "address", "docker_url", "heartbeat_at", "last_error")
+    list_display = (
+        "name", "state", "gpu_type", "gpus", "address", "bind_address", "docker_url", "heartbeat_at", "last_error",
+    )  # fmt: skip
     list_filter = ("state", "gpu_type")
     search_fields = ("name", "address")
     readonly_fields = ("state", "resume_state", "heartbeat_at", "last_error", "created_at")
-    actions = ("cordon", "drain", "uncordon")
+    actions = ("cordon", "drain", "uncordon", "prune_cache")
 
     def get_queryset(self, request):
         return hosts_with_gpus_used(super().get_queryset(request).select_related("gpu_type"))
@@ -113,6 +119,31 @@ class HostAdmin(admin.ModelAdmin):
     @admin.action(description="Uncordon: take new instances again")
     def uncordon(self, request, queryset):
         self._transition(request, queryset, services.host_uncordon, "ready")
+
+    @admin.action(description="Prune a user's model cache")
+    def prune_cache(self, request, queryset):
+        """Ask which user (an intermediate page), then remove that user's cache volume on each selected host."""
+        form = PruneCacheForm(request.POST if "apply" in request.POST else None)
+        if not form.is_valid():
+            context = {**self.admin_site.each_context(request), "form": form, "hosts": queryset,
+                       "title": "Prune a user's model cache", "opts": self.model._meta,
+                       "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME}  # fmt: skip
+            return TemplateResponse(request, "admin/fleet/host/prune_cache.html", context)
+        user = form.cleaned_data["user"]
+        for host in queryset:
+            try:
+                removed = services.owner_cache_prune(host=host, user=user)
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), messages.ERROR)
+                continue
+            verb = "pruned" if removed else "had no cache to prune"
+            self.message_user(request, f"{host.name}: {user.username}'s model cache {verb}.", messages.SUCCESS)
+        return None
+
+
+class PruneCacheForm(forms.Form):
+    user = forms.ModelChoiceField(queryset=User.objects.order_by("username"), to_field_name="username",
+                                  help_text="Whose Hugging Face cache to remove on the selected hosts.")  # fmt: skip
 
 
 @admin.register(Instance)

@@ -17,29 +17,48 @@ Tests may replace this module's functions; nothing else talks to Docker.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
+import io
 import re
-import tempfile
+import tarfile
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 
 import docker
 import docker.constants
-import docker.tls
 import requests
 from docker.errors import APIError, DockerException, NotFound
 
-ENGINE_PORT = 8000
-LABEL_INSTANCE = "llmhub.instance"
-LABEL_DEPLOYMENT = "llmhub.deployment"
-LABEL_INSTALLATION = "llmhub.installation"
-HF_CACHE_VOLUME = "llmhub-hf-cache"
-HF_CACHE_PATH = "/root/.cache/huggingface"
-DEFAULT_TLS_PORT = 2376  # Docker's registered port for its API over TLS
+from . import engine_spec  # noqa: F401 - the guard and its paths
+from .engine_endpoint import (  # noqa: F401 - re-exported: the seam's names
+    DEFAULT_TLS_PORT,
+    TLS_DIR_NAME,
+    Endpoint,
+    EngineError,
+    EngineUnreachable,
+    TlsCredentials,
+    endpoint_of,
+    url_validate,
+)
+from .engine_endpoint import tls_config as _tls_config
+from .engine_spec import (  # noqa: F401 - re-exported: the seam's names
+    ENGINE_PORT,
+    HF_CACHE_PATH,
+    ICC_OPTION,
+    LABEL_DEPLOYMENT,
+    LABEL_INSTALLATION,
+    LABEL_INSTANCE,
+    LABEL_OWNER,
+    LABEL_OWNER_ID,
+    ContainerInfo,
+    ContainerSpec,
+    EngineFacts,
+    PullProgress,
+    cache_volume_name,
+    network_name,
+    run_kwargs,
+)
+
 CALL_TIMEOUT_S = 15  # one API call: inspect, list, create, start, remove, logs
 PULL_TIMEOUT_S = 600  # the longest pause between two chunks of a pull's progress stream
 GPU_RESOURCE_KINDS = {"nvidia-gpu", "gpu", "nvidia.com/gpu"}  # GenericResources kinds counted as GPUs (any case)
@@ -48,169 +67,8 @@ _NO_TIME = "0001-01-01T00:00:00Z"  # Docker's zero time: the container never sta
 _STATUS_EXIT_RE = re.compile(r"^Exited \((-?\d+)\)")
 
 
-class EngineError(Exception):
-    """A host's Docker Engine refused or failed a request."""
-
-
-class EngineUnreachable(EngineError):
-    """A host's Docker Engine did not answer (connection refused or reset, timeout, TLS failure)."""
-
-
-@dataclass(frozen=True)
-class TlsCredentials:
-    """PEM texts for Docker's TLS client authentication (``--tlsverify``): the CA that signed the
-    engine's server certificate, and the client certificate and key the engine trusts."""
-
-    ca_cert: str
-    client_cert: str
-    client_key: str
-
-    def fingerprint(self) -> str:
-        """sha256 over the three PEM texts: 16 hex chars, a cache key that never contains the key."""
-        digest = hashlib.sha256("\0".join((self.ca_cert, self.client_cert, self.client_key)).encode())
-        return digest.hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where a Docker Engine answers: ``unix:///var/run/docker.sock`` or ``tcp://host:port`` (+ TLS)."""
-
-    url: str
-    tls: TlsCredentials | None = None
-
-    def __str__(self) -> str:
-        return self.url
-
-
-def endpoint_of(target: Endpoint | str) -> Endpoint:
-    """`target` as an Endpoint (a URL string means no TLS)."""
-    return target if isinstance(target, Endpoint) else Endpoint(url=target)
-
-
-def url_validate(url: str, *, tls: bool = False) -> str:
-    """Check a Docker Engine URL and return it normalised (``tcp://host`` gets port 2376).
-
-    Accepted: ``unix:///absolute/path.sock`` and ``tcp://host[:port]`` (`tls` must then be True:
-    Docker's API over TCP without TLS client certificates gives root on the host to anyone who can
-    connect). Raises ValueError with a message an operator can act on.
-    """
-    url = (url or "").strip()
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        path = url[len("unix://") :]
-        if not path.startswith("/") or parts.query or parts.fragment:
-            raise ValueError(f"'{url}' is not a unix socket URL: write unix:///absolute/path/to/docker.sock")
-        return url
-    if parts.scheme == "tcp":
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"'{url}' has a bad port: write tcp://host:port, e.g. tcp://gpu-1.internal:2376") from None
-        if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.username:
-            raise ValueError(f"'{url}' is not an engine address: write tcp://host:port, e.g. tcp://gpu-1.internal:2376")
-        if not tls:
-            raise ValueError(
-                f"'{url}' is reached over TCP: give the TLS client certificates (CA, client certificate "
-                "and key) of the engine's --tlsverify set-up; an engine without TLS is open to anyone"
-            )
-        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        return f"tcp://{host}:{port or DEFAULT_TLS_PORT}"
-    raise ValueError(f"'{url}' is not a Docker Engine URL: use unix:///path/to/docker.sock or tcp://host:port")
-
-
-@dataclass(frozen=True)
-class ContainerSpec:
-    """Everything needed to start one instance's container.
-
-    `args` are appended to the image's entrypoint (the vLLM OpenAI server); `device_ids` are GPU
-    indexes as strings (None on CPU hosts: no device request); `publish_ip` is the host address the
-    engine port is published on (a random free host port is chosen by Docker); `shm_size` is
-    Docker's size string for /dev/shm (vLLM's workers exchange tensors through it).
-    """
-
-    name: str
-    image: str
-    args: list[str]
-    labels: dict[str, str]
-    environment: dict[str, str] = field(default_factory=dict)
-    device_ids: list[str] | None = None
-    publish_ip: str = "127.0.0.1"
-    shm_size: str = "2g"
-
-
-@dataclass(frozen=True)
-class ContainerInfo:
-    """What an engine reports about one container.
-
-    `status` is Docker's: created, running, restarting, exited, dead… `exit_code` is set once it
-    exited. `started_at` / `finished_at` (UTC, the engine's clock) come from a full inspection; a
-    listing leaves them None. `oom_killed` is True when the kernel's OOM killer ended it.
-    """
-
-    id: str
-    name: str
-    status: str
-    exit_code: int | None
-    host_port: int | None
-    labels: dict[str, str]
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    oom_killed: bool = False
-
-    @property
-    def running(self) -> bool:
-        return self.status == "running"
-
-
-@dataclass(frozen=True)
-class EngineFacts:
-    """What `GET /info` says about a host: the engine's version and the GPUs it advertises.
-
-    `gpu_ids` are the named GPU resources (``NVIDIA-GPU=GPU-<uuid>``); `gpu_count` counts them plus
-    discrete ones (``NVIDIA-GPU=8``); None when the engine advertises no GPUs (count them by hand).
-    """
-
-    server_version: str
-    gpu_count: int | None
-    gpu_ids: list[str]
-    runtimes: list[str]
-
-
-@dataclass(frozen=True)
-class PullProgress:
-    """Progress of one image pull, summed over its layers (bytes as the registry reports them)."""
-
-    done_bytes: int
-    total_bytes: int
-    layers_done: int
-    layers_total: int
-
-    @property
-    def percent(self) -> int:
-        """0–100 by bytes once sizes are known, by finished layers before."""
-        if self.total_bytes:
-            return min(100, self.done_bytes * 100 // self.total_bytes)
-        return self.layers_done * 100 // self.layers_total if self.layers_total else 0
-
-
 _clients: dict[tuple[str, str, int], docker.DockerClient] = {}
 _clients_lock = threading.Lock()
-
-
-def _tls_config(tls: TlsCredentials) -> docker.tls.TLSConfig:
-    """A TLSConfig reading the PEMs from private files (mode 0600) named by their fingerprint."""
-    directory = os.path.join(tempfile.gettempdir(), f"llmhub-engine-tls-{os.getuid()}", tls.fingerprint())
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    paths = {}
-    for name, text in (("ca.pem", tls.ca_cert), ("cert.pem", tls.client_cert), ("key.pem", tls.client_key)):
-        path = os.path.join(directory, name)
-        if not os.path.exists(path):
-            fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.replace(path + ".tmp", path)
-        paths[name] = path
-    return docker.tls.TLSConfig(client_cert=(paths["cert.pem"], paths["key.pem"]), ca_cert=paths["ca.pem"], verify=True)
 
 
 def client_for(target: Endpoint | str, *, timeout: int = CALL_TIMEOUT_S) -> docker.DockerClient:
@@ -228,6 +86,8 @@ def client_for(target: Endpoint | str, *, timeout: int = CALL_TIMEOUT_S) -> dock
     with _engine_call(f"connecting to Docker Engine at {endpoint.url}"):
         try:
             tls = _tls_config(endpoint.tls) if endpoint.tls else False
+        except EngineError:
+            raise
         except (OSError, docker.errors.TLSParameterError) as exc:
             raise EngineError(f"the TLS certificates for {endpoint.url} are unusable: {exc}") from exc
         # The API version is the engine's own (as docker-py's "auto"), asked for by a session that does
@@ -263,28 +123,6 @@ def _engine_call(what: str) -> Iterator[None]:
         if "connection" in str(exc).lower() or "timed out" in str(exc).lower():
             raise EngineUnreachable(f"{what}: the engine did not answer ({exc})") from exc
         raise EngineError(f"{what} failed: {exc}") from exc
-
-
-def run_kwargs(spec: ContainerSpec) -> dict:
-    """The keyword arguments `containers.create` receives for `spec` (a pure function, tested directly)."""
-    kwargs = {
-        "image": spec.image,
-        "command": spec.args,
-        "name": spec.name,
-        "labels": spec.labels,
-        "environment": spec.environment,
-        "detach": True,
-        "ports": {f"{ENGINE_PORT}/tcp": (spec.publish_ip, None)},
-        "volumes": {HF_CACHE_VOLUME: {"bind": HF_CACHE_PATH, "mode": "rw"}},
-        "shm_size": spec.shm_size,
-        # The reconcile loop owns restarts (with backoff and a crash limit), not Docker.
-        "restart_policy": {"Name": "no"},
-    }
-    if spec.device_ids is not None:
-        kwargs["device_requests"] = [
-            docker.types.DeviceRequest(driver="nvidia", device_ids=spec.device_ids, capabilities=[["gpu"]])
-        ]
-    return kwargs
 
 
 def _time(text: str | None) -> datetime | None:
@@ -341,20 +179,68 @@ def _summary(item: dict) -> ContainerInfo:
     )
 
 
+def _tar(files: dict[str, bytes]) -> bytes:
+    """A tar archive of `files` ({absolute path: bytes}) to extract at ``/`` with `put_archive`, with an
+    entry for each parent directory (0755) so that they are made when missing; files are read-only (0444)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        made: set[str] = set()
+        for path, data in files.items():
+            parts = path.strip("/").split("/")
+            for depth in range(1, len(parts)):
+                directory = "/".join(parts[:depth])
+                if directory not in made:
+                    made.add(directory)
+                    entry = tarfile.TarInfo(directory)
+                    entry.type, entry.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(entry)
+            entry = tarfile.TarInfo("/".join(parts))
+            entry.size, entry.mode = len(data), 0o444
+            tar.addfile(entry, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _network_ensure(client: docker.DockerClient, spec: ContainerSpec) -> None:
+    """Create the spec's bridge network (inter-container traffic off, labelled) unless it exists."""
+    if not spec.network or client.networks.list(names=[spec.network]):
+        return
+    labels = {LABEL_INSTALLATION: spec.labels.get(LABEL_INSTALLATION, "")}
+    try:
+        client.networks.create(spec.network, driver="bridge", options={ICC_OPTION: "false"}, labels=labels)
+    except APIError as exc:
+        if exc.status_code != 409:  # 409: a concurrent start made it first
+            raise
+
+
+def _volume_ensure(client: docker.DockerClient, spec: ContainerSpec) -> None:
+    """Create the spec's cache volume with its installation and owner labels unless it exists (Docker
+    copies the image's content at the mount point into an empty volume on its first mount)."""
+    if not spec.cache_volume:
+        return
+    try:
+        client.api.inspect_volume(spec.cache_volume)
+    except NotFound:
+        keys = (LABEL_INSTALLATION, LABEL_OWNER, LABEL_OWNER_ID)
+        client.volumes.create(spec.cache_volume, labels={k: spec.labels[k] for k in keys if k in spec.labels})
+
+
 def container_run(target: Endpoint | str, spec: ContainerSpec) -> ContainerInfo:
     """Start the container `spec.name`, or return it if it already exists (idempotent by name).
 
-    A created-but-never-started container of that name (a worker died between create and start) is
-    started; a running or exited one is returned as it is. Never pulls: the image must be on the host
-    (see `image_present` / `image_pull`). Returns the full inspection, with the published host port
-    and the start time. Raises EngineError (e.g. missing image, name in use by a foreign container),
-    EngineUnreachable.
+    Its network and cache volume are created first when missing, and `spec.files` are copied in
+    before it starts. A created-but-never-started container of that name (a worker died between
+    create and start) is given its files and started; a running or exited one is returned as it is.
+    Never pulls: the image must be on the host (see `image_present` / `image_pull`). Returns the full
+    inspection, with the published host port and the start time. Raises EngineError (e.g. missing
+    image, name in use by a foreign container), EngineUnreachable.
     """
     client = client_for(target)
     with _engine_call(f"starting {spec.name}"):
         try:
             container = client.containers.get(spec.name)
         except NotFound:
+            _network_ensure(client, spec)
+            _volume_ensure(client, spec)
             kwargs = run_kwargs(spec)
             kwargs.pop("detach")
             try:
@@ -364,6 +250,8 @@ def container_run(target: Endpoint | str, spec: ContainerSpec) -> ContainerInfo:
                     raise
                 container = client.containers.get(spec.name)
         if container.status == "created":
+            if spec.files:
+                container.put_archive("/", _tar(spec.files))
             container.start()
         container.reload()
         return _info(container.attrs)
@@ -388,6 +276,20 @@ def container_remove(target: Endpoint | str, name: str) -> bool:
     with _engine_call(f"removing {name}"):
         try:
             client.api.remove_container(name, force=True)
+            return True
+        except NotFound:
+            return False
+
+
+def volume_remove(target: Endpoint | str, name: str) -> bool:
+    """Remove the named volume `name`. Returns False when it did not exist.
+
+    Raises EngineError when a container (running or not) still uses it, EngineUnreachable.
+    """
+    client = client_for(target)
+    with _engine_call(f"removing volume {name}"):
+        try:
+            client.api.remove_volume(name)
             return True
         except NotFound:
             return False

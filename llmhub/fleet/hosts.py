@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from llmhub.deployments.services import event_record
 
-from . import engine
+from . import engine, notices
 from .models import Host, Instance
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,7 @@ def host_lost(host: Host, *, reason: str) -> int:
             event_record(
                 deployment=instance.deployment,
                 kind="lost",
-                message=f"instance {instance.id} lost: host {host.name} has not answered since "
-                f"{last_seen:%H:%M:%S} UTC; a replacement is scheduled on another host",
+                message=notices.host_lost(instance.id, last_seen),
             )
     return lost
 

@@ -1,6 +1,9 @@
 """Actual state of the fleet: GPU types, hosts (one Docker Engine each), instances (one container each)
 and the engine image pulls hosts run."""
 
+import ipaddress
+import secrets
+
 from django.conf import settings
 from django.contrib.postgres.fields import ArrayField
 from django.core.exceptions import ValidationError
@@ -22,6 +25,53 @@ def docker_url_validator(value: str) -> None:
         raise ValidationError(str(exc)) from exc
 
 
+_SHARED_ADDRESS_SPACE = ipaddress.ip_network("100.64.0.0/10")  # RFC 6598 (carrier-grade NAT, Tailscale)
+
+
+def bind_address_validate(value: str) -> str:
+    """Check the IP a host's engine publishes engine ports on; returns it normalised.
+
+    Accepted: loopback (the local engine) and private addresses (RFC 1918, RFC 6598, IPv6 ULA): an
+    interface the gateway reaches and the internet does not. Raises ValueError, with what to write
+    instead, for a host name, the unspecified address (0.0.0.0 / ::, every interface), public,
+    link-local, multicast and reserved addresses.
+    """
+    try:
+        ip = ipaddress.ip_address((value or "").strip())
+    except ValueError:
+        raise ValueError(
+            f"'{value}' is not an IP address: Docker publishes ports on an interface's IP address, e.g. "
+            "127.0.0.1 for the local engine or the host's private address such as 10.0.0.5"
+        ) from None
+    if ip.is_unspecified:
+        raise ValueError(
+            f"{ip} publishes engine ports on every interface, the public ones included: give the IP of the "
+            "private interface the gateway reaches (127.0.0.1 for the local engine)"
+        )
+    if ip.is_link_local or ip.is_multicast:
+        kind = "link-local" if ip.is_link_local else "multicast"
+        raise ValueError(f"{ip} is a {kind} address: give the IP of the host's private interface")
+    if ip.is_loopback or ip.is_private or (ip.version == 4 and ip in _SHARED_ADDRESS_SPACE):
+        return str(ip)
+    raise ValueError(
+        f"{ip} is a public address: anyone who reaches it could call engines; give the IP of the host's "
+        "private interface (10/8, 172.16/12, 192.168/16, 100.64/10 or fc00::/7), or 127.0.0.1"
+    )
+
+
+def bind_address_validator(value: str) -> None:
+    """Model-field form of `bind_address_validate`."""
+    try:
+        bind_address_validate(value)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from exc
+
+
+def engine_key_new() -> str:
+    """A fresh engine API key (256 random bits, URL-safe text), encrypted for `Instance.engine_key_encrypted`."""
+    return crypto.encrypt(secrets.token_urlsafe(32))
+
+
 class GpuType(models.Model):
     """A kind of accelerator a host offers, e.g. ``H100-80GB``; ``CPU`` for hosts without GPUs."""
 
@@ -32,6 +82,12 @@ class GpuType(models.Model):
         default=True,
         help_text="Pass the reserved GPUs to containers as device requests (off for CPU hosts, "
         "whose 'GPUs' are engine slots).",
+    )
+    host_memory_gb_per_gpu = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Host memory (RAM) an instance may use per GPU, in GB: its container's memory limit is this × "
+        "its GPU count. Empty: no limit.",
     )
 
     class Meta:
@@ -72,6 +128,12 @@ class Host(models.Model):
     )
     address = models.CharField(
         max_length=255, help_text="Address the gateway uses to reach ports published on this host."
+    )
+    bind_address = models.GenericIPAddressField(
+        default="127.0.0.1",
+        validators=[bind_address_validator],
+        help_text="IP the host's engine publishes engine ports on: 127.0.0.1 for the local engine, the IP of a "
+        "private interface the gateway reaches for a remote one. Never 0.0.0.0.",
     )
     gpu_type = models.ForeignKey(GpuType, on_delete=models.PROTECT, related_name="hosts")
     gpu_count = models.PositiveSmallIntegerField(
@@ -145,7 +207,10 @@ class Instance(models.Model):
     port = models.PositiveIntegerField(null=True, blank=True, help_text="Engine port published on the host.")
     restarts = models.PositiveSmallIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True, help_text="Backoff: no restart before.")
-    last_error = models.TextField(blank=True)
+    last_error = models.TextField(blank=True, help_text="Operators' detail of the last failure; not shown to users.")
+    engine_key_encrypted = models.TextField(
+        default=engine_key_new, editable=False, help_text="Fernet ciphertext of the engine's API key; never shown."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
@@ -160,6 +225,12 @@ class Instance(models.Model):
     @property
     def container_name(self) -> str:
         return f"{settings.CONTAINER_PREFIX}-{self.id}"
+
+    @property
+    def engine_key(self) -> str:
+        """The engine's API key (``VLLM_API_KEY``), decrypted: the gateway, health checks and metrics scrape
+        send it as ``Authorization: Bearer``; nothing else knows it."""
+        return crypto.decrypt(self.engine_key_encrypted)
 
     @property
     def base_url(self) -> str:

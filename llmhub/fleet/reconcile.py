@@ -29,11 +29,11 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from llmhub import crypto
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import event_record
 
-from . import engine, vllm
+from . import engine, notices, vllm
+from .containers import container_spec
 from .hosts import Observation, drains_complete, hosts_observe, orphans_sweep
 from .models import Host, ImagePull, Instance
 from .scheduler import instance_place, no_capacity_reason
@@ -77,44 +77,6 @@ def _deployment_lock(deployment_id: int):
                 cursor.execute("SELECT pg_advisory_unlock(%s, %s)", [ADVISORY_LOCK_NAMESPACE, deployment_id])
 
 
-def container_spec(instance: Instance) -> engine.ContainerSpec:
-    """The container for `instance` (host and GPU indexes already reserved).
-
-    vLLM OpenAI server arguments: ``--model <hf repo> [--revision r] --served-model-name
-    <username/model_name> --max-num-seqs <max batch size> --tensor-parallel-size <num GPUs>``.
-    GPU hosts get a device request for exactly the reserved indexes; CPU hosts none.
-    """
-    deployment = instance.deployment
-    host = instance.host
-    args = ["--model", deployment.hf_repo]
-    if deployment.hf_revision:
-        args += ["--revision", deployment.hf_revision]
-    args += [
-        "--served-model-name", deployment.full_name,
-        "--max-num-seqs", str(deployment.max_batch_size),
-        "--tensor-parallel-size", str(deployment.num_gpus),
-        "--host", "0.0.0.0",
-        "--port", str(engine.ENGINE_PORT),
-    ]  # fmt: skip
-    environment = {}
-    hf_token = crypto.decrypt(deployment.hf_token_encrypted)
-    if hf_token:
-        environment["HF_TOKEN"] = hf_token
-    return engine.ContainerSpec(
-        name=instance.container_name,
-        image=host.engine_image,
-        args=args,
-        labels={
-            engine.LABEL_INSTANCE: str(instance.id),
-            engine.LABEL_DEPLOYMENT: deployment.deploy_id,
-            engine.LABEL_INSTALLATION: settings.CONTAINER_PREFIX,
-        },
-        environment=environment,
-        device_ids=[str(i) for i in instance.gpu_indexes] if host.gpu_type.uses_devices else None,
-        publish_ip=host.address,
-    )
-
-
 def _claim(instance: Instance, old: str, **changes) -> bool:
     """Conditional update: apply `changes` only if the instance is still in state `old`."""
     done = Instance.objects.filter(id=instance.id, state=old).update(**changes)
@@ -156,7 +118,7 @@ def _scale(deployment: Deployment, live: list[Instance]) -> None:
             event_record(
                 deployment=deployment,
                 kind="moved",
-                message=f"instance {instance.id} leaves draining host {instance.host.name}: its replacement serves",
+                message=notices.moved(instance.id),
             )
 
 
@@ -181,12 +143,7 @@ def _place_and_start(deployment: Deployment, instance: Instance, observation: Ob
             event_record(deployment=deployment, kind="pending", message=f"instance {instance.id} waits: {reason}")
         return
     instance.state, instance.host, instance.gpu_indexes = Instance.State.STARTING, placement.host, placement.gpu_indexes
-    gpus = ", ".join(map(str, placement.gpu_indexes))
-    event_record(
-        deployment=deployment,
-        kind="scheduled",
-        message=f"instance {instance.id} on host {placement.host.name}, GPUs [{gpus}]",
-    )
+    event_record(deployment=deployment, kind="scheduled", message=notices.placed(instance.id, num_gpus))
     _start_container(deployment, instance, observation)
 
 
@@ -201,13 +158,10 @@ def _image_ready(deployment: Deployment, instance: Instance, observation: Observ
         return True
     pull, started = image_pull_request(host=host, image=host.engine_image)
     if pull.state == ImagePull.State.FAILED:
-        _end(deployment, instance, f"host {host.name} cannot pull {host.engine_image}: {pull.error}", observation)
+        detail = f"host {host.name} cannot pull {host.engine_image}: {pull.error}"
+        _end(deployment, instance, notices.IMAGE_PULL_FAILED, observation, detail=detail)
     elif started:
-        event_record(
-            deployment=deployment,
-            kind="pulling",
-            message=f"host {host.name} pulls {host.engine_image}: the image is not on the host yet",
-        )
+        event_record(deployment=deployment, kind="pulling", message=notices.image_pulling())
     return False
 
 
@@ -227,7 +181,7 @@ def _start_container(deployment: Deployment, instance: Instance, observation: Ob
         _unplace(deployment, instance, str(exc))
         return
     except engine.EngineError as exc:
-        _end(deployment, instance, str(exc), observation)
+        _end(deployment, instance, notices.ENGINE_REFUSED, observation, detail=str(exc))
         return
     now = timezone.now()
     started_at = min(info.started_at or now, now)  # the engine's clock; never in the future
@@ -236,11 +190,7 @@ def _start_container(deployment: Deployment, instance: Instance, observation: Ob
     ):
         return  # stopped or lost meanwhile: the stop or the orphan sweep removes the container
     instance.container_id, instance.port, instance.started_at = info.id, info.host_port, started_at
-    event_record(
-        deployment=deployment,
-        kind="starting",
-        message=f"instance {instance.id}: container {info.name} started, engine loading {deployment.hf_repo}",
-    )
+    event_record(deployment=deployment, kind="starting", message=notices.started(instance.id, deployment.hf_repo))
 
 
 def _unplace(deployment: Deployment, instance: Instance, reason: str) -> None:
@@ -251,11 +201,7 @@ def _unplace(deployment: Deployment, instance: Instance, reason: str) -> None:
         state=Instance.State.PENDING, host=None, gpu_indexes=[], last_error=reason
     ):
         instance.state, instance.host, instance.gpu_indexes = Instance.State.PENDING, None, []
-        event_record(
-            deployment=deployment,
-            kind="unplaced",
-            message=f"instance {instance.id}: host {host.name} did not answer; placing it elsewhere",
-        )
+        event_record(deployment=deployment, kind="unplaced", message=notices.unplaced(instance.id))
 
 
 def _check_running(deployment: Deployment, instance: Instance, observation: Observation | None) -> None:
@@ -296,7 +242,7 @@ def _check_running(deployment: Deployment, instance: Instance, observation: Obse
         Instance.objects.filter(id=instance.id).update(port=info.host_port)
         instance.port = info.host_port
     if instance.state == Instance.State.STARTING:
-        if vllm.engine_healthy(instance.base_url):
+        if vllm.engine_healthy(instance.base_url, key=instance.engine_key):
             if _claim(instance, Instance.State.STARTING, state=Instance.State.READY, ready_at=timezone.now()):
                 event_record(deployment=deployment, kind="ready", message=f"instance {instance.id} is serving")
         elif instance.started_at and timezone.now() - instance.started_at > timedelta(
@@ -324,6 +270,7 @@ def _end(
     *,
     ended_at: datetime | None = None,
     crashed: bool = True,
+    detail: str = "",
 ) -> None:
     """Close an instance whose container is gone or unusable, and replace it.
 
@@ -331,7 +278,8 @@ def _end(
     an exponential backoff, or the deployment fails after too many crashes (fail_reason = `reason`
     + the container's last log lines). Otherwise the instance is lost and replaced at once, with
     the crash count it had. The billed interval ends at `ended_at` (when the engine says the
-    container finished), else now.
+    container finished), else now. `reason` is shown to the user (events, fail_reason: see `notices`);
+    `detail` (an engine's error: may name hosts and addresses) goes only to the instance's last_error.
     """
     logs = ""
     if instance.host_id:
@@ -339,7 +287,8 @@ def _end(
             if crashed:
                 logs = engine.container_logs(instance.host.endpoint, instance.container_name, tail=LOG_TAIL_LINES)
             engine.container_remove(instance.host.endpoint, instance.container_name)
-    detail = f"{reason}\n{logs}".strip()
+    shown = f"{reason}\n{notices.redact(logs, host=instance.host)}".strip()
+    detail = f"{reason}: {detail}\n{logs}".strip() if detail else f"{reason}\n{logs}".strip()
     now = timezone.now()
     stopped_at = min(max(ended_at or now, instance.started_at), now) if instance.started_at else None
     state = Instance.State.STOPPED if crashed else Instance.State.LOST
@@ -359,10 +308,10 @@ def _end(
     if restarts > settings.INSTANCE_MAX_RESTARTS:
         if Deployment.objects.filter(
             id=deployment.id, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING]
-        ).update(status=Deployment.Status.FAILED, fail_reason=detail, updated_at=now):
-            deployment.status, deployment.fail_reason = Deployment.Status.FAILED, detail
+        ).update(status=Deployment.Status.FAILED, fail_reason=shown, updated_at=now):
+            deployment.status, deployment.fail_reason = Deployment.Status.FAILED, shown
         event_record(
-            deployment=deployment, kind="failed", message=f"instance {instance.id} crashed {restarts} times: {detail}"
+            deployment=deployment, kind="failed", message=f"instance {instance.id} crashed {restarts} times: {shown}"
         )
         return
     delay = restart_backoff(restarts)

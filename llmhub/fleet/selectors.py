@@ -2,7 +2,7 @@
 
 from django.db.models import Q, QuerySet, Sum
 
-from . import engine
+from . import engine, notices
 from .models import GpuType, Host, Instance
 from .scheduler import Cardinality
 
@@ -25,14 +25,15 @@ def instance_counts(deployment_ids: list[int]) -> dict[int, dict[str, int]]:
 
 
 def instance_log_tail(instance: Instance, *, lines: int = 100) -> str:
-    """The last `lines` lines of the instance's container log, or a sentence saying why there are none."""
+    """The last `lines` lines of the instance's container log (host facts redacted: see `notices`), or a
+    sentence saying why there are none. Shown to the deployment's owner: never an engine's error text."""
     if instance.host is None or not instance.container_id:
         return "This instance has not started a container yet."
     try:
         text = engine.container_logs(instance.host.endpoint, instance.container_name, tail=lines)
-    except engine.EngineError as exc:
-        return f"The host's Docker Engine did not answer: {exc}"
-    return text or instance.last_error or "The container is gone and left no log."
+    except (engine.EngineError, ValueError):  # ValueError: a TLS key the encryption key cannot decrypt
+        return notices.ENGINE_SILENT
+    return notices.redact(text, host=instance.host) or notices.NO_LOG
 
 
 def hosts_with_gpus_used(hosts: QuerySet[Host]) -> QuerySet[Host]:

@@ -7,6 +7,7 @@ import time
 from datetime import timedelta
 from decimal import Decimal
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
@@ -16,8 +17,8 @@ from llmhub import crypto
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import event_record, reconcile_soon
 
-from . import engine
-from .models import GpuType, Host, ImagePull, Instance
+from . import engine, notices
+from .models import GpuType, Host, ImagePull, Instance, bind_address_validate
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,14 @@ def host_register(
     engine_image: str,
     gpu_count: int | None = None,
     tls: engine.TlsCredentials | None = None,
+    bind_address: str = "",
 ) -> Host:
-    """Create host `name`, or update its engine URL, TLS credentials, address, GPUs and engine image.
+    """Create host `name`, or update its engine URL, TLS credentials, addresses, GPUs and engine image.
+
+    `bind_address` is the IP the engine publishes engine ports on (loopback or a private interface:
+    see `models.bind_address_validate`); `address` is what the gateway dials to reach them. An empty
+    `bind_address` means `address`, which must then be such an IP (a host name or a public address is
+    refused: give both).
 
     `docker_url` is ``unix:///path.sock`` or ``tcp://host[:port]`` (port 2376 when absent), the latter
     only with `tls` (Docker's ``--tlsverify`` client certificates; the key is stored encrypted).
@@ -68,6 +75,17 @@ def host_register(
         errors["name"] = "Give the host a name."
     if not address or "/" in address or " " in address:
         errors["address"] = f"'{address}' is not a host address: give the IP or DNS name the gateway reaches it by."
+    try:
+        bind_address = bind_address_validate(bind_address.strip() or address)
+    except ValueError as exc:
+        errors["bind_address"] = (
+            str(exc)
+            if bind_address.strip()
+            else (
+                f"{exc}. Give the bind address (host_add --bind-address): the IP of the host's private interface "
+                "that the gateway reaches."
+            )
+        )
     if not engine_image:
         errors["engine_image"] = "Name the engine image the host runs instances from (e.g. vllm/vllm-openai:v0.10.0)."
     if gpu_count is not None and gpu_count < 1:
@@ -96,12 +114,31 @@ def host_register(
             "tls_client_cert": tls.client_cert if tls else "",
             "tls_client_key_encrypted": crypto.encrypt(tls.client_key) if tls else "",
             "address": address,
+            "bind_address": bind_address,
             "gpu_type": gpu_type,
             "gpu_count": gpu_count,
             "engine_image": engine_image,
         },
     )
     return host
+
+
+def owner_cache_prune(*, host: Host, user) -> bool:
+    """Remove `user`'s Hugging Face cache volume on `host` (downloaded weights; the next instance downloads
+    them again). Returns False when there was none.
+
+    Refused (ValidationError) while a live instance of the user is placed on the host, and by the
+    engine when a container still uses the volume (EngineError turned into ValidationError). Stops nothing.
+    """
+    if Instance.objects.filter(host=host, deployment__user=user, state__in=Instance.LIVE_STATES).exists():
+        raise ValidationError(
+            f"{user.username} has a live instance on {host.name}: stop or move it first (the cache is in use)."
+        )
+    name = engine.cache_volume_name(settings.CONTAINER_PREFIX, user.id)
+    try:
+        return engine.volume_remove(host.endpoint, name)
+    except engine.EngineError as exc:
+        raise ValidationError(f"{host.name} kept {user.username}'s cache: {exc}") from exc
 
 
 def _host_transition(host: Host, *, to: str, allowed_from: tuple[str, ...], verb: str) -> bool:
@@ -230,9 +267,7 @@ def image_pull_run(*, pull_id: int, attempt: int) -> str:
         if milestones:
             reached.update(milestones)
             for deployment in _waiting_deployments(pull):
-                event_record(
-                    deployment=deployment, kind="pulling", message=f"host {host.name} pulls {pull.image}: {text}"
-                )
+                event_record(deployment=deployment, kind="pulling", message=notices.image_pulling(text))
 
     try:
         engine.image_pull(host.endpoint, pull.image, progress=on_progress)
@@ -249,8 +284,6 @@ def image_pull_run(*, pull_id: int, attempt: int) -> str:
         state=ImagePull.State.DONE, progress="100%", updated_at=timezone.now()
     )
     for deployment in _waiting_deployments(pull):
-        event_record(
-            deployment=deployment, kind="pulled", message=f"host {host.name} pulled {pull.image} in {seconds:.0f} s"
-        )
+        event_record(deployment=deployment, kind="pulled", message=notices.image_pulled(seconds))
         reconcile_soon(deployment.id)
     return ImagePull.State.DONE

@@ -1,38 +1,44 @@
-"""The client for vLLM's own HTTP endpoints (health, models), used by the worker.
+"""The client for vLLM's own HTTP endpoints (health, models, metrics), used by the worker.
 
 Endpoints per vLLM's OpenAI-compatible server: `GET /health` answers 200 once the engine is
-loaded; `GET /v1/models` lists the served model name.
+loaded; `GET /v1/models` lists the served model name; `GET /metrics` is Prometheus text. Every call
+sends the instance's engine key as ``Authorization: Bearer <key>`` (vLLM's ``VLLM_API_KEY``; LLMHub's
+guard in the engine refuses every path but /health without it).
 """
 
 import httpx
 
 
-def engine_healthy(base_url: str, *, timeout: float = 3.0) -> bool:
+def _headers(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def engine_healthy(base_url: str, *, key: str = "", timeout: float = 3.0) -> bool:
     """True when `GET {base_url}/health` answers 200 within `timeout` seconds."""
     try:
-        return httpx.get(f"{base_url}/health", timeout=timeout).status_code == 200
+        return httpx.get(f"{base_url}/health", headers=_headers(key), timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
 
 
-def served_models(base_url: str, *, timeout: float = 3.0) -> list[str]:
-    """Model ids from `GET {base_url}/v1/models` ([] when the engine does not answer)."""
+def served_models(base_url: str, *, key: str = "", timeout: float = 3.0) -> list[str]:
+    """Model ids from `GET {base_url}/v1/models` ([] when the engine does not answer or refuses the key)."""
     try:
-        response = httpx.get(f"{base_url}/v1/models", timeout=timeout)
+        response = httpx.get(f"{base_url}/v1/models", headers=_headers(key), timeout=timeout)
         response.raise_for_status()
         return [m["id"] for m in response.json().get("data", [])]
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return []
 
 
-def engine_load(base_url: str, *, timeout: float = 2.0) -> tuple[float, float] | None:
+def engine_load(base_url: str, *, key: str = "", timeout: float = 2.0) -> tuple[float, float] | None:
     """(requests running, requests waiting) from `GET {base_url}/metrics` (vLLM's Prometheus gauges
     `vllm:num_requests_running` and `vllm:num_requests_waiting`, summed over models), or None when the
-    engine does not answer."""
+    engine does not answer (or refuses the key)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        response = httpx.get(f"{base_url}/metrics", timeout=timeout)
+        response = httpx.get(f"{base_url}/metrics", headers=_headers(key), timeout=timeout)
         response.raise_for_status()
     except httpx.HTTPError:
         return None

@@ -44,7 +44,9 @@ class Route:
     status: str
     fail_reason: str
     desired_instances: int
-    instances: list[tuple[int, str]] = field(default_factory=list)  # (instance id, base URL)
+    # (instance id, base URL, engine key): the gateway authenticates to the engine with the instance's own
+    # key (``Authorization: Bearer``), never with the caller's token.
+    instances: list[tuple[int, str, str]] = field(default_factory=list, repr=False)
 
 
 class RoutingCache:
@@ -115,7 +117,7 @@ async def load_route(caller: Caller, model: str) -> Route | None:
     if deployment is None:
         return None
     instances = [
-        (i.id, i.base_url)
+        (i.id, i.base_url, i.engine_key)
         async for i in Instance.objects.select_related("host")
         .filter(deployment=deployment, state=Instance.State.READY)
         .order_by("id")

@@ -242,7 +242,7 @@ def _woken(deployment_id: int) -> None:
     reconcile_soon(deployment_id)
 
 
-def pick_instance(route: Route, exclude: set[int]) -> tuple[int, str] | None:
+def pick_instance(route: Route, exclude: set[int]) -> tuple[int, str, str] | None:
     """The ready instance with the fewest outstanding requests in this process (ties by id)."""
     candidates = [i for i in route.instances if i[0] not in exclude]
     return min(candidates, key=lambda i: (load.outstanding[i[0]], i[0]), default=None)
@@ -256,9 +256,11 @@ async def open_upstream(call: Call) -> tuple[int, httpx.Response]:
     route = await ready_route(call)
     tried: set[int] = set()
     while (choice := pick_instance(route, tried)) is not None:
-        instance_id, base_url = choice
+        instance_id, base_url, engine_key = choice
         tried.add(instance_id)
-        request = http_client().build_request("POST", f"{base_url}/v1/{call.endpoint}", json=call.body)
+        request = http_client().build_request(
+            "POST", f"{base_url}/v1/{call.endpoint}", json=call.body, headers={"Authorization": f"Bearer {engine_key}"}
+        )
         load.outstanding[instance_id] += 1
         try:
             return instance_id, await http_client().send(request, stream=True)

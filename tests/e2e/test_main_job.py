@@ -3,13 +3,16 @@
 
 import time
 
+import docker
 import httpx
 import openai
 import pytest
 from django.conf import settings
 
 from llmhub.fleet import engine
+from llmhub.fleet.models import Instance
 from tests.factories import UserFactory, token_for
+from tests.security.attacks import ENGINE_PATHS, engine_call
 from tests.stack import DOCKER, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.vllm, pytest.mark.docker]
@@ -44,6 +47,27 @@ def test_deploy_chat_stream_and_delete(stack):
     assert deployed["model_name"] == "e2e/tiny"
     [container] = engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX)
     assert container.running and container.labels[engine.LABEL_DEPLOYMENT] == deploy_id
+    assert container.labels[engine.LABEL_OWNER] == "e2e"
+
+    # An attacker on the host's network calls the real vLLM engine directly: nothing but /health answers
+    # without the instance's key, vLLM's unguarded routes (/invocations runs the model) included.
+    instance = Instance.objects.select_related("host").get(deployment__deploy_id=deploy_id, state="ready")
+    for method, path in ENGINE_PATHS:
+        for key in (None, "EMPTY", token):  # no key, a guess, the user's own LLMHub token
+            answer = engine_call(instance.base_url, method, path, key=key, model="e2e/tiny")
+            assert answer.status_code == 401, (method, path, key, answer.status_code, answer.text[:200])
+    assert engine_call(instance.base_url, "GET", "/health", key=None, model="").status_code == 200
+    own = engine_call(instance.base_url, "GET", "/v1/models", key=instance.engine_key, model="")
+    assert own.status_code == 200 and own.json()["data"][0]["id"] == "e2e/tiny"
+    attrs = docker.from_env().containers.get(container.name).attrs
+    config = attrs["HostConfig"]
+    assert config["CapDrop"] == ["ALL"] and not config["CapAdd"] and "no-new-privileges:true" in config["SecurityOpt"]
+    assert config["PidsLimit"] == settings.ENGINE_PIDS_LIMIT and config["NetworkMode"] == engine.network_name(
+        settings.CONTAINER_PREFIX
+    )
+    assert [b["HostIp"] for b in config["PortBindings"]["8000/tcp"]] == ["127.0.0.1"]
+    [cache] = [m["Name"] for m in attrs["Mounts"] if m["Destination"] == engine.HF_CACHE_PATH]
+    assert cache == engine.cache_volume_name(settings.CONTAINER_PREFIX, user.id)  # a fresh volume: Docker seeded it
 
     client = openai.OpenAI(base_url=f"{stack}/v1/openai", api_key=token, max_retries=0)
     assert [m.id for m in client.models.list()] == ["e2e/tiny"]

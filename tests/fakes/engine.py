@@ -16,7 +16,7 @@ from llmhub.fleet import engine
 
 SEAM = (
     "container_run", "container_get", "container_remove", "container_logs", "containers_list",
-    "image_present", "image_pull", "engine_facts",
+    "image_present", "image_pull", "engine_facts", "volume_remove",
 )  # fmt: skip
 
 
@@ -36,6 +36,7 @@ class FakeEngine:
         self.down: set[str] = set()  # urls whose engine does not answer
         self.gpus: dict[str, int] = {}  # url → GPUs the engine advertises
         self.logs = "RuntimeError: CUDA out of memory"
+        self.volumes: dict[str, set[str]] = defaultdict(set)  # url → cache volumes made there
 
     def install(self, monkeypatch) -> FakeEngine:
         for name in SEAM:
@@ -61,12 +62,25 @@ class FakeEngine:
                 raise engine.EngineError(f"starting {spec.name} failed: No such image: {spec.image}")
             self.runs.append(spec)
             self.run_urls.append(url)
+            if spec.cache_volume:
+                self.volumes[url].add(spec.cache_volume)
             if spec.name not in self.hosts[url]:
                 self.hosts[url][spec.name] = engine.ContainerInfo(
                     id=f"c{next(self.ids)}-{spec.name}", name=spec.name, status="running", exit_code=None,
                     host_port=next(self.ports), labels=dict(spec.labels), started_at=datetime.now(UTC),
                 )  # fmt: skip
             return self.hosts[url][spec.name]
+
+    def volume_remove(self, target, name):
+        with self.lock:
+            url = self._check(target)
+            if any(c.labels.get(engine.LABEL_OWNER_ID) and name.endswith(f"-u{c.labels[engine.LABEL_OWNER_ID]}")
+                   for c in self.hosts[url].values()):  # fmt: skip
+                raise engine.EngineError(f"removing volume {name} failed: volume is in use")
+            if name not in self.volumes[url]:
+                return False
+            self.volumes[url].discard(name)
+            return True
 
     def image_present(self, target, image):
         with self.lock:

@@ -89,8 +89,8 @@ def test_gpu_hosts_get_exactly_the_reserved_devices_with_shared_memory_and_a_per
         assert request["Driver"] == "nvidia" and request["DeviceIDs"] == [str(i) for i in instance.gpu_indexes]
         assert attrs["HostConfig"]["RestartPolicy"]["Name"] == "no"
         assert {(m["Name"], m["Destination"]) for m in attrs["Mounts"]} == {
-            ("llmhub-hf-cache", "/root/.cache/huggingface")
-        }
+            (engine.cache_volume_name(settings.CONTAINER_PREFIX, fleet.owner.id), "/root/.cache/huggingface")
+        }  # the owner's cache on that host
     assert {c["id"][:12] for c in fleet.engines.a.hook_calls()} >= {
         fleet.engines.a.client().containers.get(i.container_name).id[:12]
         for i in (b1, s1, s2)
@@ -122,7 +122,7 @@ def test_host_add_over_tls_reads_the_gpus_and_refuses_other_certificates(fleet_e
     untrusted.mkdir()
     for src, name in ((b.tls.ca, "ca.pem"), (b.tls.untrusted_cert, "cert.pem"), (b.tls.untrusted_key, "key.pem")):
         (untrusted / name).write_bytes(src.read_bytes())
-    base = ["--gpu-type", GPU, "--engine-image", fleet_engines.image, "--docker-url", b.url]
+    base = ["--gpu-type", GPU, "--engine-image", fleet_engines.image, "--docker-url", b.url, "--bind-address", b.address]  # fmt: skip
 
     with pytest.raises(CommandError, match="give the TLS client certificates"):
         call_command("host_add", "gpu-t", *base)
@@ -133,7 +133,9 @@ def test_host_add_over_tls_reads_the_gpus_and_refuses_other_certificates(fleet_e
                  "--tls-key", str(b.tls.client_key))  # fmt: skip
 
     host = Host.objects.get(name="gpu-t")
-    assert (host.docker_url, host.address, host.gpu_count, host.state) == (b.url, "127.0.0.1", 4, Host.State.READY)
+    assert (host.docker_url, host.bind_address, host.address, host.gpu_count, host.state) == (
+        b.url, b.address, b.address, 4, Host.State.READY,
+    )  # fmt: skip
     assert engine.containers_list(host.endpoint, installation="nobody") == []  # the stored credentials work
 
 
@@ -320,7 +322,7 @@ def test_a_host_without_the_engine_image_pulls_it_with_progress_in_the_events(fl
         kinds = [k for k, _ in events]
         assert kinds[:2] == ["scheduled", "pulling"] and "pulled" in kinds
         progress = [m for k, m in events if k == "pulling"][1:]
-        assert len(progress) >= 1 and all(f"host gpu-c pulls {image}: " in m and "MB of" in m for m in progress)
+        assert len(progress) >= 1 and all("the host pulls the engine image: " in m and "MB of" in m for m in progress)
         assert kinds.index("pulled") < kinds.index("starting") < kinds.index("ready")
         assert registry.blob_downloads >= 2
         assert engine_state(instance)["visible_devices"] == "0,1"

@@ -5,6 +5,7 @@ from datetime import timedelta
 from io import StringIO
 
 import pytest
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 from django.db import connection
@@ -39,8 +40,12 @@ def h100(db):
 @pytest.fixture
 def hosts(h100):
     return (
-        HostFactory(name="gpu-a", gpu_type=h100, gpu_count=2, docker_url=A, address="10.0.0.1"),
-        HostFactory(name="gpu-b", gpu_type=h100, gpu_count=2, docker_url=B, address="10.0.0.2"),
+        HostFactory(
+            name="gpu-a", gpu_type=h100, gpu_count=2, docker_url=A, address="10.0.0.1", bind_address="10.0.0.1"
+        ),
+        HostFactory(
+            name="gpu-b", gpu_type=h100, gpu_count=2, docker_url=B, address="10.0.0.2", bind_address="10.0.0.2"
+        ),
     )
 
 
@@ -106,7 +111,7 @@ def test_other_bad_fields_are_named(fake, h100):
             name=" ", docker_url=A, address="10.0.0.1/24", gpu_type=h100, engine_image="", gpu_count=0
         )
 
-    assert set(caught.value.message_dict) == {"name", "address", "engine_image", "gpu_count"}
+    assert set(caught.value.message_dict) == {"name", "address", "bind_address", "engine_image", "gpu_count"}
 
 
 def test_a_tcp_host_keeps_its_client_key_encrypted(fake, h100):
@@ -114,7 +119,7 @@ def test_a_tcp_host_keeps_its_client_key_encrypted(fake, h100):
 
     host = services.host_register(
         name="gpu-t", docker_url="tcp://gpu-t.internal", address="gpu-t.internal", gpu_type=h100, engine_image="v",
-        gpu_count=8, tls=tls,
+        gpu_count=8, tls=tls, bind_address="10.0.0.9",
     )  # fmt: skip
 
     host.refresh_from_db()
@@ -202,7 +207,7 @@ def test_admin_lists_gpus_used_and_runs_the_actions(fake, hosts, owner, admin_cl
 
 def test_admin_add_form_checks_the_url_and_reads_the_gpus(fake, h100, admin_client):
     fake.gpus[A] = 8
-    form = {"name": "gpu-a", "address": "10.0.0.1", "gpu_type": h100.id, "engine_image": "vllm:1", "tls_ca_cert": "",
+    form = {"name": "gpu-a", "address": "10.0.0.1", "bind_address": "10.0.0.1", "gpu_type": h100.id, "engine_image": "vllm:1", "tls_ca_cert": "",
             "tls_client_cert": "", "tls_client_key": "", "gpu_count": ""}  # fmt: skip
 
     bad = admin_client.post("/admin/fleet/host/add/", {**form, "docker_url": "tcp://gpu-a:2376"})
@@ -227,7 +232,8 @@ def test_gpu_hosts_get_their_reserved_devices_and_tensor_parallel_size(fake, hos
     assert spec.args[spec.args.index("--tensor-parallel-size") + 1] == "2"
     assert specs[one.deploy_id][0] == B and specs[one.deploy_id][1].device_ids == ["0"]
     assert engine.run_kwargs(spec)["shm_size"] == "2g"
-    assert engine.run_kwargs(spec)["volumes"] == {"llmhub-hf-cache": {"bind": "/root/.cache/huggingface", "mode": "rw"}}
+    volume = engine.cache_volume_name(settings.CONTAINER_PREFIX, owner.id)  # the owner's own cache
+    assert engine.run_kwargs(spec)["volumes"] == {volume: {"bind": "/root/.cache/huggingface", "mode": "rw"}}
 
 
 def test_a_pending_instance_is_placed_in_the_pass_that_frees_its_gpus_and_is_never_billed_while_waiting(

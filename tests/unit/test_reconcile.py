@@ -66,7 +66,7 @@ def test_the_container_gets_the_deployments_engine_arguments(fake, cpu_host):
 
 def test_gpu_hosts_get_device_requests_for_the_reserved_indexes(fake):
     h100 = GpuTypeFactory(name="H100-80GB", memory_gb=80, uses_devices=True)
-    host = HostFactory(gpu_type=h100, gpu_count=8, address="10.0.0.5")
+    host = HostFactory(gpu_type=h100, gpu_count=8, address="10.0.0.5", bind_address="10.0.0.5")
     first = DeploymentFactory(gpu_type=h100, num_gpus=2)
     second = DeploymentFactory(gpu_type=h100, num_gpus=4)
 
@@ -200,10 +200,10 @@ def test_a_host_without_the_engine_image_pulls_it_in_a_task_with_progress(
     assert len(fake.runs) == 1
     events = list(deployment.events.order_by("id").values_list("kind", "message"))
     assert [k for k, _ in events[:7]] == ["scheduled", "pulling", "pulling", "pulling", "pulling", "pulled", "starting"]
-    assert events[1][1] == f"host {cpu_host.name} pulls {cpu_host.engine_image}: the image is not on the host yet"
+    assert events[1][1] == "the host pulls the engine image first"
     assert [m.split(": ")[-1] for _, m in events[2:5]] == ["25% (100 MB of 400 MB)", "52% (210 MB of 400 MB)",
                                                         "82% (330 MB of 400 MB)"]  # fmt: skip
-    assert events[5][1].startswith(f"host {cpu_host.name} pulled {cpu_host.engine_image} in ")
+    assert events[5][1].startswith("the host pulled the engine image in ")
 
 
 def test_a_failed_pull_fails_the_start_and_in_the_end_the_deployment(
@@ -229,8 +229,9 @@ def test_a_failed_pull_fails_the_start_and_in_the_end_the_deployment(
 
     deployment.refresh_from_db()
     assert deployment.status == Deployment.Status.FAILED
-    assert "cannot pull llmhub/vllm-cpu:test" in deployment.fail_reason
-    assert "manifest for llmhub/vllm-cpu:test not found" in deployment.fail_reason
+    assert "cannot pull the engine image" in deployment.fail_reason  # users: no image, host or registry detail
+    last_error = Instance.objects.filter(deployment=deployment).order_by("id").last().last_error
+    assert "manifest for llmhub/vllm-cpu:test not found" in last_error  # operators: the engine's words
     assert fake.runs == [] and len(fake.pulls) == 1
 
 
@@ -241,7 +242,9 @@ def test_the_hugging_face_token_reaches_the_container_and_nothing_else(fake, cpu
 
     reconcile.deployment_reconcile(deployment_id=deployment.id)
 
-    assert fake.runs[0].environment == {"HF_TOKEN": "hf_private_123"}
+    instance = Instance.objects.get(deployment=deployment)
+    assert fake.runs[0].environment == {"HF_TOKEN": "hf_private_123", "VLLM_API_KEY": instance.engine_key,
+                                        "PYTHONPATH": "/opt/llmhub"}  # fmt: skip
     assert "hf_private_123" not in " ".join(fake.runs[0].args)
     assert "hf_private_123" not in " ".join(deployment.events.values_list("message", flat=True))
 

@@ -14,6 +14,9 @@ behaves as vLLM does where the fleet looks:
   with ``missing`` does not exist: the engine logs Hugging Face's RepositoryNotFoundError and exits 1,
   as vLLM does for an unknown repo.
 - ``SIGTERM``: a graceful shutdown, exit code 0 (as vLLM's server).
+- ``VLLM_API_KEY``: when set, every path under ``/v1`` answers 401 ``{"error": "Unauthorized"}`` unless
+  the request carries ``Authorization: Bearer <key>`` (vLLM's AuthenticationMiddleware); /health and
+  the test hooks stay open. ``--middleware`` (LLMHub's guard of the other paths) is accepted and ignored.
 
 Test hooks (not in vLLM): ``GET /fake/state`` reports what the container received (arguments,
 ``NVIDIA_VISIBLE_DEVICES``, /dev/shm size in bytes, cache hit, whether HF_TOKEN was set — never its
@@ -24,6 +27,7 @@ code N (a crash on demand).
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import signal
@@ -129,7 +133,25 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return body
 
+    def authorized(self) -> bool:
+        """vLLM's key check: paths under /v1 need ``Authorization: Bearer $VLLM_API_KEY`` when it is set."""
+        key = os.environ.get("VLLM_API_KEY")
+        if not key or not self.path.startswith("/v1"):
+            return True
+        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.encode(), key.encode()):
+            return True
+        data = b'{"error":"Unauthorized"}'
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        return False
+
     def do_GET(self):
+        if not self.authorized():
+            return
         if self.path == "/health":
             if LOADED.is_set():
                 self.send_response(200)
@@ -155,6 +177,8 @@ class Handler(BaseHTTPRequestHandler):
             self.error(404, f"Not found: {self.path}", "NotFoundError")
 
     def do_POST(self):
+        if not self.authorized():
+            return
         if self.path == "/fake/exit":
             body = self.read_json()
             if body is None:

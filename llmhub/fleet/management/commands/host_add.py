@@ -4,10 +4,14 @@ The engine is asked for its version and the GPUs it advertises (dockerd ``--node
 NVIDIA-GPU=<uuid>``); `--gpus` sets the count by hand for engines that advertise none. ``tcp://``
 engines need Docker's TLS client files (``--tls-ca``, ``--tls-cert``, ``--tls-key``: the files
 ``docker --tlsverify`` uses). Running it again for the same name updates the host.
+
+Engine ports are published on ``--bind-address`` only: 127.0.0.1 (the default) for a ``unix://`` engine
+on the gateway's machine; for a ``tcp://`` engine it must be given: the IP of the host's private
+interface that the gateway reaches (never 0.0.0.0, never a public address). ``--address`` is what the
+gateway dials (default: the bind address), e.g. a DNS name that resolves to it.
 """
 
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
@@ -33,7 +37,12 @@ class Command(BaseCommand):
         parser.add_argument("name", help="host name, e.g. gpu-1")
         parser.add_argument("--docker-url", required=True, help="unix:///var/run/docker.sock or tcp://host:2376")
         parser.add_argument(
-            "--address", help="IP or DNS name the gateway reaches published ports on (default: the URL's host)"
+            "--bind-address",
+            help="IP engine ports are published on: a private interface the gateway reaches "
+            "(default 127.0.0.1 for unix:// engines; required for tcp:// engines)",
+        )
+        parser.add_argument(
+            "--address", help="IP or DNS name the gateway reaches published ports by (default: the bind address)"
         )
         parser.add_argument("--gpu-type", required=True, help="name of an existing GPU type, e.g. H100-80GB")
         parser.add_argument("--gpus", type=int, help="GPU count, when the engine does not advertise its GPUs")
@@ -44,7 +53,10 @@ class Command(BaseCommand):
         parser.add_argument("--tls-cert", help="client certificate (PEM file)")
         parser.add_argument("--tls-key", help="client key (PEM file); stored encrypted")
 
-    def handle(self, *args, name, docker_url, address, gpu_type, gpus, engine_image, tls_ca, tls_cert, tls_key, **opts):
+    def handle(
+        self, *args, name, docker_url, address, bind_address, gpu_type, gpus, engine_image, tls_ca, tls_cert, tls_key,
+        **opts,
+    ):  # fmt: skip
         kind = GpuType.objects.filter(name=gpu_type).first()
         if kind is None:
             known = ", ".join(GpuType.objects.values_list("name", flat=True)) or "none yet"
@@ -58,16 +70,19 @@ class Command(BaseCommand):
                 client_cert=_read("--tls-cert", tls_cert),
                 client_key=_read("--tls-key", tls_key),
             )
-        if address is None:
-            address = (
-                (urlsplit(docker_url.strip()).hostname or "127.0.0.1")
-                if docker_url.startswith("tcp://")
-                else "127.0.0.1"
-            )
         try:
             normalised = engine.url_validate(docker_url, tls=tls is not None)
         except ValueError as exc:
             raise CommandError(f"--docker-url: {exc}") from exc
+        if bind_address is None:
+            if docker_url.strip().startswith("tcp://"):
+                raise CommandError(
+                    "--bind-address: give the IP of the host's private interface that the gateway reaches; engine "
+                    "ports are published there only (never on 0.0.0.0 or a public address)."
+                )
+            bind_address = "127.0.0.1"
+        if address is None:
+            address = bind_address
         try:
             facts = engine.engine_facts(engine.Endpoint(url=normalised, tls=tls))
         except engine.EngineError as exc:
@@ -82,7 +97,7 @@ class Command(BaseCommand):
         try:
             host = host_register(
                 name=name, docker_url=normalised, address=address, gpu_type=kind, engine_image=engine_image,
-                gpu_count=gpus if gpus is not None else facts.gpu_count, tls=tls,
+                gpu_count=gpus if gpus is not None else facts.gpu_count, tls=tls, bind_address=bind_address,
             )  # fmt: skip
         except ValidationError as exc:
             raise CommandError(
@@ -91,5 +106,6 @@ class Command(BaseCommand):
         source = "set by hand" if gpus is not None else "advertised by the engine"
         self.stdout.write(
             f"Host {host.name}: {host.docker_url} (Docker {facts.server_version}), reached at {host.address}, "
+            f"engine ports published on {host.bind_address}, "
             f"{host.gpu_count} × {kind.name} ({source}), engine image {host.engine_image}, state {host.state}."
         )

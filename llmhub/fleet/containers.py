@@ -1,0 +1,66 @@
+"""The container an instance runs in (`container_spec`): the vLLM arguments, the engine key, the owner's
+cache, the host's engine network and the limits; `engine_spec.run_kwargs` turns it into Docker's request."""
+
+from __future__ import annotations
+
+from django.conf import settings
+
+from llmhub import crypto
+
+from . import engine
+from .models import Instance
+
+GIB = 1024**3
+
+
+def container_spec(instance: Instance) -> engine.ContainerSpec:
+    """The container for `instance` (host and GPU indexes already reserved; deployment and user loaded).
+
+    vLLM OpenAI server arguments: ``--model <hf repo> [--revision r] --served-model-name
+    <username/model_name> --max-num-seqs <max batch size> --tensor-parallel-size <num GPUs>``, plus
+    ``--middleware`` for the key guard (`engine_guard`, copied in as `spec.files`). Environment:
+    ``VLLM_API_KEY`` (the instance's key), ``HF_TOKEN`` when the deployment has one, ``PYTHONPATH`` for
+    the guard. GPU hosts get a device request for exactly the reserved indexes; CPU hosts none. The
+    port is published on the host's bind address; the cache volume is the owner's; the memory limit is
+    the GPU type's host memory per GPU (GB) × the GPU count, when the type says it.
+    """
+    deployment = instance.deployment
+    host = instance.host
+    args = ["--model", deployment.hf_repo]
+    if deployment.hf_revision:
+        args += ["--revision", deployment.hf_revision]
+    args += [
+        "--served-model-name", deployment.full_name,
+        "--max-num-seqs", str(deployment.max_batch_size),
+        "--tensor-parallel-size", str(deployment.num_gpus),
+        "--host", "0.0.0.0",  # inside the container; published on the host's bind address only
+        "--port", str(engine.ENGINE_PORT),
+        "--middleware", engine.engine_spec.GUARD_MIDDLEWARE,
+    ]  # fmt: skip
+    environment = {"VLLM_API_KEY": instance.engine_key, "PYTHONPATH": engine.engine_spec.GUARD_DIR}
+    hf_token = crypto.decrypt(deployment.hf_token_encrypted)
+    if hf_token:
+        environment["HF_TOKEN"] = hf_token
+    installation = settings.CONTAINER_PREFIX
+    per_gpu = host.gpu_type.host_memory_gb_per_gpu
+    return engine.ContainerSpec(
+        name=instance.container_name,
+        image=host.engine_image,
+        args=args,
+        labels={
+            engine.LABEL_INSTANCE: str(instance.id),
+            engine.LABEL_DEPLOYMENT: deployment.deploy_id,
+            engine.LABEL_INSTALLATION: installation,
+            engine.LABEL_OWNER: deployment.user.username,
+            engine.LABEL_OWNER_ID: str(deployment.user_id),
+        },
+        environment=environment,
+        device_ids=[str(i) for i in instance.gpu_indexes] if host.gpu_type.uses_devices else None,
+        publish_ip=host.bind_address,
+        cache_volume=engine.cache_volume_name(installation, deployment.user_id),
+        network=engine.network_name(installation),
+        pids_limit=settings.ENGINE_PIDS_LIMIT,
+        memory_limit=per_gpu * deployment.num_gpus * GIB if per_gpu else None,
+        cap_add=settings.ENGINE_CAP_ADD,
+        files={engine.engine_spec.GUARD_FILE: engine.engine_spec.guard_source()},
+    )
