@@ -4,7 +4,7 @@ from django import forms
 from django.contrib import admin
 from django.utils import timezone
 
-from . import services
+from . import prices
 from .models import AlertDelivery, BillingAccount, GpuPrice, Invoice, InvoiceLine, SpendingAlert, StripeEvent
 
 
@@ -46,7 +46,7 @@ class GpuPriceAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         super().save_model(request, obj, form, change)
-        services.gpu_prices_sync()  # a price effective now shows in cost estimates at once
+        prices.gpu_prices_sync()  # a price effective now shows in cost estimates at once
 
 
 @admin.register(BillingAccount)

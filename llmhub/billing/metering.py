@@ -9,7 +9,7 @@ now while it runs): seconds × GPUs × the GPU type's price per GPU-hour ÷ 3600
   `resumed_at` (or the stop);
 - boundaries asked for by the caller (weeks, days) and price changes (`GpuPrice.effective_at`).
 
-Nothing here rounds: money is rounded once per invoice line (see services.invoice_build).
+Nothing here rounds: money is rounded once per invoice line (see invoices.invoice_build).
 """
 
 from __future__ import annotations

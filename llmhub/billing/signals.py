@@ -10,6 +10,6 @@ from llmhub.fleet.models import GpuType
 def record_price_change(sender, instance: GpuType, raw: bool = False, **kwargs) -> None:
     if raw:
         return
-    from .services import gpu_price_record_current
+    from .prices import gpu_price_record_current
 
     gpu_price_record_current(gpu_type=instance)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from django.conf import settings
 
-from llmhub.billing import services
+from llmhub.billing import limits
 from llmhub.billing.metering import cost_by_user
 from llmhub.billing.periods import month_start
 from llmhub.deployments.models import Deployment
@@ -70,9 +70,9 @@ def test_the_limit_suspends_a_running_deployment_and_raising_it_resumes(billing_
     assert status_of(deployment) == "running", deployment.fail_reason
     assert chat(url, token, "dora/tiny").status_code == 200
 
-    account = services.billing_account_get(user=user)
+    account = limits.billing_account_get(user=user)
     cap = (spent(user) + Decimal("0.15")).quantize(Decimal("0.01"))  # about 15 s more at 0.01 USD/s
-    services.billing_settings_update(account=account, monthly_limit=cap, alert_thresholds=[50, 80, 100])
+    limits.billing_settings_update(account=account, monthly_limit=cap, alert_thresholds=[50, 80, 100])
 
     wait_for(lambda: status_of(deployment) == "suspended", timeout=90, interval=0.2, what="suspension")
     wait_for(lambda: not our_containers(), timeout=60, interval=0.5, what="the container to stop")
@@ -92,7 +92,7 @@ def test_the_limit_suspends_a_running_deployment_and_raising_it_resumes(billing_
     assert error["code"] == "spending_limit_reached" and f"spending limit of {cap:,.2f} USD" in error["message"]
     assert deployment.fail_reason.startswith("suspended: spending limit reached")
 
-    result = services.billing_settings_update(account=account, monthly_limit=cap + 50, alert_thresholds=[50, 80, 100])
+    result = limits.billing_settings_update(account=account, monthly_limit=cap + 50, alert_thresholds=[50, 80, 100])
     assert result.resumed == 1
     wait_for(
         lambda: Instance.objects.filter(deployment=deployment, state=Instance.State.READY).exists(),
