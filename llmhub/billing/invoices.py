@@ -8,103 +8,125 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db import transaction
 from django.utils import timezone
 
 from llmhub.accounts.models import User
 from llmhub.deployments.models import Deployment
-from llmhub.fleet.models import Instance
+from llmhub.fleet.models import GpuType, Instance
 
 from . import stripe
+from .failures import failure_record
+from .ledger import ledger_entries
 from .limits import billing_account_get
-from .metering import usage_pieces
-from .models import BillingAccount, Invoice, InvoiceInterval, InvoiceLine, StripeEvent
+from .models import BillingAccount, BillingFailure, Invoice, InvoiceInterval, InvoiceLine, StripeEvent
 from .periods import WEEK, week_start
 from .prices import money
 
 log = logging.getLogger(__name__)
 
 
+class InvoiceNumberClash(Exception):
+    """Two different invoices would have the same number: a bug to fix, never a concurrent build."""
+
+
 def invoice_number(account: BillingAccount, period_start: datetime) -> str:
-    """``<ISO year>W<ISO week>-<account id>``, e.g. ``2025W23-00042`` (weeks start on Monday, as ISO's)."""
-    return f"{period_start:%G}W{period_start:%V}-{account.id:05d}"
+    """``<ISO year>W<ISO week>-<account id>``, e.g. ``2025W23-00042``, from the period's start in UTC (weeks
+    start on Monday 00:00 UTC, as ISO's)."""
+    start = period_start.astimezone(UTC)
+    return f"{start:%G}W{start:%V}-{account.id:05d}"
 
 
 def invoice_build(
     *, account: BillingAccount, period_start: datetime, now: datetime | None = None
 ) -> tuple[Invoice | None, bool]:
-    """Build the account's invoice for the week starting `period_start` (a Monday 00:00 UTC).
+    """Build the account's invoice for the week starting `period_start` (a Monday 00:00 UTC), from the
+    ledger (`ledger.ledger_entries`): whatever usage up to the week's end the invoices do not match yet.
 
-    One line per deployment and rate (USD per GPU-hour): GPU-seconds summed over the instance intervals
-    inside the week (kept as the line's intervals), amount = GPU-seconds × rate ÷ 3600 rounded once to
-    cents. Intervals crossing the week's edges are cut there; instances still running count up to the
-    week's end. Returns (invoice, created): an existing invoice unchanged with created False (building
-    twice never adds an invoice or a line), or (None, False) when the account used nothing that week.
-    Raises ValueError for a week that has not ended or a start that is not a Monday 00:00 UTC.
+    Usage lines: one per deployment and rate (USD per GPU-hour) for the week's own usage, GPU-seconds
+    summed over the instance intervals inside the week (kept as the line's intervals). Adjustment lines:
+    one per earlier week, instance and rate whose usage was recorded after that week's invoice (late
+    starts billed, late stops credited, with negative GPU-seconds). Every amount = GPU-seconds × rate ÷
+    3600 rounded half-up once to cents. Instances still running count up to the week's end.
+
+    Holds the account's row lock, so builds of one account run one after another. Returns (invoice,
+    created): an existing invoice unchanged with created False, or (None, False) when nothing is owed.
+    Raises ValueError for a week that has not ended or a start that is not a Monday 00:00 UTC, and
+    InvoiceNumberClash when the number is another invoice's (both named).
     """
     now = now or timezone.now()
     if week_start(period_start) != period_start:
         raise ValueError(f"{period_start.isoformat()} is not a Monday 00:00 UTC")
+    period_start = period_start.astimezone(UTC)
     period_end = period_start + WEEK
     if period_end > now:
         raise ValueError(f"the week starting {period_start:%Y-%m-%d} has not ended")
-    existing = Invoice.objects.filter(account=account, period_start=period_start).first()
-    if existing is not None:
-        return existing, False
-    pieces = usage_pieces(start=period_start, end=period_end, now=now, user_ids=[account.user_id])
-    if not pieces:
-        return None, False
-    groups = defaultdict(list)
-    for piece in pieces:
-        groups[(piece.deployment_id, piece.hourly_rate)].append(piece)
-    deployments = Deployment.objects.select_related("user", "gpu_type").in_bulk({d for d, _ in groups})
-    try:
-        with transaction.atomic():
-            invoice = Invoice.objects.create(
-                account=account,
-                number=invoice_number(account, period_start),
-                period_start=period_start,
-                period_end=period_end,
-                created_at=now,
+    with transaction.atomic():
+        BillingAccount.objects.select_for_update().filter(id=account.id).first()
+        existing = Invoice.objects.filter(account=account, period_start=period_start).first()
+        if existing is not None:
+            return existing, False
+        entries = [
+            e for e in ledger_entries(user_id=account.user_id, end=period_end, now=now) if e.week <= period_start
+        ]
+        if not entries:
+            return None, False
+        number = invoice_number(account, period_start)
+        clash = Invoice.objects.filter(number=number).first()
+        if clash is not None:
+            raise InvoiceNumberClash(
+                f"invoice number {number} for account {account.id}, week of {period_start:%Y-%m-%d}, is already "
+                f"invoice {clash.id} of account {clash.account_id}, week of {clash.period_start:%Y-%m-%d}"
             )
-            total = Decimal(0)
-            for (deployment_id, rate), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-                deployment = deployments[deployment_id]
-                gpu_seconds = sum((p.gpu_seconds for p in group), Decimal(0))
-                line = InvoiceLine.objects.create(
-                    invoice=invoice,
-                    deployment=deployment,
-                    deployment_name=deployment.full_name,
-                    gpu_type_name=deployment.gpu_type.name,
-                    num_gpus=deployment.num_gpus,
-                    hourly_rate=rate,
-                    gpu_seconds=gpu_seconds,
-                    amount=money(gpu_seconds * rate / 3600),
-                )
-                InvoiceInterval.objects.bulk_create(
-                    InvoiceInterval(
-                        line=line,
-                        instance_id=p.instance_id,
-                        host_name=p.host_name,
-                        start=p.start,
-                        end=p.end,
-                        seconds=p.seconds,
-                    )  # fmt: skip
-                    for p in sorted(group, key=lambda p: (p.start, p.instance_id))
-                )
-                total += line.amount
-            invoice.total = total
-            if total == 0:
-                invoice.status, invoice.paid_at = Invoice.Status.PAID, now  # nothing to collect
-            invoice.save(update_fields=["total", "status", "paid_at"])
-    except IntegrityError:  # a concurrent build made it first
-        return Invoice.objects.get(account=account, period_start=period_start), False
-    if total > 0:
+        invoice = Invoice.objects.create(
+            account=account, number=number, period_start=period_start, period_end=period_end, created_at=now
+        )
+        groups = defaultdict(list)
+        for entry in entries:
+            own = entry.week == period_start
+            groups[(entry.week, not own, entry.deployment_id, None if own else entry.instance_id, entry.hourly_rate,
+                    entry.gpu_type_id, entry.num_gpus)].append(entry)  # fmt: skip
+        deployments = Deployment.objects.select_related("user").in_bulk({key[2] for key in groups})
+        names = dict(GpuType.objects.filter(id__in={key[5] for key in groups}).values_list("id", "name"))
+        total = Decimal(0)
+        for key in sorted(groups, key=lambda k: (k[0], k[2], k[3] or 0, k[4])):
+            week, adjustment, deployment_id, instance_id, rate, gpu_type_id, num_gpus = key
+            group = groups[key]
+            gpu_seconds = sum((e.gpu_seconds for e in group), Decimal(0))
+            line = InvoiceLine.objects.create(
+                invoice=invoice,
+                week_start=week,
+                is_adjustment=adjustment,
+                instance_id=instance_id,
+                deployment=deployments[deployment_id],
+                deployment_name=deployments[deployment_id].full_name,
+                gpu_type_name=names.get(gpu_type_id, ""),
+                num_gpus=num_gpus,
+                hourly_rate=rate,
+                gpu_seconds=gpu_seconds,
+                amount=money(gpu_seconds * rate / 3600),
+            )
+            InvoiceInterval.objects.bulk_create(
+                InvoiceInterval(
+                    line=line,
+                    instance_id=e.instance_id,
+                    host_name=e.host_name,
+                    start=e.start,
+                    end=e.end,
+                    seconds=e.seconds,
+                )  # fmt: skip
+                for e in sorted(group, key=lambda e: (e.start, e.instance_id))
+            )
+            total += line.amount
+        invoice.total = total
+        if total == 0:
+            invoice.status, invoice.paid_at = Invoice.Status.PAID, now  # nothing to collect
+        invoice.save(update_fields=["total", "status", "paid_at"])
+    if total != 0:
         transaction.on_commit(lambda: _push_soon(invoice.id))
     return invoice, True
 
@@ -117,25 +139,45 @@ def _push_soon(invoice_id: int) -> None:
 
 
 def invoices_build_due(*, now: datetime | None = None) -> list[Invoice]:
-    """Build the invoices of every account with usage for the last `BILLING_INVOICE_WEEKS_BACK` weeks that
-    ended at least `BILLING_INVOICE_GRACE` seconds ago (so hosts lost at the week's end are known) and
-    have none yet. Returns the invoices created."""
+    """Build the invoices owed for every week that ended at least `BILLING_INVOICE_GRACE` seconds ago (so
+    hosts lost at the week's end are known), however long ago: for each account with usage the ledger
+    does not match, each week without an invoice whose own usage is unbilled gets its invoice; usage of
+    an already invoiced week recorded late goes, as adjustments, on the next invoice built (at the latest
+    the last ended week's). Each account is handled in its own transaction: an error is logged with the
+    account, recorded (`BillingFailure`, counted in /metrics) and the other accounts are still invoiced.
+    Returns the invoices created."""
     now = now or timezone.now()
-    last_end = week_start(now - timedelta(seconds=settings.BILLING_INVOICE_GRACE))
+    cutoff = week_start(now - timedelta(seconds=settings.BILLING_INVOICE_GRACE))
+    users = (
+        Instance.objects.filter(started_at__isnull=False, started_at__lt=cutoff)
+        .values_list("deployment__user_id", flat=True)
+        .distinct()
+    )
     created = []
-    for weeks_ago in range(settings.BILLING_INVOICE_WEEKS_BACK, 0, -1):
-        start = last_end - weeks_ago * WEEK
-        end = start + WEEK
-        users = set(
-            Instance.objects.filter(started_at__isnull=False, started_at__lt=end)
-            .filter(Q(stopped_at__isnull=True) | Q(stopped_at__gt=start))
-            .values_list("deployment__user_id", flat=True)
-        )
-        users -= set(Invoice.objects.filter(period_start=start).values_list("account__user_id", flat=True))
-        for user in User.objects.filter(id__in=users).order_by("id"):
-            invoice, was_created = invoice_build(account=billing_account_get(user=user), period_start=start, now=now)
+    for user in User.objects.filter(id__in=list(users)).order_by("id"):
+        account = billing_account_get(user=user)
+        try:
+            created += _account_invoices_build(account, cutoff=cutoff, now=now)
+        except Exception as exc:  # noqa: BLE001 — this account's failure is this account's alone
+            failure_record(account=account, job=BillingFailure.Job.INVOICES, error=exc, now=now)
+    return created
+
+
+def _account_invoices_build(account: BillingAccount, *, cutoff: datetime, now: datetime) -> list[Invoice]:
+    weeks = {e.week for e in ledger_entries(user_id=account.user_id, end=cutoff, now=now)}
+    if not weeks:
+        return []
+    invoiced = set(Invoice.objects.filter(account=account).values_list("period_start", flat=True))
+    created, carried, week, last = [], False, min(weeks), cutoff - WEEK
+    while week <= last:
+        if week in invoiced:
+            carried = carried or week in weeks
+        elif week in weeks or (carried and week == last):
+            invoice, was_created = invoice_build(account=account, period_start=week, now=now)
             if was_created:
                 created.append(invoice)
+            carried = False
+        week += WEEK
     return created
 
 
@@ -153,7 +195,7 @@ def invoice_push(*, invoice_id: int) -> str:
         return "off"
     invoice = Invoice.objects.select_related("account__user").get(id=invoice_id)
     if invoice.total == 0:
-        return "nothing to collect"
+        return "nothing to collect"  # a credit (negative total) goes to Stripe too: the customer's balance
     if invoice.stripe_status not in ("", "draft"):
         return "already sent"
     account = invoice.account
@@ -177,15 +219,12 @@ def invoice_push(*, invoice_id: int) -> str:
             )
             Invoice.objects.filter(id=invoice.id).update(stripe_invoice_id=draft.id, stripe_status=draft.status)
             invoice.stripe_invoice_id = draft.id
-        for line in invoice.lines.filter(stripe_invoice_item_id="", amount__gt=0):
+        for line in invoice.lines.filter(stripe_invoice_item_id="").exclude(amount=0):
             item_id = stripe.invoice_item_create(
                 customer_id=account.stripe_customer_id,
                 invoice_id=invoice.stripe_invoice_id,
                 amount_cents=int(line.amount * 100),
-                description=(
-                    f"{line.deployment_name}: {line.num_gpus} × {line.gpu_type_name}, "
-                    f"{line.gpu_hours:.3f} GPU-hours at {line.hourly_rate:.4f} USD per GPU-hour"
-                ),
+                description=line.description,
                 period_start=invoice.period_start,
                 period_end=invoice.period_end,
                 line_id=line.id,
@@ -210,7 +249,7 @@ def invoices_push_pending() -> dict[int, str]:
     Returns {invoice id: outcome} (see `invoice_push`)."""
     if not stripe.enabled():
         return {}
-    ids = Invoice.objects.filter(status=Invoice.Status.OPEN, total__gt=0, stripe_status__in=["", "draft"])
+    ids = Invoice.objects.filter(status=Invoice.Status.OPEN, stripe_status__in=["", "draft"]).exclude(total=0)
     return {invoice_id: invoice_push(invoice_id=invoice_id) for invoice_id in ids.values_list("id", flat=True)}
 
 

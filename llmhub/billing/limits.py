@@ -7,6 +7,7 @@ conditional ``UPDATE … WHERE state = old`` (deployments).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -21,10 +22,13 @@ from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import event_record, reconcile_soon
 
 from .alerts import alert_deliveries_create
+from .failures import failure_record
 from .metering import cost_by_user
-from .models import BillingAccount, SpendingAlert, Suspension
+from .models import BillingAccount, BillingFailure, SpendingAlert, Suspension
 from .periods import month_start, next_month
 from .prices import money
+
+log = logging.getLogger(__name__)
 
 SUSPENDABLE = (Deployment.Status.DEPLOYING, Deployment.Status.RUNNING)
 
@@ -81,7 +85,10 @@ def spending_check_all(*, now: datetime | None = None) -> list[CheckResult]:
     suspend at 100 %, resume when the limit no longer holds (raised, removed, or a new month).
 
     Runs every `BILLING_CHECK_INTERVAL` seconds, so the spend passes the limit by at most one interval of
-    the account's running cost: suspension stops the billing at the moment of the check.
+    the account's running cost plus the time the reconciler takes to stop the containers (billing follows
+    the recorded run intervals). Each account is checked in its own transaction: an error is logged with
+    the account, recorded (`BillingFailure`, counted in /metrics), and the other accounts are still checked.
+    Returns the results of the accounts checked without error.
     """
     now = now or timezone.now()
     month = month_start(now)
@@ -93,14 +100,23 @@ def spending_check_all(*, now: datetime | None = None) -> list[CheckResult]:
     if not accounts:
         return []
     spent = cost_by_user(user_ids=[u for _, u in accounts], start=month, end=next_month(month), now=now)
-    return [account_check(account_id=a, spent=spent[u], now=now) for a, u in accounts]
+    results = []
+    for account_id, user_id in accounts:
+        try:
+            results.append(account_check(account_id=account_id, spent=spent[user_id], now=now))
+        except Exception as exc:  # noqa: BLE001 — this account's failure is this account's alone
+            account = BillingAccount.objects.get(id=account_id)
+            failure_record(account=account, job=BillingFailure.Job.SPENDING_CHECK, error=exc, now=now)
+    return results
 
 
 def account_check(*, account_id: int, now: datetime | None = None, spent: Decimal | None = None) -> CheckResult:
     """Check one account's spending this month (USD; computed when `spent` is not given) against its limit.
 
     Holds the account's row lock, so concurrent checks of one account run one after another; alerts are
-    also unique per (account, month, threshold, limit). Returns what was found and done.
+    also unique per (account, month, threshold): each threshold alerts at most once per calendar month
+    (UTC) whatever the limit is changed to, and thresholds reached together send one alert, the highest.
+    An operator's hold (`account_hold`) suspends whatever the limit says. Returns what was found and done.
     """
     now = now or timezone.now()
     month = month_start(now)
@@ -112,6 +128,9 @@ def account_check(*, account_id: int, now: datetime | None = None, spent: Decima
             ]
         limit = account.monthly_limit
         result = CheckResult(spent=spent, limit=limit)
+        if account.operator_hold:
+            result.suspended = _suspend(account, reason=HOLD_REASON, now=now)
+            return result
         if limit is None:
             if account.suspended_at:
                 result.resumed = _resume(account, now=now)
@@ -124,8 +143,7 @@ def account_check(*, account_id: int, now: datetime | None = None, spent: Decima
                 account=account,
                 month=month.date(),
                 threshold=threshold,
-                limit=limit,
-                defaults={"spent": money(spent), "created_at": now},
+                defaults={"limit": limit, "spent": money(spent), "created_at": now},
             )
             if was_created:
                 created.append(alert)
@@ -135,7 +153,7 @@ def account_check(*, account_id: int, now: datetime | None = None, spent: Decima
             alert_deliveries_create(account=account, alert=top, now=now)
             result.alerts = [a.threshold for a in created]
         if spent >= limit:
-            result.suspended = _suspend(account, limit=limit, now=now)
+            result.suspended = _suspend(account, reason=suspension_reason(limit), now=now)
         elif account.suspended_at:
             result.resumed = _resume(account, now=now)
         return result
@@ -148,25 +166,39 @@ def suspension_reason(limit: Decimal) -> str:
     )
 
 
-def _suspend(account: BillingAccount, *, limit: Decimal, now: datetime) -> int:
+HOLD_REASON = "suspended by an operator: contact support to resume."
+
+
+def account_hold(*, account: BillingAccount, hold: bool, now: datetime | None = None) -> CheckResult:
+    """Suspend the account's deployments (`hold` True) or lift an operator's hold (False; the limit then
+    decides), the one way to suspend or resume by hand (the admin's actions call this). Returns what the
+    check that follows did."""
+    BillingAccount.objects.filter(id=account.id).update(operator_hold=hold)
+    return account_check(account_id=account.id, now=now)
+
+
+def _suspend(account: BillingAccount, *, reason: str, now: datetime) -> int:
     """Hold the account's deploying/running deployments (status `suspended`, scaled to zero by the
-    reconciler), remembering their status. Returns how many this call suspended."""
+    reconciler), remembering their status. A deployment whose status was set back by hand while held keeps
+    its open suspension (and what to restore). Returns how many this call suspended."""
     BillingAccount.objects.filter(id=account.id, suspended_at__isnull=True).update(suspended_at=now)
     account.suspended_at = account.suspended_at or now
-    reason = suspension_reason(limit)
     done = 0
     for deployment in Deployment.objects.filter(user_id=account.user_id, status__in=SUSPENDABLE):
         if not Deployment.objects.filter(id=deployment.id, status=deployment.status).update(
             status=Deployment.Status.SUSPENDED, fail_reason=reason, updated_at=now
         ):
             continue  # changed meanwhile (deleted, failed): leave it
-        Suspension.objects.create(
-            account=account,
-            deployment=deployment,
-            previous_status=deployment.status,
-            previous_fail_reason=deployment.fail_reason,
-            suspended_at=now,
-        )
+        if Suspension.objects.filter(deployment=deployment, resumed_at__isnull=True).exists():
+            log.warning("deployment %s was set back to %s by hand while suspended", deployment.id, deployment.status)
+        else:
+            Suspension.objects.create(
+                account=account,
+                deployment=deployment,
+                previous_status=deployment.status,
+                previous_fail_reason=deployment.fail_reason,
+                suspended_at=now,
+            )
         event_record(deployment=deployment, kind="suspended", message=reason)
         reconcile_soon(deployment.id)
         done += 1

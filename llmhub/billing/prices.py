@@ -6,7 +6,7 @@ Every price row is history: billing reads the rate in force at each moment from 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 from django.core.exceptions import ValidationError
@@ -24,14 +24,24 @@ def money(value: Decimal) -> Decimal:
     return value.quantize(CENT, rounding=ROUND_HALF_UP)
 
 
-def gpu_price_record_current(*, gpu_type: GpuType, now: datetime | None = None) -> GpuPrice | None:
-    """Make `gpu_type.hourly_price` (USD per GPU-hour) the price from `now` on, unless it already is.
+def gpu_price_record_current(
+    *, gpu_type: GpuType, previous: Decimal | None = None, now: datetime | None = None
+) -> GpuPrice | None:
+    """Make `gpu_type.hourly_price` (USD per GPU-hour) the price from `now` on when the save changed it.
 
-    Called when a GPU type is saved (admin edit, `gpu_type_ensure`), so editing the price never changes
-    what was billed before. Returns the new price row, or None when nothing changed.
+    Called when a GPU type is saved (admin edit, `gpu_type_ensure`) with `previous`, the price stored
+    before the save (None: a new type). A save that leaves the price as it was (e.g. an edit of another
+    field while a scheduled price has come into force but the periodic sync has not copied it yet) never
+    adds a price: it syncs instead, so a scheduled price cannot be undone. A changed price applies from
+    now, never before, and scheduled later prices still apply from their time. Returns the new price row,
+    or None when nothing changed.
     """
     now = now or timezone.now()
-    in_force = PriceBook([gpu_type.id]).rate_at(gpu_type.id, now) if gpu_type.prices.exists() else None
+    has_history = gpu_type.prices.exists()
+    if has_history and (previous is None or previous == gpu_type.hourly_price):
+        gpu_prices_sync(now=now)
+        return None
+    in_force = PriceBook([gpu_type.id]).rate_at(gpu_type.id, now) if has_history else None
     if in_force is not None and in_force == gpu_type.hourly_price:
         return None
     try:
@@ -46,11 +56,12 @@ def gpu_price_schedule(
 ) -> GpuPrice:
     """Schedule a price (USD per GPU-hour) for `gpu_type` from `effective_at` on.
 
-    Raises ValidationError when `effective_at` is in the past (prices never apply retroactively), the
-    price is negative, or another price of the type starts at the same moment.
+    Raises ValidationError when `effective_at` is before `now`, even by a second (prices never apply
+    retroactively: what ran was billed at the price then), the price is negative, or another price of the
+    type starts at the same moment.
     """
     now = now or timezone.now()
-    if effective_at < now - timedelta(seconds=60):
+    if effective_at < now:
         raise ValidationError({"effective_at": "A price cannot start in the past: what was billed stays billed."})
     if hourly_price < 0:
         raise ValidationError({"hourly_price": "A price cannot be negative."})

@@ -85,7 +85,8 @@ def test_each_threshold_alerts_once_and_100_percent_suspends(clock, account, use
     assert dict(Suspension.objects.values_list("deployment__model_name", "previous_status")) == {
         "a": "running", "b": "deploying"
     }  # fmt: skip
-    # The instance still runs until the reconciler stops it, but the spend stopped at the check.
+    # Billing follows the run intervals: the spend stops when the reconciler stops the container.
+    Instance.objects.filter(deployment=running).update(state="stopped", stopped_at=at(2, 10))
     assert spent(user, at(2, 11)) == Decimal("30.00") == spent(user, at(20))
     assert AlertDelivery.objects.filter(channel="email").count() == 3
 
@@ -149,7 +150,9 @@ def test_removing_the_limit_or_a_new_month_resumes(clock, account, user, host, a
 @pytest.mark.parametrize("interval", [10, 30, 300])
 @pytest.mark.parametrize("phase", [0, 7, 19])
 def test_overshoot_is_at_most_one_check_interval_of_the_running_cost(clock, account, user, host, a100, interval, phase):
-    """Three GPUs at 3.00 USD/GPU-hour (9 USD/h) run from 00:00; checks every `interval` s from `phase` s."""
+    """Three GPUs at 3.00 USD/GPU-hour (9 USD/h) run from 00:00; checks every `interval` s from `phase` s.
+    (Billing follows the run intervals: the time the reconciler takes to stop the containers is billed
+    too; here they stop at the check.)"""
     for name, gpus in (("a", 1), ("b", 2)):
         deployment = DeploymentFactory(user=user, gpu_type=a100, num_gpus=gpus, model_name=name, status="running")
         run(deployment, host, at(2))
@@ -161,6 +164,7 @@ def test_overshoot_is_at_most_one_check_interval_of_the_running_cost(clock, acco
     while not limits.spending_check_all(now=now)[0].suspended:
         now += timedelta(seconds=interval)
         assert now < at(3), "never suspended"
+    Instance.objects.update(state="stopped", stopped_at=now)  # the reconciler stops the containers
 
     overshoot = spent(user, at(20)) - cap
     bound = rate * interval / 3600
