@@ -69,8 +69,8 @@ class BillingAccount(models.Model):
 class Suspension(models.Model):
     """One deployment held by the spending limit, with what to restore when it resumes.
 
-    Instances are not billed from `suspended_at` to `resumed_at`: the spend stops when the limit decides
-    it, not when the last container has stopped.
+    Billing follows the run intervals: the spend stops when the reconciler has stopped the containers
+    (seconds after `suspended_at`), and a container that keeps running (a status set back by hand) is billed.
     """
 
     account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="suspensions")

@@ -250,6 +250,7 @@ def test_the_audit_finds_no_difference_then_every_one(clock, account, user, gpu_
     deployment = DeploymentFactory(user=user, gpu_type=h100, num_gpus=2, model_name="m")
     run(deployment, gpu_host, at(7, 12), at(9, 3))
     invoices.invoices_build_due(now=at(16, 2))
+    clock.move_to(at(16, 3))
     out = StringIO()
     call_command("billing_audit", stdout=out)
     assert "no differences" in out.getvalue()
@@ -279,3 +280,32 @@ def test_admin_keeps_the_past(admin_client, clock, account, user, gpu_host, h100
     page = admin_client.get(f"/admin/deployments/deployment/{deployment.id}/change/").content.decode()
     for field in ("gpu_type", "num_gpus", "model_name", "status"):
         assert f'name="{field}"' not in page
+
+
+def test_the_admin_audit_page_and_suspension_actions(admin_client, clock, account, user, gpu_host, h100):
+    deployment = DeploymentFactory(user=user, gpu_type=h100, num_gpus=1, model_name="m", status="running")
+    run(deployment, gpu_host, at(2), at(2, 1))
+    invoices.invoices_build_due(now=at(9, 2))
+    clock.move_to(at(9, 3))
+    assert 'id="billing-audit-clean"' in admin_client.get("/admin/billing/billingaccount/audit/").content.decode()
+
+    changelist = "/admin/billing/billingaccount/"
+    admin_client.post(changelist, {"action": "hold", "_selected_action": [account.id]})
+    deployment.refresh_from_db()
+    assert deployment.status == "suspended"
+    admin_client.post(changelist, {"action": "release", "_selected_action": [account.id]})
+    deployment.refresh_from_db()
+    assert deployment.status == "running"
+    page = admin_client.get(f"{changelist}{account.id}/change/").content.decode()
+    assert 'name="suspended_at"' not in page and 'name="operator_hold"' not in page
+
+
+def test_a_price_form_refuses_a_start_in_the_past(admin_client, clock, h100):
+    clock.move_to(at(3, 12))
+    response = admin_client.post("/admin/billing/gpuprice/add/", {
+        "gpu_type": h100.id, "hourly_price": "9.00", "effective_at": "2026-03-03 11:59:59",
+    })  # fmt: skip
+    assert "A price cannot start in the past" in response.content.decode()
+    response = admin_client.post("/admin/billing/gpuprice/add/", {"gpu_type": h100.id, "hourly_price": "9.00"})
+    assert response.status_code == 302
+    assert GpuPrice.objects.filter(gpu_type=h100).latest("effective_at").effective_at == at(3, 12)
