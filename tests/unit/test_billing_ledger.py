@@ -55,7 +55,7 @@ def failures(job: str) -> float:
     return REGISTRY.get_sample_value("llmhub_billing_account_failures_total", {"job": job}) or 0.0
 
 
-def test_a_stop_recorded_after_the_weeks_invoice_is_credited_on_the_next(clock, account, user, gpu_host, h100):
+def test_a_stop_recorded_after_the_weeks_invoice_is_credited_on_the_next(client, clock, account, user, gpu_host, h100):
     deployment = DeploymentFactory(user=user, gpu_type=h100, num_gpus=1, model_name="m")
     instance = run(deployment, gpu_host, at(7, 12))  # Saturday 12:00, still running as far as we know
     clock.move_to(at(9, 1, 5))
@@ -73,6 +73,9 @@ def test_a_stop_recorded_after_the_weeks_invoice_is_credited_on_the_next(clock, 
     assert adjustment.amount == Decimal("-8.00") and adjustment.gpu_seconds == -4 * 3600
     assert "2026-03-02" in adjustment.description and f"instance {instance.id}" in adjustment.description
     assert invoiced(account) == Decimal("64.00")  # 32 h that ran
+    client.force_login(user)
+    page = client.get(f"/billing/invoices/{adjustment.invoice.number}/").content.decode()
+    assert f"credit for the week of 2026-03-02, instance #{instance.id}" in page and "-8.00" in page
 
 
 def test_a_start_recorded_after_the_weeks_invoice_is_billed_on_the_next(clock, account, user, gpu_host, h100):

@@ -1,8 +1,9 @@
 """``manage.py billing_audit``: metered usage recomputed from the run intervals vs what was invoiced."""
 
 import sys
+from datetime import datetime
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from llmhub.billing.audit import billing_audit
 
@@ -14,8 +15,19 @@ class Command(BaseCommand):
         "there is any)."
     )
 
+    def add_arguments(self, parser):
+        parser.add_argument("--now", help="Audit as of this ISO 8601 moment with a time zone (default: now).")
+
     def handle(self, *args, **options):
-        differences = billing_audit()
+        now = None
+        if options.get("now"):
+            try:
+                now = datetime.fromisoformat(options["now"])
+            except ValueError as exc:
+                raise CommandError(f"--now: {exc}") from exc
+            if now.tzinfo is None:
+                raise CommandError("--now needs a time zone, e.g. 2026-03-09T02:00:00+00:00")
+        differences = billing_audit(now=now)
         for difference in differences:
             self.stdout.write(str(difference))
         if differences:
