@@ -210,9 +210,8 @@ STRIPE_WEBHOOK_SECRET = env.str("STRIPE_WEBHOOK_SECRET", default="")
 STRIPE_API_BASE = env.str("STRIPE_API_BASE", default="https://api.stripe.com")
 # Seconds between two spending-limit checks: the spend passes a limit by at most this long at the running cost.
 BILLING_CHECK_INTERVAL = env.float("LLMHUB_BILLING_CHECK_INTERVAL", default=30.0)
-# Seconds after a week's end before its invoices are built (lost hosts are known by then), weeks looked back.
+# Seconds after a week's end before its invoices are built (lost hosts are known by then).
 BILLING_INVOICE_GRACE = env.float("LLMHUB_BILLING_INVOICE_GRACE", default=3600.0)
-BILLING_INVOICE_WEEKS_BACK = env.int("LLMHUB_BILLING_INVOICE_WEEKS_BACK", default=8)
 BILLING_INVOICE_DAYS_UNTIL_DUE = env.int("LLMHUB_BILLING_INVOICE_DAYS_UNTIL_DUE", default=14)
 # Seconds one alert webhook delivery may take in all (resolve, connect, send, answer): a total deadline.
 BILLING_WEBHOOK_TIMEOUT = env.float("LLMHUB_BILLING_WEBHOOK_TIMEOUT", default=10.0)

@@ -36,7 +36,8 @@ def autoscale_all() -> None:
 def billing_check() -> None:
     """Spending limits: alerts, suspension, resumption (beat, every BILLING_CHECK_INTERVAL s); scheduled
     GPU prices coming into force."""
-    from llmhub.billing.services import gpu_prices_sync, spending_check_all
+    from llmhub.billing.limits import spending_check_all
+    from llmhub.billing.prices import gpu_prices_sync
 
     gpu_prices_sync()
     spending_check_all()
@@ -45,7 +46,7 @@ def billing_check() -> None:
 @app.task(name="workers.tasks.billing_alerts_deliver")
 def billing_alerts_deliver() -> None:
     """Deliver due spending alerts (e-mail, webhook) from the outbox (beat, and when an alert is written)."""
-    from llmhub.billing.services import alerts_deliver
+    from llmhub.billing.alerts import alerts_deliver
 
     alerts_deliver()
 
@@ -53,7 +54,7 @@ def billing_alerts_deliver() -> None:
 @app.task(name="workers.tasks.billing_invoices")
 def billing_invoices() -> None:
     """Build the weekly invoices that are due, then send unsent ones to Stripe (beat, hourly)."""
-    from llmhub.billing.services import invoices_build_due, invoices_push_pending
+    from llmhub.billing.invoices import invoices_build_due, invoices_push_pending
 
     invoices_build_due()
     invoices_push_pending()
@@ -62,7 +63,7 @@ def billing_invoices() -> None:
 @app.task(name="workers.tasks.billing_invoice_push")
 def billing_invoice_push(invoice_id: int) -> None:
     """Send one invoice to Stripe (enqueued when it is built)."""
-    from llmhub.billing.services import invoice_push
+    from llmhub.billing.invoices import invoice_push
 
     invoice_push(invoice_id=invoice_id)
 

@@ -10,6 +10,17 @@ class UserAdmin(BaseUserAdmin):
     list_editable = ("gpu_quota",)
     fieldsets = BaseUserAdmin.fieldsets + (("Quota", {"fields": ("gpu_quota",)}),)
 
+    def has_delete_permission(self, request, obj=None):
+        """A user whose instances ran has billable history: deactivate them instead."""
+        if obj is not None and obj.deployments.filter(instances__started_at__isnull=False).exists():
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
 
 @admin.register(ApiToken)
 class ApiTokenAdmin(admin.ModelAdmin):

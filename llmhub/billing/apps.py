@@ -7,3 +7,6 @@ class BillingConfig(AppConfig):
 
     def ready(self):
         from . import signals  # noqa: F401  (GPU type price changes become price history)
+        from .failures import register
+
+        register()  # llmhub_billing_account_failures_total in /metrics

@@ -1,15 +1,16 @@
 """Metering: GPU uptime of instances turned into priced pieces of time.
 
 An instance accrues from its container start (`Instance.started_at`) until it stops (`stopped_at`, or
-now while it runs): seconds × GPUs × the GPU type's price per GPU-hour ÷ 3600. Pending instances
-(no `started_at`) accrue nothing. Three things cut an interval short or into pieces:
+now while it runs): seconds × GPUs × the GPU type's price per GPU-hour ÷ 3600, with the GPU type and
+count fixed on the instance when it was placed (never the deployment's current fields). Pending
+instances (no `started_at`) accrue nothing. The run intervals are the only source of billed time: a
+deployment's status (suspended by the limit, or edited by hand) changes nothing here; suspension stops
+the spend by stopping the containers. Two things cut an interval short or into pieces:
 
 - its host was lost (`Host.state` unreachable): billed up to the host's last heartbeat;
-- its deployment was suspended by the spending limit while it ran: nothing from `suspended_at` to
-  `resumed_at` (or the stop);
 - boundaries asked for by the caller (weeks, days) and price changes (`GpuPrice.effective_at`).
 
-Nothing here rounds: money is rounded once per invoice line (see services.invoice_build).
+Nothing here rounds: money is rounded once per invoice line (see invoices.invoice_build).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from django.db.models import Q
 
 from llmhub.fleet.models import GpuType, Host, Instance
 
-from .models import GpuPrice, Suspension
+from .models import GpuPrice
 from .periods import seconds_between
 
 SECONDS_PER_HOUR = Decimal(3600)
@@ -43,6 +44,7 @@ class Piece:
     start: datetime
     end: datetime
     hourly_rate: Decimal  # USD per GPU-hour
+    gpu_type_id: int = 0
 
     @property
     def seconds(self) -> Decimal:
@@ -94,21 +96,12 @@ def billed_end(instance: Instance, *, now: datetime) -> datetime:
     return end
 
 
-def _subtract(start: datetime, end: datetime, holes: list[tuple[datetime, datetime | None]]):
-    """[start, end) minus the half-open `holes` (an open-ended hole has end None), as a list of intervals."""
-    parts = [(start, end)]
-    for hole_start, hole_end in holes:
-        next_parts = []
-        for s, e in parts:
-            if hole_end is not None and hole_end <= s or hole_start >= e:
-                next_parts.append((s, e))
-                continue
-            if s < hole_start:
-                next_parts.append((s, hole_start))
-            if hole_end is not None and hole_end < e:
-                next_parts.append((hole_end, e))
-        parts = next_parts
-    return parts
+def billable_facts(instance: Instance) -> tuple[int, int]:
+    """(GPU type id, GPU count) fixed on `instance` at placement. An instance that ran without them (only
+    rows older than the facts, which the migration filled in) falls back to its deployment's."""
+    if instance.gpu_type_id is not None and instance.num_gpus is not None:
+        return instance.gpu_type_id, instance.num_gpus
+    return instance.deployment.gpu_type_id, instance.deployment.num_gpus
 
 
 def usage_pieces(
@@ -135,65 +128,52 @@ def usage_pieces(
     instances = list(instances.select_related("deployment", "host"))
     if not instances:
         return []
-    prices = PriceBook({i.deployment.gpu_type_id for i in instances})
-    holes: dict[int, list] = defaultdict(list)
-    for deployment_id, held_from, held_to in Suspension.objects.filter(
-        deployment_id__in={i.deployment_id for i in instances}, suspended_at__lt=end
-    ).values_list("deployment_id", "suspended_at", "resumed_at"):
-        holes[deployment_id].append((held_from, held_to))
+    facts = {i.id: billable_facts(i) for i in instances}
+    prices = PriceBook({gpu_type_id for gpu_type_id, _ in facts.values()})
     cuts = sorted(set(boundaries))
 
     pieces = []
     for instance in instances:
-        deployment = instance.deployment
+        gpu_type_id, num_gpus = facts[instance.id]
         s = max(instance.started_at, start)
         e = min(billed_end(instance, now=now), end, now)
         if e <= s:
             continue
-        # Only a container already running when the limit held it is cut; one started later (e.g. after an
-        # operator changed the status by hand) is billed like any other.
-        held = [(a, b) for a, b in holes.get(instance.deployment_id, []) if instance.started_at < a]
-        for part_start, part_end in _subtract(s, e, held):
-            inner = [t for t in cuts if part_start < t < part_end]
-            inner += prices.changes_between(deployment.gpu_type_id, part_start, part_end)
-            edges = [part_start, *sorted(set(inner)), part_end]
-            for a, b in zip(edges, edges[1:]):
-                pieces.append(
-                    Piece(
-                        instance_id=instance.id,
-                        deployment_id=instance.deployment_id,
-                        user_id=deployment.user_id,
-                        host_name=instance.host.name if instance.host else "",
-                        num_gpus=deployment.num_gpus,
-                        start=a,
-                        end=b,
-                        hourly_rate=prices.rate_at(deployment.gpu_type_id, a),
-                    )
+        inner = [t for t in cuts if s < t < e]
+        inner += prices.changes_between(gpu_type_id, s, e)
+        edges = [s, *sorted(set(inner)), e]
+        for a, b in zip(edges, edges[1:]):
+            pieces.append(
+                Piece(
+                    instance_id=instance.id,
+                    deployment_id=instance.deployment_id,
+                    user_id=instance.deployment.user_id,
+                    host_name=instance.host.name if instance.host else "",
+                    num_gpus=num_gpus,
+                    start=a,
+                    end=b,
+                    hourly_rate=prices.rate_at(gpu_type_id, a),
+                    gpu_type_id=gpu_type_id,
                 )
+            )
     return pieces
 
 
 def running_hourly_cost(*, user_ids: Iterable[int], now: datetime) -> dict[int, Decimal]:
     """{user id: USD per hour} that the users' instances accrue right now (started, not stopped, host not
-    lost, deployment not suspended): Σ GPUs × price per GPU-hour in force now."""
+    lost): Σ GPUs × price per GPU-hour in force now."""
     ids = list(user_ids)
     instances = list(
         Instance.objects.filter(started_at__isnull=False, stopped_at__isnull=True, deployment__user_id__in=ids)
         .exclude(host__state=Host.State.UNREACHABLE)
         .select_related("deployment")
     )
-    held = dict(
-        Suspension.objects.filter(
-            deployment_id__in={i.deployment_id for i in instances}, resumed_at__isnull=True
-        ).values_list("deployment_id", "suspended_at")
-    )
-    prices = PriceBook({i.deployment.gpu_type_id for i in instances})
+    facts = {i.id: billable_facts(i) for i in instances}
+    prices = PriceBook({gpu_type_id for gpu_type_id, _ in facts.values()})
     out = {user_id: Decimal(0) for user_id in ids}
     for instance in instances:
-        if instance.deployment_id in held and instance.started_at < held[instance.deployment_id]:
-            continue  # held by the spending limit: its container is being stopped, not billed
-        deployment = instance.deployment
-        out[deployment.user_id] += deployment.num_gpus * prices.rate_at(deployment.gpu_type_id, now)
+        gpu_type_id, num_gpus = facts[instance.id]
+        out[instance.deployment.user_id] += num_gpus * prices.rate_at(gpu_type_id, now)
     return out
 
 

@@ -53,6 +53,9 @@ class BillingAccount(models.Model):
     alert_webhook_url = models.URLField(blank=True, max_length=500, help_text="Optional: alerts are POSTed as JSON.")
     stripe_customer_id = models.CharField(max_length=64, blank=True)
     suspended_at = models.DateTimeField(null=True, blank=True, help_text="Set while the limit holds deployments.")
+    operator_hold = models.BooleanField(
+        default=False, help_text="Suspended by an operator (admin action), whatever the limit says."
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     def __str__(self):
@@ -66,8 +69,8 @@ class BillingAccount(models.Model):
 class Suspension(models.Model):
     """One deployment held by the spending limit, with what to restore when it resumes.
 
-    Instances are not billed from `suspended_at` to `resumed_at`: the spend stops when the limit decides
-    it, not when the last container has stopped.
+    Billing follows the run intervals: the spend stops when the reconciler has stopped the containers
+    (seconds after `suspended_at`), and a container that keeps running (a status set back by hand) is billed.
     """
 
     account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="suspensions")
@@ -87,7 +90,8 @@ class Suspension(models.Model):
 
 
 class SpendingAlert(models.Model):
-    """A threshold of the monthly limit reached: written once per (account, month, threshold, limit).
+    """A threshold of the monthly limit reached: written once per (account, month, threshold), whatever the
+    limit is changed to during the month.
 
     The unique constraint is what makes concurrent checks alert once. Deliveries (e-mail, webhook) are
     outbox rows; a threshold passed together with a higher one in the same check is recorded but not
@@ -106,7 +110,7 @@ class SpendingAlert(models.Model):
         ordering = ["-created_at", "-threshold"]
         constraints = [
             models.UniqueConstraint(
-                fields=["account", "month", "threshold", "limit"], name="spending_alert_once_per_month"
+                fields=["account", "month", "threshold"], name="spending_alert_once_per_threshold_month"
             )
         ]
 
@@ -172,23 +176,47 @@ class Invoice(models.Model):
 
 
 class InvoiceLine(models.Model):
-    """A deployment's usage at one rate within an invoice's week. `amount` is rounded once, to cents."""
+    """A deployment's usage at one rate within one week, rounded once to cents (`amount`).
+
+    A usage line covers the invoice's own week (`week_start` = the invoice's `period_start`). An adjustment
+    line covers usage of one instance in an earlier week recorded after that week's invoice (a start or a
+    stop the reconciler recorded late): positive GPU-seconds bill time not billed yet, negative ones credit
+    time billed that did not run. Its intervals say exactly which seconds (negative `seconds`: credited).
+    """
 
     invoice = models.ForeignKey(Invoice, on_delete=models.CASCADE, related_name="lines")
+    week_start = models.DateTimeField(help_text="Monday 00:00 UTC of the week whose usage this line bills.")
+    is_adjustment = models.BooleanField(default=False)
+    instance = models.ForeignKey(
+        "fleet.Instance", on_delete=models.PROTECT, null=True, blank=True, related_name="adjustment_lines",
+        help_text="The instance an adjustment line is about.",
+    )  # fmt: skip
     deployment = models.ForeignKey("deployments.Deployment", on_delete=models.PROTECT, related_name="invoice_lines")
     deployment_name = models.CharField(max_length=120, help_text="username/model_name when billed.")
     gpu_type_name = models.CharField(max_length=32)
     num_gpus = models.PositiveSmallIntegerField()
     hourly_rate = models.DecimalField(max_digits=10, decimal_places=4, help_text="USD per GPU-hour.")
     gpu_seconds = models.DecimalField(max_digits=20, decimal_places=6, help_text="Σ seconds × GPUs.")
-    amount = models.DecimalField(max_digits=12, decimal_places=2, help_text="USD.")
+    amount = models.DecimalField(max_digits=12, decimal_places=2, help_text="USD (negative: a credit).")
     stripe_invoice_item_id = models.CharField(max_length=64, blank=True)
 
     class Meta:
-        ordering = ["deployment_name", "hourly_rate", "id"]
-        constraints = [
-            models.UniqueConstraint(fields=["invoice", "deployment", "hourly_rate"], name="invoice_line_unique")
-        ]
+        ordering = ["week_start", "deployment_name", "hourly_rate", "id"]
+
+    @property
+    def description(self) -> str:
+        """The line in words, e.g. "alice/m: 1 × H100, 2.000 GPU-hours at 2.0000 USD per GPU-hour"; an
+        adjustment names its week and instance."""
+        text = (
+            f"{self.deployment_name}: {self.num_gpus} × {self.gpu_type_name}, "
+            f"{self.gpu_hours:.3f} GPU-hours at {self.hourly_rate:.4f} USD per GPU-hour"
+        )
+        if self.is_adjustment:
+            kind = "credit" if self.gpu_seconds < 0 else "late usage"
+            text = (
+                f"adjustment ({kind}) for the week of {self.week_start:%Y-%m-%d}, instance {self.instance_id}: {text}"
+            )
+        return text
 
     @property
     def gpu_hours(self) -> Decimal:
@@ -216,6 +244,25 @@ class InvoiceInterval(models.Model):
     @property
     def gpu_hours(self) -> Decimal:
         return self.seconds * self.line.num_gpus / 3600
+
+
+class BillingFailure(models.Model):
+    """One account's error in a billing run (spending check, invoices, alert delivery), kept for operators
+    and counted in /metrics as ``llmhub_billing_account_failures_total{job}``; the run went on with the
+    other accounts."""
+
+    class Job(models.TextChoices):
+        SPENDING_CHECK = "spending_check"
+        INVOICES = "invoices"
+        ALERTS = "alerts"
+
+    account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="failures")
+    job = models.CharField(max_length=32, choices=Job.choices)
+    error = models.TextField()
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-created_at"]
 
 
 class StripeEvent(models.Model):

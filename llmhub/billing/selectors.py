@@ -141,8 +141,10 @@ def banner_for(user: User, *, now: datetime | None = None) -> Banner | None:
     if not user.is_authenticated:
         return None
     account = BillingAccount.objects.filter(user=user).first()
-    if account is None or account.monthly_limit is None and not account.suspended_at:
+    if account is None or account.monthly_limit is None and not account.suspended_at and not account.operator_hold:
         return None
+    if account.operator_hold:
+        return Banner("error", "Your deployments are suspended by an operator: contact support to resume them.")
     if account.suspended_at:
         return Banner(
             "error",

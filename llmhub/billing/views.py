@@ -10,7 +10,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import charts, selectors, services, stripe
+from . import charts, invoices, limits, selectors, stripe
 from .forms import BillingSettingsForm
 from .models import InvoiceInterval
 
@@ -46,7 +46,7 @@ def overview(request):
 @login_required
 @require_http_methods(["GET", "POST"])
 def billing_settings(request):
-    account = services.billing_account_get(user=request.user)
+    account = limits.billing_account_get(user=request.user)
     initial = {
         "monthly_limit": account.monthly_limit,
         "alert_thresholds": ", ".join(str(t) for t in account.alert_thresholds),
@@ -56,7 +56,7 @@ def billing_settings(request):
     form = BillingSettingsForm(request.POST or None, initial=initial)
     if request.method == "POST" and form.is_valid():
         try:
-            result = services.billing_settings_update(account=account, **form.cleaned_data)
+            result = limits.billing_settings_update(account=account, **form.cleaned_data)
         except ValidationError as exc:
             for name, errors in exc.error_dict.items():
                 for error in errors:
@@ -127,7 +127,7 @@ def invoice_print(request, number):
 def stripe_webhook(request):
     """Stripe's webhook: signature checked, each event processed once (replays change nothing)."""
     try:
-        outcome = services.stripe_event_process(
+        outcome = invoices.stripe_event_process(
             payload=request.body, signature=request.headers.get("Stripe-Signature", "")
         )
     except stripe.WebhookError as exc:

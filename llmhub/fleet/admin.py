@@ -152,6 +152,18 @@ class InstanceAdmin(admin.ModelAdmin):
     list_filter = ("state", "host")
     search_fields = ("deployment__model_name", "container_id")
     raw_id_fields = ("deployment",)
+    readonly_fields = ("gpu_type", "num_gpus", "started_at", "stopped_at")  # billable facts and run interval
+
+    def has_delete_permission(self, request, obj=None):
+        """An instance that ran is billable history: never deleted."""
+        if obj is not None and obj.started_at is not None:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
 
 
 @admin.register(ImagePull)

@@ -186,7 +186,8 @@ class Instance(models.Model):
     container crashed is stopped; one taken away by its host (host unreachable, engine restarted,
     container removed behind LLMHub's back) is lost. Stopped and lost instances are replaced by new
     rows. `started_at`..`stopped_at` is the billed interval: from the container's start to its end as
-    the engine reports them (for a lost host, its last heartbeat).
+    the engine reports them (for a lost host, its last heartbeat). `gpu_type` and `num_gpus` are the
+    billable facts, fixed when the instance is placed: billing reads them, never the deployment's fields.
     """
 
     class State(models.TextChoices):
@@ -202,6 +203,13 @@ class Instance(models.Model):
     deployment = models.ForeignKey("deployments.Deployment", on_delete=models.CASCADE, related_name="instances")
     host = models.ForeignKey(Host, on_delete=models.PROTECT, null=True, blank=True, related_name="instances")
     gpu_indexes = ArrayField(models.PositiveSmallIntegerField(), default=list, blank=True)
+    gpu_type = models.ForeignKey(
+        GpuType, on_delete=models.PROTECT, null=True, blank=True, related_name="instances",
+        help_text="Billable fact: the GPU type it was placed on (set at placement).",
+    )  # fmt: skip
+    num_gpus = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Billable fact: GPUs it holds (set at placement)."
+    )
     state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING, db_index=True)
     container_id = models.CharField(max_length=80, blank=True)
     port = models.PositiveIntegerField(null=True, blank=True, help_text="Engine port published on the host.")

@@ -73,9 +73,9 @@ def used_gpu_counts(host_ids: list[int]) -> dict[int, int]:
 def instance_place(*, instance_id: int, gpu_type: GpuType, num_gpus: int) -> Placement | None:
     """Reserve `num_gpus` GPUs of `gpu_type` for the pending instance `instance_id`.
 
-    Moves the instance pending → starting with its host and GPU indexes, atomically. Returns the
-    placement, or None when no ready host has `num_gpus` free GPUs of that type or the instance was
-    no longer pending (someone else placed it).
+    Moves the instance pending → starting with its host, GPU indexes and billable facts (GPU type, GPU
+    count), atomically. Returns the placement, or None when no ready host has `num_gpus` free GPUs of
+    that type or the instance was no longer pending (someone else placed it).
     """
     with transaction.atomic():
         with connection.cursor() as cursor:
@@ -98,7 +98,12 @@ def instance_place(*, instance_id: int, gpu_type: GpuType, num_gpus: int) -> Pla
             return None
         placement = Placement(host=best, gpu_indexes=indexes[:num_gpus])
         claimed = Instance.objects.filter(id=instance_id, state=Instance.State.PENDING).update(
-            host=best, gpu_indexes=placement.gpu_indexes, state=Instance.State.STARTING, last_error=""
+            host=best,
+            gpu_indexes=placement.gpu_indexes,
+            gpu_type=gpu_type,  # the billable facts, fixed here
+            num_gpus=num_gpus,
+            state=Instance.State.STARTING,
+            last_error="",
         )
         return placement if claimed else None
 

@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 from playwright.sync_api import expect, sync_playwright
 
-from llmhub.billing import services
+from llmhub.billing import invoices
 from llmhub.billing.metering import cost_by_user
 from llmhub.billing.periods import WEEK, month_start, week_start
 from llmhub.fleet.models import Instance
@@ -40,7 +40,7 @@ def history():
     run(big, host, first + timedelta(hours=2), first + timedelta(hours=12))
     run(gone, host, first + timedelta(hours=4), first + timedelta(hours=7))
     run(small, host, now - timedelta(hours=5))
-    services.invoices_build_due(now=now)
+    invoices.invoices_build_due(now=now)
     return user
 
 

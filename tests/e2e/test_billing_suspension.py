@@ -1,17 +1,23 @@
 """The spending limit against the real platform (web, worker, beat, Docker Engine, vLLM): the beat's check
 suspends a running deployment at its limit, its container stops, the gateway names the limit, the spend
-stops within one check interval of the running cost; raising the limit brings it back at its scale."""
+stops when the container stops (within one check interval of the running cost plus the stop); raising the
+limit brings it back at its scale; the week's invoice matches the run intervals (`billing_audit`)."""
 
 import time
+from datetime import timedelta
 from decimal import Decimal
+from io import StringIO
 
 import httpx
 import pytest
 from django.conf import settings
+from django.core.management import call_command
+from django.utils import timezone
 
-from llmhub.billing import services
+from llmhub.billing import invoices, limits
 from llmhub.billing.metering import cost_by_user
-from llmhub.billing.periods import month_start
+from llmhub.billing.models import Suspension
+from llmhub.billing.periods import WEEK, month_start, week_start
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import deployment_create
 from llmhub.fleet import engine
@@ -70,9 +76,9 @@ def test_the_limit_suspends_a_running_deployment_and_raising_it_resumes(billing_
     assert status_of(deployment) == "running", deployment.fail_reason
     assert chat(url, token, "dora/tiny").status_code == 200
 
-    account = services.billing_account_get(user=user)
+    account = limits.billing_account_get(user=user)
     cap = (spent(user) + Decimal("0.15")).quantize(Decimal("0.01"))  # about 15 s more at 0.01 USD/s
-    services.billing_settings_update(account=account, monthly_limit=cap, alert_thresholds=[50, 80, 100])
+    limits.billing_settings_update(account=account, monthly_limit=cap, alert_thresholds=[50, 80, 100])
 
     wait_for(lambda: status_of(deployment) == "suspended", timeout=90, interval=0.2, what="suspension")
     wait_for(lambda: not our_containers(), timeout=60, interval=0.5, what="the container to stop")
@@ -81,10 +87,17 @@ def test_the_limit_suspends_a_running_deployment_and_raising_it_resumes(billing_
     time.sleep(3)
     assert spent(user) == final  # nothing accrues while suspended
     overshoot = final - cap
+    # Billing follows the run intervals: the spend stops when the container has stopped.
+    held_at = Suspension.objects.get(deployment=deployment).suspended_at
+    stopped_at = Instance.objects.filter(deployment=deployment).latest("stopped_at").stopped_at
+    stop_cost = PRICE * Decimal((stopped_at - held_at).total_seconds()) / 3600
     bound = PRICE * CHECK_INTERVAL / 3600  # one check interval at the running cost: 0.02 USD
-    print(f"limit {cap} USD, spent {final:.4f} USD, overshoot {overshoot:.4f} USD, bound {bound:.4f} USD")
+    print(
+        f"limit {cap} USD, spent {final:.4f} USD, overshoot {overshoot:.4f} USD, bound {bound:.4f} USD "
+        f"+ {stop_cost:.4f} USD while the container stopped ({(stopped_at - held_at).total_seconds():.1f} s)"
+    )
     # Beat's ticks are not exact on a busy 2-core machine: allow one more interval of scheduling delay.
-    assert Decimal(0) <= overshoot <= 2 * bound
+    assert Decimal(0) <= overshoot <= 2 * bound + stop_cost
 
     refused = chat(url, token, "dora/tiny")
     assert refused.status_code == 402
@@ -92,7 +105,7 @@ def test_the_limit_suspends_a_running_deployment_and_raising_it_resumes(billing_
     assert error["code"] == "spending_limit_reached" and f"spending limit of {cap:,.2f} USD" in error["message"]
     assert deployment.fail_reason.startswith("suspended: spending limit reached")
 
-    result = services.billing_settings_update(account=account, monthly_limit=cap + 50, alert_thresholds=[50, 80, 100])
+    result = limits.billing_settings_update(account=account, monthly_limit=cap + 50, alert_thresholds=[50, 80, 100])
     assert result.resumed == 1
     wait_for(
         lambda: Instance.objects.filter(deployment=deployment, state=Instance.State.READY).exists(),
@@ -105,3 +118,10 @@ def test_the_limit_suspends_a_running_deployment_and_raising_it_resumes(billing_
     assert chat(url, token, "dora/tiny").status_code == 200
     kinds = list(deployment.events.order_by("id").values_list("kind", flat=True))
     assert kinds.index("suspended") < kinds.index("resumed") and kinds.count("ready") == 2
+
+    # The week's invoice, built as the invoice run will after the week's end, matches the run intervals.
+    later = week_start(timezone.now()) + WEEK + timedelta(hours=2)
+    assert [i.account.user for i in invoices.invoices_build_due(now=later)] == [user]
+    out = StringIO()
+    call_command("billing_audit", "--now", later.isoformat(), stdout=out)
+    assert "no differences" in out.getvalue()

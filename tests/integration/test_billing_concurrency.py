@@ -9,7 +9,7 @@ import time_machine
 from django.core import mail
 from django.db import connection
 
-from llmhub.billing import services
+from llmhub.billing import alerts, invoices, limits
 from llmhub.billing.models import AlertDelivery, Invoice, InvoiceLine, SpendingAlert, Suspension
 from tests.billing_support import at, run
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
@@ -51,16 +51,16 @@ def spender(user):
     for name in ("a", "b", "c"):
         deployment = DeploymentFactory(user=user, gpu_type=h100, num_gpus=1, model_name=name, status="running")
         run(deployment, host, at(2))
-    account = services.billing_account_get(user=user)
-    services.billing_settings_update(account=account, monthly_limit=Decimal("60"), alert_thresholds=[50, 80, 100],
+    account = limits.billing_account_get(user=user)
+    limits.billing_settings_update(account=account, monthly_limit=Decimal("60"), alert_thresholds=[50, 80, 100],
                                      now=at(2))  # fmt: skip
     return account
 
 
 def test_concurrent_checks_alert_once_per_threshold_and_suspend_once(spender, monkeypatch):
-    monkeypatch.setattr(services, "_deliver_soon", lambda: None)  # only these threads deliver
-    half = at_once(lambda: services.spending_check_all(now=at(2, 5))[0])  # 30 USD: 50 %
-    full = at_once(lambda: services.spending_check_all(now=at(2, 10))[0])  # 60 USD: 80 % and 100 %
+    monkeypatch.setattr(alerts, "_deliver_soon", lambda: None)  # only these threads deliver
+    half = at_once(lambda: limits.spending_check_all(now=at(2, 5))[0])  # 30 USD: 50 %
+    full = at_once(lambda: limits.spending_check_all(now=at(2, 10))[0])  # 60 USD: 80 % and 100 %
 
     assert sorted(r.alerts for r in half) == [[]] * (WORKERS - 1) + [[50]]
     assert sorted(r.alerts for r in full) == [[]] * (WORKERS - 1) + [[80, 100]]
@@ -69,7 +69,7 @@ def test_concurrent_checks_alert_once_per_threshold_and_suspend_once(spender, mo
     assert Suspension.objects.count() == 3
     assert AlertDelivery.objects.count() == 2  # 50 % and 100 % (80 % passed in the same check)
 
-    sent = at_once(lambda: services.alerts_deliver(now=at(2, 10)))
+    sent = at_once(lambda: alerts.alerts_deliver(now=at(2, 10)))
 
     assert sum(sent) == 2
     assert sorted(m.subject.split(":")[1].split("%")[0].strip() for m in mail.outbox) == ["100", "50"]
@@ -77,7 +77,7 @@ def test_concurrent_checks_alert_once_per_threshold_and_suspend_once(spender, mo
 
 
 def test_concurrent_invoice_builds_make_one_invoice(spender):
-    results = at_once(lambda: services.invoices_build_due(now=at(10)))
+    results = at_once(lambda: invoices.invoices_build_due(now=at(10)))
 
     assert sum(len(created) for created in results) == 1
     assert Invoice.objects.count() == 1 and InvoiceLine.objects.count() == 3

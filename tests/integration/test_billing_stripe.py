@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest
 import time_machine
 
-from llmhub.billing import services
+from llmhub.billing import invoices, limits
 from llmhub.billing.models import BillingAccount, Invoice, StripeEvent
 from tests.billing_support import at, run
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
@@ -36,13 +36,13 @@ def invoice(db, user):
     b = DeploymentFactory(user=user, gpu_type=t4, num_gpus=1, model_name="b")
     run(a, host, at(2, 10), at(2, 15))
     run(b, host, at(3, 10), at(3, 10, 58, 17))
-    account = services.billing_account_get(user=user)
-    built, _ = services.invoice_build(account=account, period_start=at(2), now=at(10))
+    account = limits.billing_account_get(user=user)
+    built, _ = invoices.invoice_build(account=account, period_start=at(2), now=at(10))
     return built
 
 
 def test_an_invoice_goes_to_stripe_with_idempotency_keys_and_is_finalized(fake_stripe, invoice, user):
-    assert services.invoice_push(invoice_id=invoice.id) == "sent"
+    assert invoices.invoice_push(invoice_id=invoice.id) == "sent"
 
     posts = [(r.path, r.idempotency_key) for r in fake_stripe.posts()]
     lines = list(invoice.lines.order_by("id"))
@@ -65,14 +65,14 @@ def test_an_invoice_goes_to_stripe_with_idempotency_keys_and_is_finalized(fake_s
     assert invoice.stripe_hosted_url == f"{fake_stripe.url}/hosted/{stripe_invoice['id']}"
     assert BillingAccount.objects.get(user=user).stripe_customer_id == next(iter(fake_stripe.customers))
 
-    assert services.invoice_push(invoice_id=invoice.id) == "already sent"
+    assert invoices.invoice_push(invoice_id=invoice.id) == "already sent"
     assert len(fake_stripe.posts()) == 5
 
 
 def test_a_push_that_failed_half_way_resumes_without_making_anything_twice(fake_stripe, invoice):
     fake_stripe.fail_next("/v1/invoices/in_", times=3)  # finalize: the SDK retries twice, then gives up
 
-    outcome = services.invoice_push(invoice_id=invoice.id)
+    outcome = invoices.invoice_push(invoice_id=invoice.id)
 
     assert outcome.startswith("failed: Stripe:")
     invoice.refresh_from_db()
@@ -81,7 +81,7 @@ def test_a_push_that_failed_half_way_resumes_without_making_anything_twice(fake_
     Invoice.objects.filter(id=invoice.id).update(stripe_invoice_id="", stripe_status="")
     invoice.lines.update(stripe_invoice_item_id="")
 
-    assert services.invoices_push_pending() == {invoice.id: "sent"}
+    assert invoices.invoices_push_pending() == {invoice.id: "sent"}
 
     assert len(fake_stripe.customers) == 1 and len(fake_stripe.invoices) == 1 and len(fake_stripe.items) == 2
     replays = [r.path for r in fake_stripe.posts() if r.replayed]
@@ -91,7 +91,7 @@ def test_a_push_that_failed_half_way_resumes_without_making_anything_twice(fake_
 
 
 def test_a_reused_idempotency_key_with_other_parameters_is_refused_like_stripe_does(fake_stripe, invoice):
-    services.invoice_push(invoice_id=invoice.id)
+    invoices.invoice_push(invoice_id=invoice.id)
     line = invoice.lines.first()
     from llmhub.billing import stripe
 
@@ -104,8 +104,8 @@ def test_a_reused_idempotency_key_with_other_parameters_is_refused_like_stripe_d
 
 def test_without_stripe_keys_invoices_exist_and_nothing_is_sent(settings, invoice, client, user):
     settings.STRIPE_SECRET_KEY = ""
-    assert services.invoice_push(invoice_id=invoice.id) == "off"
-    assert services.invoices_push_pending() == {}
+    assert invoices.invoice_push(invoice_id=invoice.id) == "off"
+    assert invoices.invoices_push_pending() == {}
     client.force_login(user)
     assert "Payment collection is off" in client.get(f"/billing/invoices/{invoice.number}/").content.decode()
 
@@ -113,7 +113,7 @@ def test_without_stripe_keys_invoices_exist_and_nothing_is_sent(settings, invoic
 def test_a_wrong_key_is_an_error_on_the_invoice_not_a_crash(fake_stripe, invoice, settings):
     settings.STRIPE_SECRET_KEY = "sk_test_wrong"
 
-    assert services.invoice_push(invoice_id=invoice.id) == "failed: Stripe: Invalid API Key provided."
+    assert invoices.invoice_push(invoice_id=invoice.id) == "failed: Stripe: Invalid API Key provided."
     invoice.refresh_from_db()
     assert "sk_test" not in invoice.stripe_error
 
@@ -121,7 +121,7 @@ def test_a_wrong_key_is_an_error_on_the_invoice_not_a_crash(fake_stripe, invoice
 @pytest.mark.django_db(transaction=True)
 def test_webhooks_are_verified_recorded_once_and_replays_change_nothing(fake_stripe, invoice, live_server):
     url = f"{live_server.url}/billing/stripe/webhook"
-    services.invoice_push(invoice_id=invoice.id)
+    invoices.invoice_push(invoice_id=invoice.id)
     invoice.refresh_from_db()
 
     failed = fake_stripe.event("invoice.payment_failed", invoice.stripe_invoice_id, event_id="evt_failed")
@@ -151,7 +151,7 @@ def test_webhooks_are_verified_recorded_once_and_replays_change_nothing(fake_str
 @pytest.mark.django_db(transaction=True)
 def test_webhooks_with_a_bad_signature_are_refused(fake_stripe, invoice, live_server):
     url = f"{live_server.url}/billing/stripe/webhook"
-    services.invoice_push(invoice_id=invoice.id)
+    invoices.invoice_push(invoice_id=invoice.id)
     invoice.refresh_from_db()
     paid = fake_stripe.event("invoice.paid", invoice.stripe_invoice_id, event_id="evt_forged")
     tampered = json.loads(paid)

@@ -5,7 +5,7 @@ from decimal import Decimal
 
 from django.utils import timezone
 
-from llmhub.billing import services
+from llmhub.billing import limits
 from llmhub.billing.models import AlertDelivery, SpendingAlert
 
 
@@ -13,7 +13,7 @@ def webhook_delivery(user, url, *, now: datetime | None = None) -> AlertDelivery
     """A webhook delivery of a 100 % spending alert for `user` to `url`, due at `now` (default: now), as if the
     URL had been saved earlier (the form's checks are not involved)."""
     now = now or timezone.now()
-    account = services.billing_account_get(user=user)
+    account = limits.billing_account_get(user=user)
     alert = SpendingAlert.objects.create(
         account=account, month=now.astimezone(UTC).date().replace(day=1), threshold=100, limit=Decimal("10"),
         spent=Decimal("10"), created_at=now,

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import pytest
 
 from llmhub import outbound
-from llmhub.billing import services
+from llmhub.billing import alerts, limits
 from llmhub.billing.forms import BillingSettingsForm
 from llmhub.billing.models import AlertDelivery
 from tests.fakes.webhook_server import endpoint_running, tls_pair
@@ -73,7 +73,7 @@ def delivery_to(user, url) -> AlertDelivery:
 
 
 def deliver(delivery) -> AlertDelivery:
-    services.alerts_deliver(now=NOW)
+    alerts.alerts_deliver(now=NOW)
     return AlertDelivery.objects.get(id=delivery.id)
 
 
@@ -106,7 +106,7 @@ def test_the_settings_page_shows_the_refusal(client, user):
 
     assert response.status_code == 400
     assert "address not allowed" in response.content.decode()
-    assert services.billing_account_get(user=user).alert_webhook_url == ""
+    assert limits.billing_account_get(user=user).alert_webhook_url == ""
 
 
 def test_nothing_connects_to_a_loopback_listener(names, user):

@@ -12,7 +12,7 @@ import pytest
 import time_machine
 from django.core import mail
 
-from llmhub.billing import services
+from llmhub.billing import alerts, limits
 from llmhub.billing.metering import cost_by_user
 from llmhub.billing.models import AlertDelivery, SpendingAlert, Suspension
 from llmhub.billing.periods import month_start
@@ -48,11 +48,11 @@ def host(a100):
 def account(user):
     user.email = "alice@example.com"
     user.save()
-    return services.billing_account_get(user=user)
+    return limits.billing_account_get(user=user)
 
 
 def limit(account, value, **kwargs):
-    return services.billing_settings_update(
+    return limits.billing_settings_update(
         account=account, monthly_limit=None if value is None else Decimal(value),
         alert_thresholds=kwargs.pop("thresholds", [50, 80, 100]), **kwargs,
     )  # fmt: skip
@@ -71,7 +71,7 @@ def test_each_threshold_alerts_once_and_100_percent_suspends(clock, account, use
 
     results = {}
     for hour in (4, 5, 6, 7, 8, 9, 10, 11):
-        results[hour] = services.spending_check_all(now=at(2, hour))[0]
+        results[hour] = limits.spending_check_all(now=at(2, hour))[0]
 
     assert [(h, r.alerts, r.suspended) for h, r in results.items() if r.alerts or r.suspended] == [
         (5, [50], 0), (8, [80], 0), (10, [100], 2)
@@ -86,7 +86,8 @@ def test_each_threshold_alerts_once_and_100_percent_suspends(clock, account, use
     assert dict(Suspension.objects.values_list("deployment__model_name", "previous_status")) == {
         "a": "running", "b": "deploying"
     }  # fmt: skip
-    # The instance still runs until the reconciler stops it, but the spend stopped at the check.
+    # Billing follows the run intervals: the spend stops when the reconciler stops the container.
+    Instance.objects.filter(deployment=running).update(state="stopped", stopped_at=at(2, 10))
     assert spent(user, at(2, 11)) == Decimal("30.00") == spent(user, at(20))
     assert AlertDelivery.objects.filter(channel="email").count() == 3
 
@@ -128,7 +129,7 @@ def test_removing_the_limit_or_a_new_month_resumes(clock, account, user, host, a
     deployment = DeploymentFactory(user=user, gpu_type=a100, num_gpus=1, model_name="m", status="running")
     run(deployment, host, at(2))
     limit(account, "3.00")
-    services.spending_check_all(now=at(2, 2))
+    limits.spending_check_all(now=at(2, 2))
     deployment.refresh_from_db()
     assert deployment.status == "suspended"
 
@@ -141,8 +142,8 @@ def test_removing_the_limit_or_a_new_month_resumes(clock, account, user, host, a
     deployment.refresh_from_db()
     assert deployment.status == "suspended"
     # March's spend stays at the limit; on April 1st the limit holds again from zero.
-    assert services.spending_check_all(now=at(31, 23))[0].resumed == 0
-    assert services.spending_check_all(now=at(1, 0, 0, 1, month=4))[0].resumed == 1
+    assert limits.spending_check_all(now=at(31, 23))[0].resumed == 0
+    assert limits.spending_check_all(now=at(1, 0, 0, 1, month=4))[0].resumed == 1
     deployment.refresh_from_db()
     assert deployment.status == "running"
 
@@ -150,7 +151,9 @@ def test_removing_the_limit_or_a_new_month_resumes(clock, account, user, host, a
 @pytest.mark.parametrize("interval", [10, 30, 300])
 @pytest.mark.parametrize("phase", [0, 7, 19])
 def test_overshoot_is_at_most_one_check_interval_of_the_running_cost(clock, account, user, host, a100, interval, phase):
-    """Three GPUs at 3.00 USD/GPU-hour (9 USD/h) run from 00:00; checks every `interval` s from `phase` s."""
+    """Three GPUs at 3.00 USD/GPU-hour (9 USD/h) run from 00:00; checks every `interval` s from `phase` s.
+    (Billing follows the run intervals: the time the reconciler takes to stop the containers is billed
+    too; here they stop at the check.)"""
     for name, gpus in (("a", 1), ("b", 2)):
         deployment = DeploymentFactory(user=user, gpu_type=a100, num_gpus=gpus, model_name=name, status="running")
         run(deployment, host, at(2))
@@ -159,9 +162,10 @@ def test_overshoot_is_at_most_one_check_interval_of_the_running_cost(clock, acco
     rate = Decimal(9)  # USD per hour
 
     now = at(2) + timedelta(seconds=phase)
-    while not services.spending_check_all(now=now)[0].suspended:
+    while not limits.spending_check_all(now=now)[0].suspended:
         now += timedelta(seconds=interval)
         assert now < at(3), "never suspended"
+    Instance.objects.update(state="stopped", stopped_at=now)  # the reconciler stops the containers
 
     overshoot = spent(user, at(20)) - cap
     bound = rate * interval / 3600
@@ -190,14 +194,14 @@ def test_alerts_are_delivered_by_email_and_webhook_with_retries(clock, account, 
         deployment = DeploymentFactory(user=user, gpu_type=a100, num_gpus=1, model_name="m", status="running")
         run(deployment, host, at(2))
         limit(account, "10.00", alert_webhook_url=url, thresholds=[80])
-        services.spending_check_all(now=at(2, 3))  # 9 USD: 80 % reached
+        limits.spending_check_all(now=at(2, 3))  # 9 USD: 80 % reached
 
         t0 = at(2, 3)
-        assert services.alerts_deliver(now=t0) == 1  # e-mail sent, webhook failed (HTTP 500)
-        assert services.alerts_deliver(now=t0 + timedelta(seconds=20)) == 0  # webhook backing off (30 s)
-        assert services.alerts_deliver(now=t0 + timedelta(seconds=31)) == 0  # failed again: next in 60 s
-        assert services.alerts_deliver(now=t0 + timedelta(seconds=92)) == 1
-        assert services.alerts_deliver(now=t0 + timedelta(hours=5)) == 0
+        assert alerts.alerts_deliver(now=t0) == 1  # e-mail sent, webhook failed (HTTP 500)
+        assert alerts.alerts_deliver(now=t0 + timedelta(seconds=20)) == 0  # webhook backing off (30 s)
+        assert alerts.alerts_deliver(now=t0 + timedelta(seconds=31)) == 0  # failed again: next in 60 s
+        assert alerts.alerts_deliver(now=t0 + timedelta(seconds=92)) == 1
+        assert alerts.alerts_deliver(now=t0 + timedelta(hours=5)) == 0
     finally:
         server.shutdown()
 
@@ -221,12 +225,12 @@ def test_a_webhook_that_never_answers_gives_up_after_eight_attempts(clock, accou
     deployment = DeploymentFactory(user=user, gpu_type=a100, num_gpus=1, model_name="m", status="running")
     run(deployment, host, at(2))
     limit(account, "1.00", alert_webhook_url=f"http://127.0.0.1:{free_port()}/nothing-listens", thresholds=[100])
-    services.spending_check_all(now=at(2, 1))
+    limits.spending_check_all(now=at(2, 1))
     AlertDelivery.objects.filter(channel="email").delete()
 
     now = at(2, 1)
     for _ in range(20):
-        services.alerts_deliver(now=now)
+        alerts.alerts_deliver(now=now)
         now += timedelta(hours=2)
 
     hook = AlertDelivery.objects.get()
@@ -259,7 +263,7 @@ def test_the_banner_shows_the_threshold_then_the_suspension(client, account, use
     assert "You have reached 50 % of your monthly spending limit (3.00 of 5.00 USD this month)." in page
 
     clock.move_to(at(1, 2))
-    services.spending_check_all()  # 6 USD
+    limits.spending_check_all()  # 6 USD
     page = client.get("/deployments/").content.decode()
     assert "Spending limit reached: your deployments are suspended" in page
     assert "suspended: spending limit reached" in page  # the deployment's row

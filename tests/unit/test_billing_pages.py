@@ -8,7 +8,7 @@ from decimal import Decimal
 import pytest
 import time_machine
 
-from llmhub.billing import services
+from llmhub.billing import invoices, limits
 from llmhub.billing.models import BillingAccount
 from tests.billing_support import MONDAY, at, run
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
@@ -34,7 +34,7 @@ def usage(clock, user, other_user):
     run(theirs, host, at(3, 8), at(3, 9))
     run(mine, host, at(10, 6))
     clock.move_to(at(10, 12))
-    services.invoices_build_due()
+    invoices.invoices_build_due()
     return mine
 
 
@@ -162,5 +162,5 @@ def test_the_webhook_refuses_unsigned_requests(client, settings):
 
 
 def test_the_week_is_named_like_iso_weeks(clock, user):
-    account = services.billing_account_get(user=user)
-    assert services.invoice_number(account, MONDAY) == f"2026W10-{account.id:05d}"
+    account = limits.billing_account_get(user=user)
+    assert invoices.invoice_number(account, MONDAY) == f"2026W10-{account.id:05d}"

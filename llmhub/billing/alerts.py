@@ -1,0 +1,134 @@
+"""The alert outbox: deliveries of spending alerts by e-mail and webhook, each attempt recorded.
+
+A threshold crossing writes one `SpendingAlert` and its `AlertDelivery` rows (see `limits.account_check`);
+`alerts_deliver` sends due deliveries, each claimed with a conditional ``UPDATE … WHERE status = old``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import transaction
+from django.db.models import Q
+from django.template.loader import render_to_string
+from django.utils import timezone
+
+from llmhub import outbound
+
+from .models import AlertDelivery, BillingAccount, SpendingAlert
+
+log = logging.getLogger(__name__)
+
+DELIVERY_MAX_ATTEMPTS = 8
+DELIVERY_BACKOFF_SECONDS = 30.0
+DELIVERY_BACKOFF_MAX_SECONDS = 3600.0
+DELIVERY_STALE_SECONDS = 300.0  # a claimed delivery whose worker died is retried after this
+
+
+def alert_deliveries_create(*, account: BillingAccount, alert: SpendingAlert, now: datetime) -> None:
+    """Queue `alert` for the account's alert address and webhook (one pending delivery each, due `now`)
+    and ask a worker to deliver them once the transaction commits."""
+    targets = []
+    if account.alert_address:
+        targets.append((AlertDelivery.Channel.EMAIL, account.alert_address))
+    if account.alert_webhook_url:
+        targets.append((AlertDelivery.Channel.WEBHOOK, account.alert_webhook_url))
+    for channel, target in targets:
+        AlertDelivery.objects.create(alert=alert, channel=channel, target=target, next_attempt_at=now)
+    if targets:
+        transaction.on_commit(_deliver_soon)
+
+
+def _deliver_soon() -> None:
+    from workers import tasks
+
+    tasks.billing_alerts_deliver.delay()
+
+
+def delivery_backoff(attempts: int) -> float:
+    """Seconds before attempt `attempts` + 1 of a delivery: 30 s × 2^(attempts-1), at most an hour."""
+    return min(DELIVERY_BACKOFF_SECONDS * 2 ** max(attempts - 1, 0), DELIVERY_BACKOFF_MAX_SECONDS)
+
+
+def alert_payload(alert: SpendingAlert) -> dict:
+    """The webhook's JSON body for `alert` (amounts as decimal strings, USD)."""
+    return {
+        "type": "spending_limit.threshold_reached",
+        "account": alert.account.user.username,
+        "month": f"{alert.month:%Y-%m}",
+        "threshold_percent": alert.threshold,
+        "limit_usd": f"{alert.limit:.2f}",
+        "spent_usd": f"{alert.spent:.2f}",
+        "deployments_suspended": alert.threshold >= 100,
+        "created_at": alert.created_at.isoformat(),
+        "billing_url": f"{settings.PUBLIC_URL.rstrip('/')}/billing/",
+    }
+
+
+def _send(delivery: AlertDelivery) -> None:
+    """Send one alert; raises on failure (SMTP error, webhook non-2xx or unreachable)."""
+    alert = delivery.alert
+    if delivery.channel == AlertDelivery.Channel.EMAIL:
+        context = {"alert": alert, "payload": alert_payload(alert)}
+        subject = render_to_string("billing/email/alert_subject.txt", context).strip()
+        body = render_to_string("billing/email/alert.txt", context)
+        send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [delivery.target])
+        return
+    # Through the outbound seam: internal addresses refused at connect time too, one total deadline.
+    response = outbound.post_json(
+        delivery.target,
+        content=json.dumps(alert_payload(alert)).encode(),
+        headers={"User-Agent": "LLMHub-alerts"},
+        deadline=settings.BILLING_WEBHOOK_TIMEOUT,
+    )
+    if not response.ok:
+        raise outbound.OutboundError(f"HTTP {response.status}")
+
+
+def alerts_deliver(*, now: datetime | None = None, batch: int = 50) -> int:
+    """Deliver due alert deliveries (e-mail via Django's mail, webhooks as JSON POSTs), each claimed with a
+    conditional UPDATE so concurrent runs send it once. Failures are retried with backoff
+    (`delivery_backoff`), up to 8 attempts; every attempt is recorded. Returns the number sent."""
+    now = now or timezone.now()
+    stale = now - timedelta(seconds=DELIVERY_STALE_SECONDS)
+    due = list(
+        AlertDelivery.objects.filter(
+            Q(status=AlertDelivery.Status.PENDING, next_attempt_at__lte=now)
+            | Q(status=AlertDelivery.Status.SENDING, claimed_at__lt=stale)
+        ).values_list("id", "status", "claimed_at")[:batch]
+    )
+    sent = 0
+    for delivery_id, status, claimed_at in due:
+        if not AlertDelivery.objects.filter(id=delivery_id, status=status, claimed_at=claimed_at).update(
+            status=AlertDelivery.Status.SENDING, claimed_at=now
+        ):
+            continue  # another worker has it
+        delivery = AlertDelivery.objects.select_related("alert__account__user").get(id=delivery_id)
+        attempts = delivery.attempts + 1
+        try:
+            _send(delivery)
+        except Exception as exc:  # noqa: BLE001 — any failure is recorded and retried
+            # The user sees last_error: the outbound seam's generic message, never internal details.
+            error = (
+                str(exc)[:1000]
+                if isinstance(exc, outbound.OutboundError)
+                else f"{exc.__class__.__name__}: {exc}"[:1000]
+            )
+            log.warning("alert delivery %s (%s) failed: %s", delivery.id, delivery.channel, error)
+            final = attempts >= DELIVERY_MAX_ATTEMPTS
+            AlertDelivery.objects.filter(id=delivery.id).update(
+                status=AlertDelivery.Status.FAILED if final else AlertDelivery.Status.PENDING,
+                attempts=attempts,
+                last_error=error,
+                next_attempt_at=now + timedelta(seconds=delivery_backoff(attempts)),
+            )
+            continue
+        AlertDelivery.objects.filter(id=delivery.id).update(
+            status=AlertDelivery.Status.SENT, attempts=attempts, sent_at=timezone.now(), last_error=""
+        )
+        sent += 1
+    return sent
