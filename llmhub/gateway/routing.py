@@ -76,10 +76,11 @@ class RoutingCache:
         self.unknown.clear()
         self.routes.clear()
 
-    async def refresh(self) -> None:
-        """Drop everything when the routing generation moved (looked up at most every CHECK_INTERVAL s)."""
+    async def refresh(self, *, force: bool = False) -> None:
+        """Drop everything when the routing generation moved (looked up at most every CHECK_INTERVAL s,
+        or now when `force`)."""
         now = time.monotonic()
-        if now - self.checked_at < CHECK_INTERVAL:
+        if not force and now - self.checked_at < CHECK_INTERVAL:
             return
         self.checked_at = now
         generation = await redis_async().get(GENERATION_KEY)
@@ -103,8 +104,8 @@ class RoutingCache:
 
     async def recheck(self, caller: Caller) -> Caller | None:
         """`caller` as it stands now (the token may have been revoked or the user deactivated since it was
-        authenticated), or None. Used when a held request is released."""
-        await self.refresh()
+        authenticated), or None. Used when a held request is released: looks at the generation now."""
+        await self.refresh(force=True)
         hit = self._hit(caller.token_key)
         if hit is not False:
             return hit

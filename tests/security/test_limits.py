@@ -131,8 +131,9 @@ def test_one_poller_per_held_deployment_not_one_per_request(settings, monkeypatc
     monkeypatch.undo()
 
     assert statuses == [503] * 20
-    # 2 s held, a look every 0.5 s: one poller makes about 4 route loads; one per request would make 80.
-    assert len(queries) <= 10, f"{len(queries)} instance queries for 20 requests held 2 s"
+    # Up to 20 first route loads (the requests arrive together), then 2 s held with a look every 0.5 s: one
+    # poller makes about 4 more; one per request would make about 80.
+    assert len(queries) <= 30, f"{len(queries)} instance queries for 20 requests held 2 s"
 
 
 def test_the_rate_limit_counts_every_token_of_a_user_together(web):
