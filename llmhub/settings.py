@@ -190,8 +190,27 @@ ENGINE_CAP_ADD = tuple(c.strip().upper() for c in env.list("LLMHUB_ENGINE_CAP_AD
 # library's default), and whether it may ask the hub at all.
 HF_CACHE_DIR = env.str("LLMHUB_HF_CACHE_DIR", default=None)
 HF_HUB_OFFLINE = env.bool("HF_HUB_OFFLINE", default=False)
-# Requests per minute per API token at the gateway (0: no limit).
-GATEWAY_RATE_LIMIT_PER_MINUTE = env.int("LLMHUB_RATE_LIMIT_PER_MINUTE", default=600)
+# Requests per minute per user at the gateway, all their API tokens together (0: no limit). Set far above
+# what one user's traffic through the gateway reaches (README, "Limits per user"); a user's own value in the
+# admin (User.rate_limit_per_minute) overrides it.
+GATEWAY_RATE_LIMIT_PER_MINUTE = env.int("LLMHUB_RATE_LIMIT_PER_MINUTE", default=60000)
+# Requests one user may have held at once, over all web processes, while their deployment has no ready
+# instance (0: no limit; User.max_held_requests overrides it). Past it: 429 with Retry-After.
+GATEWAY_MAX_HELD_PER_USER = env.int("LLMHUB_MAX_HELD_PER_USER", default=64)
+# API tokens one user may have live (not revoked) at once (0: no limit; User.max_api_tokens overrides it).
+MAX_API_TOKENS_PER_USER = env.int("LLMHUB_MAX_API_TOKENS_PER_USER", default=50)
+# Largest request body (bytes) the web process reads, on every path (gateway, deploy API, dashboard): past it
+# 413, refused from Content-Length before reading, or as soon as a chunked body passes it.
+MAX_BODY_BYTES = env.int("LLMHUB_MAX_BODY_BYTES", default=16 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES  # Django's own check of request.body agrees with the cap
+# Seconds a request body may take to arrive in full; a slower one gets 408.
+BODY_READ_TIMEOUT = env.float("LLMHUB_BODY_READ_TIMEOUT", default=30.0)
+# Bearer values each gateway process remembers (valid ones and unknown ones, each in an LRU of this size).
+GATEWAY_TOKEN_CACHE_SIZE = env.int("LLMHUB_TOKEN_CACHE_SIZE", default=10000)
+if MAX_BODY_BYTES <= 0 or BODY_READ_TIMEOUT <= 0 or GATEWAY_TOKEN_CACHE_SIZE <= 0:
+    raise environ.ImproperlyConfigured(
+        "LLMHUB_MAX_BODY_BYTES, LLMHUB_BODY_READ_TIMEOUT and LLMHUB_TOKEN_CACHE_SIZE must be more than 0"
+    )
 # Seconds a request to a deployment with no ready instance (e.g. scaled to zero) is held before a 503.
 GATEWAY_HOLD_TIMEOUT = env.float("LLMHUB_HOLD_TIMEOUT", default=600.0)
 # Seconds between SSE keepalive comments while a stream waits for its first token.

@@ -8,7 +8,13 @@ from .models import ApiToken, User
 class UserAdmin(BaseUserAdmin):
     list_display = ("username", "email", "gpu_quota", "is_active", "is_staff", "date_joined")
     list_editable = ("gpu_quota",)
-    fieldsets = BaseUserAdmin.fieldsets + (("Quota", {"fields": ("gpu_quota",)}),)
+    fieldsets = BaseUserAdmin.fieldsets + (
+        ("Quota and limits", {
+            "fields": ("gpu_quota", "rate_limit_per_minute", "max_held_requests", "max_api_tokens"),
+            "description": "Empty limits follow the installation's settings (README, “Limits per user”); "
+            "0 means no limit.",
+        }),
+    )  # fmt: skip
 
     def has_delete_permission(self, request, obj=None):
         """A user whose instances ran has billable history: deactivate them instead."""

@@ -2,6 +2,7 @@
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods
@@ -22,8 +23,11 @@ def token_list(request):
     form = ApiTokenForm(request.POST or None)
     new_token = secret = None
     if request.method == "POST" and form.is_valid():
-        new_token, secret = services.api_token_create(user=request.user, name=form.cleaned_data["name"])
-        form = ApiTokenForm()
+        try:
+            new_token, secret = services.api_token_create(user=request.user, name=form.cleaned_data["name"])
+            form = ApiTokenForm()
+        except ValidationError as exc:  # past the token cap
+            form.add_error(None, exc)
     context = {
         "tokens": selectors.api_tokens_live(request.user),
         "form": form,

@@ -4,3 +4,8 @@ from django.apps import AppConfig
 class GatewayConfig(AppConfig):
     name = "llmhub.gateway"
     label = "gateway"
+
+    def ready(self):
+        from . import signals
+
+        signals.connect()

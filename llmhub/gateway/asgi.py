@@ -2,7 +2,9 @@
 
 `POST /v1/openai/chat/completions` and `/v1/openai/completions` skip Django's middleware stack (sessions,
 CSRF, auth, messages: none of which a Bearer-token API uses, and each would hop threads under ASGI) and
-call `services.handle` directly; everything else goes to Django. Responses are the same Django response
+call `services.handle` directly; everything else goes to Django. Request bodies are bounded here for the
+whole site (`bodies`: LLMHUB_MAX_BODY_BYTES, LLMHUB_BODY_READ_TIMEOUT), and API callers are authenticated
+from their headers before their body is read. Responses are the same Django response
 objects, sent here as ASGI messages; a client disconnect cancels the stream (closing the upstream).
 """
 
@@ -13,7 +15,7 @@ import logging
 
 from llmhub.accounts.selectors import bearer_secret
 
-from . import services
+from . import bodies, services
 from .routing import cache
 from .services import GatewayError
 
@@ -23,32 +25,39 @@ ENDPOINTS = {"/v1/openai/chat/completions": "chat/completions", "/v1/openai/comp
 
 
 def wrap(django_app):
-    """The site's ASGI application: gateway POSTs served here, everything else by `django_app`."""
+    """The site's ASGI application: gateway POSTs served here, everything else by `django_app`, every
+    request body bounded (`bodies`); deploy API requests with a body are authenticated before it is read."""
+    bounded_django = bodies.bounded(django_app)
 
     async def application(scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ENDPOINTS:
-            return await serve(scope, receive, send)
-        return await django_app(scope, receive, send)
+        if scope["type"] == "http":
+            if scope["method"] == "POST" and scope["path"] in ENDPOINTS:
+                return await serve(scope, receive, send)
+            if scope["path"].startswith("/deploy/") and bodies.has_body(scope):
+                if await cache.caller(bearer_secret(bodies.header(scope, b"authorization"))) is None:
+                    return await bodies.send_refusal(send, scope["path"], 401, UNAUTHENTICATED)
+        return await bounded_django(scope, receive, send)
 
     return application
 
 
+UNAUTHENTICATED = "Missing or invalid API token: send 'Authorization: Bearer <token>'."
+
+
 async def serve(scope, receive, send) -> None:
-    body = bytearray()
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
-        body += message.get("body", b"")
-        if not message.get("more_body"):
-            break
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    """One gateway POST: the caller authenticated from the headers, then the body read within its bounds."""
+    path = scope["path"]
     try:
-        caller = await cache.caller(bearer_secret(headers.get("authorization")))
+        caller = await cache.caller(bearer_secret(bodies.header(scope, b"authorization")))
         if caller is None:
-            raise GatewayError(401, "Missing or invalid API token: send 'Authorization: Bearer <token>'.",
-                               code="invalid_api_key")  # fmt: skip
-        response = await services.handle(caller, ENDPOINTS[scope["path"]], bytes(body))
+            return await bodies.send_refusal(send, path, 401, UNAUTHENTICATED, "invalid_api_key")
+        try:
+            body = await bodies.read_body(scope, receive)
+        except bodies.BodyRefused as exc:
+            return await bodies.send_refusal(send, path, exc.status)
+        except bodies.ClientGone:
+            return
+        response = await services.handle(caller, ENDPOINTS[path], body)
     except GatewayError as exc:
         response = exc.response()
     except Exception:  # noqa: BLE001 - never a stack trace to the client

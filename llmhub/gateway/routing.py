@@ -1,10 +1,12 @@
 """The gateway's routing tables, cached in each web process so that a request makes no database query.
 
-Two caches: API token hash → owner, and (owner, model name) → deployment with its ready instances.
-Both are dropped when the *routing generation* changes: a Redis counter that writers bump
-(`generation.routing_changed`) after instances become ready or stop, deployments change status or scale, or
-tokens are created or revoked. A process looks at the counter at most every `CHECK_INTERVAL` seconds,
-so a change reaches every gateway process within that time; entries also expire after `TTL`.
+Caches: API token hash → owner (and, apart, hashes known to be invalid), both LRUs of
+GATEWAY_TOKEN_CACHE_SIZE entries so that random bearer values cannot grow a process; and (owner, model
+name) → deployment with its ready instances. All are dropped when the *routing generation* changes: a Redis
+counter that writers bump (`generation.routing_changed`) after instances become ready or stop, deployments
+change status or scale, or any user or token changes (`gateway.signals`). A process looks at the counter at
+most every `CHECK_INTERVAL` seconds, so a change reaches every gateway process within that time; entries
+also expire after `TTL`.
 """
 
 from __future__ import annotations
@@ -12,8 +14,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from django.conf import settings
+
+from llmhub.accounts.selectors import aapi_token_owner
 from llmhub.accounts.services import aapi_token_authenticate, token_hash
 from llmhub.deployments.models import Deployment
 from llmhub.fleet.models import Instance
@@ -31,7 +37,14 @@ class Caller:
 
     user_id: int
     username: str
-    token_key: str  # the token's hash: rate limits are per token
+    token_key: str  # the token's hash
+    rate_limit_per_minute: int | None = None  # the user's own limits (None: the installation's setting)
+    max_held_requests: int | None = None
+
+
+def caller_of(user, key: str) -> Caller:
+    """The Caller for `user` (an accounts User) authenticated by the token whose hash is `key`."""
+    return Caller(user.id, user.username, key, user.rate_limit_per_minute, user.max_held_requests)
 
 
 @dataclass
@@ -53,7 +66,8 @@ class RoutingCache:
     """Per-process cache; `clear()` is called when the routing generation changes."""
 
     def __init__(self):
-        self.callers: dict[str, tuple[float, Caller | None]] = {}
+        self.callers: OrderedDict[str, tuple[float, Caller]] = OrderedDict()  # valid tokens, LRU
+        self.unknown: OrderedDict[str, float] = OrderedDict()  # hashes known to be invalid, LRU
         self.routes: dict[tuple[int, str], tuple[float, Route | None]] = {}
         self.generation: bytes | None = None
         self.checked_at = 0.0
@@ -61,12 +75,14 @@ class RoutingCache:
 
     def clear(self):
         self.callers.clear()
+        self.unknown.clear()
         self.routes.clear()
 
-    async def refresh(self) -> None:
-        """Drop everything when the routing generation moved (looked up at most every CHECK_INTERVAL s)."""
+    async def refresh(self, *, force: bool = False) -> None:
+        """Drop everything when the routing generation moved (looked up at most every CHECK_INTERVAL s,
+        or now when `force`)."""
         now = time.monotonic()
-        if now - self.checked_at < CHECK_INTERVAL:
+        if not force and now - self.checked_at < CHECK_INTERVAL:
             return
         self.checked_at = now
         generation = await redis_async().get(GENERATION_KEY)
@@ -80,13 +96,45 @@ class RoutingCache:
             return None
         await self.refresh()
         key = token_hash(secret)
-        hit = self.callers.get(key)
-        if hit and time.monotonic() - hit[0] < TTL:
-            return hit[1]
+        hit = self._hit(key)
+        if hit is not False:
+            return hit
         user = await aapi_token_authenticate(secret)
-        caller = Caller(user.id, user.username, key) if user else None
-        self.callers[key] = (time.monotonic(), caller)
+        caller = caller_of(user, key) if user else None
+        self._remember(key, caller)
         return caller
+
+    async def recheck(self, caller: Caller) -> Caller | None:
+        """`caller` as it stands now (the token may have been revoked or the user deactivated since it was
+        authenticated), or None. Used when a held request is released: looks at the generation now."""
+        await self.refresh(force=True)
+        hit = self._hit(caller.token_key)
+        if hit is not False:
+            return hit
+        user = await aapi_token_owner(caller.token_key)
+        fresh = caller_of(user, caller.token_key) if user else None
+        self._remember(caller.token_key, fresh)
+        return fresh
+
+    def _hit(self, key: str) -> Caller | None | bool:
+        """The cached Caller, None for a cached invalid hash, False for a miss."""
+        now = time.monotonic()
+        for table in (self.callers, self.unknown):
+            if key in table:
+                entry = table[key]
+                at, caller = entry if table is self.callers else (entry, None)
+                if now - at < TTL:
+                    table.move_to_end(key)
+                    return caller
+                del table[key]
+        return False
+
+    def _remember(self, key: str, caller: Caller | None) -> None:
+        table = self.callers if caller else self.unknown
+        table[key] = (time.monotonic(), caller) if caller else time.monotonic()
+        table.move_to_end(key)
+        while len(table) > settings.GATEWAY_TOKEN_CACHE_SIZE:
+            table.popitem(last=False)
 
     async def route(self, caller: Caller, model: str) -> Route | None:
         """The caller's live deployment named `model` (``username/model_name``), or None."""

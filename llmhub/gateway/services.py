@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -22,42 +21,23 @@ import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Q
-from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
 
-from . import load, metrics
-from .clients import http_client, redis_async
+from . import holding, load, metrics
+from .clients import http_client
+from .errors import GatewayError, invalid_token, public_text
+from .limits import HeldSlot, held_slot_take, rate_limit
 from .models import UsageRecord
 from .routing import Caller, Route, cache
+
+__all__ = ["GatewayError", "handle", "wake"]  # GatewayError re-exported for the views
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE = b": keepalive\n\n"
-HOLD_POLL_INTERVAL = 0.5  # seconds between two looks for a ready instance while a request is held
-
-
-class GatewayError(Exception):
-    """An error to return to the client in OpenAI's shape; `retry_after` (seconds) sets Retry-After."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 retry_after: int | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.retry_after = status, message, type, code, retry_after
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
-
-    def response(self) -> JsonResponse:
-        response = JsonResponse(self.body(), status=self.status)
-        if self.retry_after is not None:
-            response["Retry-After"] = str(self.retry_after)
-        return response
-
-    def sse(self) -> bytes:
-        """The error as a final SSE event, for a stream whose 200 headers are already sent."""
-        return f"data: {json.dumps(self.body())}\n\n".encode()
 
 
 def parse_body(raw: bytes) -> dict:
@@ -78,28 +58,6 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
-async def rate_limit(caller: Caller) -> None:
-    """Per-token fixed window of 60 s in Redis (GATEWAY_RATE_LIMIT_PER_MINUTE; 0: off).
-
-    Raises GatewayError(429) with Retry-After = seconds left in the window.
-    """
-    limit = settings.GATEWAY_RATE_LIMIT_PER_MINUTE
-    if not limit:
-        return
-    now = time.time()
-    window = int(now // 60)
-    key = f"{settings.REDIS_KEY_PREFIX}ratelimit:{caller.token_key[:24]}:{window}"
-    pipe = redis_async().pipeline()
-    pipe.incr(key)
-    pipe.expire(key, 61)
-    count, _ = await pipe.execute()
-    if count > limit:
-        retry = max(1, math.ceil((window + 1) * 60 - now))
-        raise GatewayError(429, f"Rate limit of {limit} requests per minute for this API token reached; "
-                           f"retry in {retry} s.", type="rate_limit_error", code="rate_limit_exceeded",
-                           retry_after=retry)  # fmt: skip
-
-
 @dataclass
 class Call:
     """One request passing through: where it goes and what it costs (filled in as it proceeds)."""
@@ -111,14 +69,17 @@ class Call:
     stream: bool
     client_wants_usage: bool
     started: float
+    held: HeldSlot | None = None  # this request's place among its user's held requests, while it has one
     first_event: float | None = None
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
     def finish(self) -> None:
-        """Record usage (buffered) and metrics; release the in-flight count."""
+        """Record usage (buffered) and metrics; release the in-flight count (and a held slot left over)."""
         now = time.monotonic()
+        if self.held is not None and not self.held.released:
+            asyncio.ensure_future(self.held.release())
         load.inflight[self.route.deployment_id] -= 1
         name = self.route.full_name
         metrics.inflight_requests.labels(name).dec()
@@ -152,7 +113,8 @@ async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
     """Serve one OpenAI request for `caller` at `endpoint` ("chat/completions" or "completions").
 
     Raises GatewayError: 400 bad body, 402 suspended by the spending limit, 404 unknown model, 429 rate
-    limit, 503 failed deployment or no instance in time, 502 engine failure.
+    limit or too many held requests (before any stream starts), 503 failed deployment or no instance in
+    time, 502 engine failure; 401 when a held request's token was revoked meanwhile.
     """
     load.ensure_background()
     await rate_limit(caller)
@@ -166,7 +128,8 @@ async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
     client_wants_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
     if stream:  # always ask vLLM for usage; the extra final chunk is dropped unless the client asked
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    call = Call(caller, route, endpoint, body, stream, client_wants_usage, started=time.monotonic())
+    held = None if route.instances else await held_slot_take(caller)  # 429 now, not inside a started stream
+    call = Call(caller, route, endpoint, body, stream, client_wants_usage, started=time.monotonic(), held=held)
     load.inflight[route.deployment_id] += 1
     metrics.inflight_requests.labels(route.full_name).inc()
     if stream:
@@ -183,8 +146,8 @@ async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
 async def check_servable(route: Route) -> None:
     """Raise GatewayError for a deployment that cannot serve: 503 when it failed, 402 (code
     ``spending_limit_reached``, the message names the limit) when its owner's spending limit suspended it."""
-    if route.status == Deployment.Status.FAILED:
-        raise GatewayError(503, f"The deployment '{route.full_name}' failed: {route.fail_reason[:200]}",
+    if route.status == Deployment.Status.FAILED:  # the reason without internal addresses (they are logged)
+        raise GatewayError(503, f"The deployment '{route.full_name}' failed: {public_text(route.fail_reason)}",
                            type="server_error", code="deployment_failed")  # fmt: skip
     if route.status == Deployment.Status.SUSPENDED:
         from llmhub.billing.selectors import spending_limit_message
@@ -195,24 +158,32 @@ async def check_servable(route: Route) -> None:
 
 async def ready_route(call: Call) -> Route:
     """The route with at least one ready instance: at once when there is one, else wake the deployment
-    (scale from zero) and hold until an instance is ready. Raises GatewayError(503) after
+    (scale from zero) and hold until an instance is ready (one poller per deployment, `holding`); a held
+    request's caller is checked again when it is released. Raises GatewayError: 401 when its token was
+    revoked (or its user deactivated) meanwhile, 404 deleted, 402/503 suspended or failed, 503 after
     GATEWAY_HOLD_TIMEOUT seconds."""
     route = call.route
     if route.instances:
         return route
-    if route.desired_instances == 0:
-        await wake(route)
-    deadline = call.started + settings.GATEWAY_HOLD_TIMEOUT
-    while time.monotonic() < deadline:
-        await asyncio.sleep(HOLD_POLL_INTERVAL)
-        cache.forget(call.caller, route.full_name)
-        fresh = await cache.route(call.caller, route.full_name)
-        if fresh is None:
-            raise GatewayError(404, f"The model '{route.full_name}' was deleted.", code="model_not_found")
+    try:
+        if route.desired_instances == 0:
+            await wake(route)
+        deadline = call.started + settings.GATEWAY_HOLD_TIMEOUT
+        try:
+            fresh = await holding.route_when_ready(call.caller, route.full_name, deadline - time.monotonic())
+        except TimeoutError:
+            fresh = False
+    finally:
+        if call.held is not None:
+            await call.held.release()
+    if await cache.recheck(call.caller) is None:
+        raise invalid_token()
+    if fresh is None:
+        raise GatewayError(404, f"The model '{route.full_name}' was deleted.", code="model_not_found")
+    if fresh:
         await check_servable(fresh)
-        if fresh.instances:
-            call.route = fresh
-            return fresh
+        call.route = fresh
+        return fresh
     raise GatewayError(503, f"No instance of '{route.full_name}' became ready within "
                        f"{settings.GATEWAY_HOLD_TIMEOUT:.0f} s; retry shortly.", type="server_error",
                        code="no_ready_instance", retry_after=30)  # fmt: skip
@@ -270,8 +241,9 @@ async def open_upstream(call: Call) -> tuple[int, httpx.Response]:
             log.warning("instance %s refused a connection; trying another", instance_id)
         except httpx.HTTPError as exc:
             load.outstanding[instance_id] -= 1
-            raise GatewayError(502, f"The engine failed to answer: {exc.__class__.__name__}.", type="server_error",
-                               code="engine_error") from exc  # fmt: skip
+            log.warning("instance %s at %s failed to answer: %r", instance_id, base_url, exc)
+            raise GatewayError(502, f"The engine failed to answer ({exc.__class__.__name__}); retry shortly.",
+                               type="server_error", code="engine_error") from exc  # fmt: skip
     raise GatewayError(503, f"No instance of '{route.full_name}' answered; retry shortly.", type="server_error",
                        code="no_ready_instance", retry_after=5)  # fmt: skip
 
@@ -287,12 +259,22 @@ async def forward_whole(call: Call) -> HttpResponse:
         await upstream.aclose()
         load.outstanding[instance_id] -= 1
     call.status = upstream.status_code
+    if upstream.status_code >= 500:
+        raise engine_failed(instance_id, upstream.status_code, content)
     if upstream.status_code == 200:
         try:
             call.take_usage(json.loads(content).get("usage"))
         except (ValueError, AttributeError):
             pass
     return HttpResponse(content, status=upstream.status_code, content_type=upstream.headers.get("content-type"))
+
+
+def engine_failed(instance_id: int, status: int, content: bytes) -> GatewayError:
+    """The 502 for an engine's own 5xx: its body (which may name its addresses) goes to the log, not the user.
+    Client errors (4xx, e.g. a prompt too long) are passed on as the engine wrote them."""
+    log.warning("instance %s answered HTTP %s: %s", instance_id, status, content[:2000])
+    return GatewayError(502, f"The engine failed (HTTP {status}); retry shortly.", type="server_error",
+                        code="engine_error")  # fmt: skip
 
 
 def _stream_response(events) -> StreamingHttpResponse:
@@ -336,6 +318,8 @@ async def relay_stream(call: Call):
         call.status = upstream.status_code
         if upstream.status_code != 200:  # an engine error (e.g. prompt too long): pass it on as an event
             content = await upstream.aread()
+            if upstream.status_code >= 500:
+                raise engine_failed(instance_id, upstream.status_code, content)
             yield b"data: " + content.replace(b"\n", b" ") + b"\n\n"
             return
         chunks = upstream.aiter_raw().__aiter__()

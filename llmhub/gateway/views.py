@@ -17,8 +17,8 @@ from llmhub.accounts.selectors import bearer_secret
 from llmhub.deployments.models import Deployment
 
 from . import metrics, services
+from .errors import GatewayError, invalid_token
 from .routing import cache
-from .services import GatewayError
 
 
 def openai_api(view):
@@ -29,8 +29,7 @@ def openai_api(view):
         try:
             caller = await cache.caller(bearer_secret(request.headers.get("Authorization")))
             if caller is None:
-                raise GatewayError(401, "Missing or invalid API token: send 'Authorization: Bearer <token>'.",
-                                   code="invalid_api_key")  # fmt: skip
+                raise invalid_token()
             return await view(request, caller, *args, **kwargs)
         except GatewayError as exc:
             return exc.response()

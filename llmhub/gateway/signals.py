@@ -1,0 +1,33 @@
+"""Revocation at once: any change to a user or API token, from any path, bumps the routing generation.
+
+Paths covered: model `save()` and `delete()` (dashboard, deploy API, Django admin forms, list edits and
+"delete selected", cascades, shell) through post_save / post_delete; `QuerySet.update()` and
+`bulk_update()` of users and tokens through `accounts.signals.credentials_changed`. Not covered: raw SQL.
+Saves that only record a sign-in or a token's use (`last_login`, `last_used_at`) bump nothing. Every web
+process looks at the generation every `routing.CHECK_INTERVAL` seconds and drops its cached callers.
+"""
+
+from django.db.models.signals import post_delete, post_save
+
+from llmhub.accounts.models import BOOKKEEPING_FIELDS, ApiToken, User
+from llmhub.accounts.signals import credentials_changed
+
+from .generation import routing_changed
+
+
+def _saved(sender, update_fields=None, **kwargs):
+    if update_fields and set(update_fields) <= BOOKKEEPING_FIELDS:
+        return
+    routing_changed()
+
+
+def _changed(sender, **kwargs):
+    routing_changed()
+
+
+def connect() -> None:
+    """Connect the receivers (called once from the gateway app's `ready()`)."""
+    for model in (User, ApiToken):
+        post_save.connect(_saved, sender=model, dispatch_uid=f"gateway-saved-{model.__name__}")
+        post_delete.connect(_changed, sender=model, dispatch_uid=f"gateway-deleted-{model.__name__}")
+    credentials_changed.connect(_changed, dispatch_uid="gateway-credentials-changed")
