@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import deployment_delete
-from llmhub.fleet import engine, reconcile
+from llmhub.fleet import crashes, engine, reconcile
 from llmhub.fleet.models import Host, Instance
 from llmhub.fleet.selectors import instance_counts
 from tests.engines import GPU, Dockerd, FakeRegistry, containers, register
@@ -214,7 +214,7 @@ def test_containers_without_a_row_are_removed_and_rows_without_a_container_repla
 
 def test_a_crashing_engine_restarts_with_backoff_then_fails_with_its_last_log_lines(fleet, settings, monkeypatch):
     settings.INSTANCE_MAX_RESTARTS = 2
-    monkeypatch.setattr(reconcile, "BACKOFF_BASE_SECONDS", 1.0)
+    monkeypatch.setattr(crashes, "BACKOFF_BASE_SECONDS", 1.0)
     deployment = DeploymentFactory(user=fleet.owner, gpu_type=fleet.gpu_type, num_gpus=1)
     [first] = until(lambda: ready(deployment))
     httpx.post(

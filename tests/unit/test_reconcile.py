@@ -3,7 +3,7 @@
 import pytest
 
 from llmhub.deployments.models import Deployment
-from llmhub.fleet import engine, reconcile
+from llmhub.fleet import crashes, engine, reconcile
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
 from tests.fakes.engine import FakeEngine
@@ -103,7 +103,7 @@ def test_no_capacity_leaves_the_instance_pending_with_a_reason(fake, cpu_host):
 
 def test_a_crash_restarts_with_backoff_then_fails_the_deployment(fake, cpu_host, settings, monkeypatch):
     settings.INSTANCE_MAX_RESTARTS = 1
-    monkeypatch.setattr(reconcile, "restart_backoff", lambda n: 0)
+    monkeypatch.setattr(crashes, "restart_backoff", lambda n: 0)
     deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
     reconcile.deployment_reconcile(deployment_id=deployment.id)
 
@@ -213,7 +213,7 @@ def test_a_failed_pull_fails_the_start_and_in_the_end_the_deployment(
     from workers import tasks
 
     settings.INSTANCE_MAX_RESTARTS = 1
-    monkeypatch.setattr(reconcile, "restart_backoff", lambda n: 0)
+    monkeypatch.setattr(crashes, "restart_backoff", lambda n: 0)
     fake.images_everywhere.clear()
     fake.pull_error = "manifest for llmhub/vllm-cpu:test not found"
     enqueued = []
