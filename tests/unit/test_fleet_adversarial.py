@@ -10,9 +10,10 @@ import time_machine
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
+from llmhub.deployments import autoscaler
 from llmhub.deployments.forms import DeploymentForm
 from llmhub.deployments.models import Deployment
-from llmhub.deployments.services import deployment_delete
+from llmhub.deployments.services import deployment_delete, deployment_scale
 from llmhub.fleet import reconcile, services
 from llmhub.fleet.models import Host, Instance
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
@@ -296,3 +297,130 @@ def test_capacity_that_disappears_shows_in_fail_reason_and_the_gateways_503(fake
     reconcile.reconcile_all()
     deployment.refresh_from_db()
     assert deployment.fail_reason == "" and [i.host_id for i in live(deployment)] == [a.id]
+
+
+# --- 2, 3, 4. the autoscaler: its stored target, the scale-down window, pending instances, wedged engines --
+
+
+def autoscaled(**kw):
+    defaults = {"status": "running", "min_instances": 1, "max_instances": 4, "max_batch_size": 4,
+                "cooldown_seconds": 300, "target_instances": 1, "busy_at": T0}  # fmt: skip
+    return DeploymentFactory(**{**defaults, **kw})
+
+
+def step(deployment, at_seconds, **signals):
+    deployment.refresh_from_db()
+    result = autoscaler.deployment_autoscale(
+        deployment=deployment, signals=autoscaler.Signals(**signals), now=T0 + timedelta(seconds=at_seconds)
+    )
+    deployment.refresh_from_db()
+    return result
+
+
+def test_lowering_min_does_not_stop_loaded_instances_before_the_cooldown():
+    deployment = autoscaled()
+    deployment_scale(deployment=deployment, min_instances=4, max_instances=4)
+    step(deployment, 10, inflight=12)  # four instances carry the load
+
+    deployment_scale(deployment=deployment, min_instances=1, max_instances=4)
+
+    deployment.refresh_from_db()
+    assert deployment.desired_instances == 4
+    assert step(deployment, 20, inflight=12) is None and deployment.desired_instances == 4
+    assert step(deployment, 200, inflight=0) is None  # below target, within the cooldown
+    assert step(deployment, 321, inflight=0) == 1
+
+
+def test_the_stored_target_is_the_decision_within_min_and_max_so_raising_max_starts_nothing_unneeded():
+    deployment = autoscaled(target_instances=4)
+    deployment_scale(deployment=deployment, min_instances=1, max_instances=2)
+    step(deployment, 10, inflight=3)  # one instance would do: the cooldown runs
+
+    assert deployment.target_instances == 2
+    deployment_scale(deployment=deployment, min_instances=1, max_instances=4)
+    deployment.refresh_from_db()
+    assert deployment.desired_instances == 2
+
+
+def test_scale_down_goes_to_the_largest_load_of_the_window_not_a_momentary_dip():
+    deployment = autoscaled(target_instances=3)
+    step(deployment, 0, inflight=9)  # three instances justified
+    for t in range(30, 301, 30):
+        step(deployment, t, inflight=6)  # two would do
+
+    assert step(deployment, 301, inflight=3) == 2  # a dip to one at the end of the window
+    assert [step(deployment, t, inflight=6) for t in (302, 303)] == [None, None]  # no bounce
+
+
+def test_a_fresh_wake_survives_the_next_ticks_even_with_no_cooldown():
+    deployment = autoscaled(min_instances=0, max_instances=2, target_instances=0, cooldown_seconds=0)
+    Deployment.objects.filter(id=deployment.id).update(target_instances=1, busy_at=T0)  # as gateway.wake does
+
+    # The gateway publishes the waiting request within a second: the next two ticks must not undo the wake.
+    assert [step(deployment, t) for t in (2, 4)] == [None, None]
+    assert deployment.desired_instances == 1
+    assert step(deployment, 6, inflight=1) is None and deployment.desired_instances == 1
+
+
+def test_pending_instances_do_not_block_scale_down(monkeypatch, cpu_host):
+    deployment = autoscaled(gpu_type=cpu_host.gpu_type, min_instances=1, max_instances=3, target_instances=3)
+    Instance.objects.create(deployment=deployment, host=cpu_host, state="ready", port=1, gpu_indexes=[0])
+    Instance.objects.create(deployment=deployment)  # no room: pending
+    Instance.objects.create(deployment=deployment)
+    monkeypatch.setattr(autoscaler.vllm, "engine_load", lambda base_url, **kw: (0.0, 0.0))
+
+    for minutes in range(0, 61, 5):
+        autoscaler.autoscale_all(inflight={}, now=T0 + timedelta(minutes=minutes))
+
+    deployment.refresh_from_db()
+    assert deployment.desired_instances == 1
+
+
+def test_a_drain_completes_once_the_deployment_no_longer_needs_the_instance(fake, clock, hosts, owner, monkeypatch):
+    a, b = hosts
+    services.host_cordon(host=b)
+    deployment = DeploymentFactory(user=owner, gpu_type=a.gpu_type, num_gpus=2, min_instances=0, max_instances=1,
+                                   target_instances=1, cooldown_seconds=60)  # fmt: skip
+    reconcile.reconcile_all()
+    reconcile.reconcile_all()
+    services.host_drain(host=a)
+    reconcile.reconcile_all()  # its replacement waits: no room elsewhere
+    assert sorted(i.state for i in live(deployment)) == [Instance.State.PENDING, Instance.State.READY]
+    monkeypatch.setattr(autoscaler.vllm, "engine_load", lambda base_url, **kw: (0.0, 0.0))
+
+    for _ in range(10):  # idle
+        clock.shift(timedelta(seconds=30))
+        autoscaler.autoscale_all(inflight={})
+        reconcile.reconcile_all()
+
+    assert live(deployment) == []
+    assert Host.objects.get(id=a.id).state == Host.State.CORDONED
+
+
+def test_wedged_engines_delay_no_other_deployments_decision(monkeypatch, cpu_host):
+    import threading
+
+    monkeypatch.setattr(autoscaler, "METRICS_DEADLINE_SECONDS", 0.2, raising=False)
+    wedged = [autoscaled(gpu_type=cpu_host.gpu_type, max_batch_size=4) for _ in range(3)]
+    busy = autoscaled(gpu_type=cpu_host.gpu_type, max_batch_size=4)
+    for n, deployment in enumerate([*wedged, busy]):
+        Instance.objects.create(deployment=deployment, host=cpu_host, state="ready", port=41000 + n)
+    release, entered, returned = threading.Event(), [], []
+
+    def engine_load(base_url, **kw):
+        if base_url.endswith(":41003"):
+            return (9.0, 0.0)  # busy: three instances' worth
+        entered.append(base_url)
+        release.wait(timeout=5)  # wedged: answers only when the test lets it (or gives up, as a guard)
+        returned.append(base_url)
+        return None
+
+    monkeypatch.setattr(autoscaler.vllm, "engine_load", engine_load)
+    try:
+        autoscaler.autoscale_all(inflight={})
+        assert returned == []  # the pass did not wait for any wedged engine
+        assert len(entered) == 3  # all three were asked at once, within the same deadline
+    finally:
+        release.set()
+    busy.refresh_from_db()
+    assert busy.desired_instances == 3
