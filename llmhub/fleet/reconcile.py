@@ -34,14 +34,13 @@ from . import engine, vllm
 from .crashes import engine_restarted, exit_reason, instance_end, last_crash_host_id
 from .hosts import Observation, drains_complete, hosts_observe, orphans_sweep
 from .models import Host, ImagePull, Instance
+from .scaling import claim, instance_stop, instances_scale
 from .scheduler import capacity_problem, instance_place, placement_queue
 from .services import image_pull_request
 
 log = logging.getLogger(__name__)
 
 ADVISORY_LOCK_NAMESPACE = 7_001  # pg_try_advisory_lock(namespace, deployment id)
-# Rank when choosing which instances to stop: the least advanced first.
-_STOP_RANK = {Instance.State.PENDING: 0, Instance.State.STARTING: 1, Instance.State.READY: 2}
 
 
 @contextlib.contextmanager
@@ -93,51 +92,6 @@ def container_spec(instance: Instance) -> engine.ContainerSpec:
         device_ids=[str(i) for i in instance.gpu_indexes] if host.gpu_type.uses_devices else None,
         publish_ip=host.address,
     )
-
-
-def _claim(instance: Instance, old: str, **changes) -> bool:
-    """Conditional update: apply `changes` only if the instance is still in state `old`."""
-    done = Instance.objects.filter(id=instance.id, state=old).update(**changes)
-    if done:
-        for key, value in changes.items():
-            setattr(instance, key, value)
-    return bool(done)
-
-
-def _on_draining_host(instance: Instance) -> bool:
-    return (
-        instance.state in (Instance.State.STARTING, Instance.State.READY)
-        and instance.host is not None
-        and instance.host.state == Host.State.DRAINING
-    )
-
-
-def _scale(deployment: Deployment, live: list[Instance]) -> None:
-    """Add pending instances or mark extra ones stopping so that the live count matches the desired count.
-
-    Instances on a draining host do not count: each gets a replacement, and keeps serving until
-    enough replacements are ready (make before break); then it stops.
-    """
-    desired = deployment.desired_instances
-    moving = [i for i in live if _on_draining_host(i)]
-    active = [i for i in live if i.state != Instance.State.STOPPING and not _on_draining_host(i)]
-    for _ in range(desired - len(active)):
-        instance = Instance.objects.create(deployment=deployment)
-        live.append(instance)
-        active.append(instance)
-    if len(active) > desired:
-        # Stop the least advanced first: pending, then starting, then ready; newest first within a state.
-        for instance in sorted(active, key=lambda i: (_STOP_RANK[i.state], -i.id))[: len(active) - desired]:
-            _claim(instance, instance.state, state=Instance.State.STOPPING)
-    ready = sum(1 for i in active if i.state == Instance.State.READY)
-    still_needed = max(desired - ready, 0)
-    for instance in sorted(moving, key=lambda i: (_STOP_RANK[i.state], -i.id))[: max(len(moving) - still_needed, 0)]:
-        if _claim(instance, instance.state, state=Instance.State.STOPPING):
-            event_record(
-                deployment=deployment,
-                kind="moved",
-                message=f"instance {instance.id} leaves draining host {instance.host.name}: its replacement serves",
-            )
 
 
 def _place_and_start(deployment: Deployment, instance: Instance, observation: Observation | None) -> None:
@@ -309,7 +263,7 @@ def _check_running(deployment: Deployment, instance: Instance, observation: Obse
         instance.port = info.host_port
     if instance.state == Instance.State.STARTING:
         if vllm.engine_healthy(instance.base_url):
-            if _claim(instance, Instance.State.STARTING, state=Instance.State.READY, ready_at=timezone.now()):
+            if claim(instance, Instance.State.STARTING, state=Instance.State.READY, ready_at=timezone.now()):
                 event_record(deployment=deployment, kind="ready", message=f"instance {instance.id} is serving")
         elif instance.started_at and timezone.now() - instance.started_at > timedelta(
             seconds=settings.INSTANCE_START_TIMEOUT
@@ -328,24 +282,6 @@ def _start_existing(deployment: Deployment, instance: Instance, observation: Obs
         return
     Instance.objects.filter(id=instance.id).update(port=info.host_port)
     instance.port = info.host_port
-
-
-def _stop(deployment: Deployment, instance: Instance, observation: Observation | None) -> None:
-    if instance.host_id:
-        if observation is not None and instance.host_id in observation.unreachable:
-            return  # try again next pass; a lost host takes the instance with it
-        try:
-            engine.container_remove(instance.host.endpoint, instance.container_name)
-        except engine.EngineError as exc:
-            log.warning("instance %s: %s", instance.id, exc)
-            return  # try again next pass
-    now = timezone.now()
-    if _claim(
-        instance, Instance.State.STOPPING, state=Instance.State.STOPPED, stopped_at=now if instance.started_at else None
-    ):
-        if observation is not None and instance.gpu_indexes:
-            observation.gpus_freed()
-        event_record(deployment=deployment, kind="stopped", message=f"instance {instance.id} stopped")
 
 
 def _update_status(deployment: Deployment) -> None:
@@ -386,7 +322,7 @@ def deployment_reconcile(*, deployment_id: int, observation: Observation | None 
                 "host__gpu_type"
             )
         )
-        _scale(deployment, live)
+        instances_scale(deployment, live)
         for instance in live:
             instance.deployment = deployment
             if instance.state == Instance.State.PENDING:
@@ -395,16 +331,16 @@ def deployment_reconcile(*, deployment_id: int, observation: Observation | None 
             elif instance.state in (Instance.State.STARTING, Instance.State.READY):
                 _check_running(deployment, instance, observation)
             elif instance.state == Instance.State.STOPPING:
-                _stop(deployment, instance, observation)
+                instance_stop(deployment, instance, observation)
         if deployment.desired_instances == 0 and any(
             i.state in (Instance.State.PENDING, Instance.State.STARTING, Instance.State.READY) for i in live
         ):
             # Failed while this pass ran: stop what is left now rather than next pass.
             left = [i for i in live if i.state in Instance.LIVE_STATES]
-            _scale(deployment, left)
+            instances_scale(deployment, left)
             for instance in left:
                 if instance.state == Instance.State.STOPPING:
-                    _stop(deployment, instance, observation)
+                    instance_stop(deployment, instance, observation)
         _update_status(deployment)
         return True
 

@@ -424,3 +424,37 @@ def test_wedged_engines_delay_no_other_deployments_decision(monkeypatch, cpu_hos
         release.set()
     busy.refresh_from_db()
     assert busy.desired_instances == 3
+
+
+# --- 2. stopping an instance: the least loaded, once its requests drained -------------------------------
+
+
+def test_lowering_max_stops_the_least_loaded_instance_once_its_requests_drain(fake, clock, hosts, owner, monkeypatch):
+    from llmhub.fleet import scaling
+
+    deployment = DeploymentFactory(user=owner, gpu_type=hosts[0].gpu_type, min_instances=3, max_instances=3)
+    reconcile.reconcile_all()
+    reconcile.reconcile_all()
+    first, second, third = sorted(live(deployment), key=lambda i: i.id)
+    inflight = {first.id: 5, second.id: 0, third.id: 2}
+    monkeypatch.setattr(scaling, "instance_inflight", lambda: dict(inflight))
+
+    deployment_scale(deployment=deployment, min_instances=1, max_instances=2)
+    reconcile.reconcile_all()
+    states = dict(Instance.objects.filter(deployment=deployment).values_list("id", "state"))
+    assert states == {first.id: "ready", second.id: "stopping", third.id: "ready"}  # the idle one, not the newest
+    assert second.container_name in fake.containers  # the gateway stops routing to it first
+    clock.shift(timedelta(seconds=3))
+    reconcile.reconcile_all()
+    assert Instance.objects.get(id=second.id).state == "stopped" and second.container_name not in fake.containers
+
+    deployment_scale(deployment=deployment, min_instances=1, max_instances=1)
+    reconcile.reconcile_all()
+    clock.shift(timedelta(seconds=30))
+    reconcile.reconcile_all()  # two requests still in flight on it
+    assert Instance.objects.get(id=third.id).state == "stopping" and third.container_name in fake.containers
+    inflight[third.id] = 0
+    reconcile.reconcile_all()
+
+    assert Instance.objects.get(id=third.id).state == "stopped" and third.container_name not in fake.containers
+    assert [i.id for i in live(deployment)] == [first.id]
