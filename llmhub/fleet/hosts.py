@@ -66,9 +66,12 @@ def _list(host: Host) -> list[engine.ContainerInfo] | Exception:
 
 
 def hosts_observe(hosts: list[Host], *, now: datetime | None = None) -> Observation:
-    """List containers on every host in `hosts`, record heartbeats, declare long-silent hosts lost.
+    """List containers on every host in `hosts`, remove old ones (`orphans_sweep`), record heartbeats,
+    declare long-silent hosts lost. A host whose old containers are not all confirmed removed gets
+    its heartbeat with `last_error` saying so (no placement there), and an unreachable one stays so.
 
-    Queries: two for the heartbeats, plus a few per host whose reachability changed (rare).
+    Queries: one for the sweep, two for the heartbeats, plus a few per host whose reachability or
+    sweep changed (rare).
     Returns the Observation the reconcile pass works from. Raises nothing for engine failures.
     """
     now = now or timezone.now()

@@ -148,7 +148,10 @@ def _capacity_reason(deployment: Deployment, reason: str) -> None:
     """Show (or clear, with "") why a live deployment's instances cannot be placed in its `fail_reason`,
     without host names: e.g. "no H100-80GB host has 16 GPUs (the largest has 8)". Failed and suspended
     deployments keep their reason."""
-    if deployment.fail_reason == reason:
+    if deployment.fail_reason == reason or deployment.status not in (
+        Deployment.Status.DEPLOYING,
+        Deployment.Status.RUNNING,
+    ):
         return
     if Deployment.objects.filter(
         id=deployment.id,
@@ -341,6 +344,8 @@ def deployment_reconcile(*, deployment_id: int, observation: Observation | None 
             for instance in left:
                 if instance.state == Instance.State.STOPPING:
                     instance_stop(deployment, instance, observation)
+        if not any(i.state == Instance.State.PENDING for i in live):
+            _capacity_reason(deployment, "")  # nothing waits for GPUs (any more)
         _update_status(deployment)
         return True
 

@@ -105,7 +105,9 @@ def instances_scale(deployment: Deployment, live: list[Instance]) -> None:
 
 def _draining(deployment: Deployment, instance: Instance) -> bool:
     """True while a serving instance of a live deployment still has requests to finish (see module)."""
-    if deployment.desired_instances == 0 or not instance.ready_at or not instance.container_id:
+    if deployment.status not in (Deployment.Status.DEPLOYING, Deployment.Status.RUNNING):
+        return False  # failed, suspended (spending limit) or deleted: stop now
+    if not instance.ready_at or not instance.container_id:
         return False
     stopping_for = timezone.now() - (instance.stopping_at or timezone.now())
     if stopping_for < timedelta(seconds=DRAIN_MIN_SECONDS):
@@ -116,7 +118,7 @@ def _draining(deployment: Deployment, instance: Instance) -> bool:
 def instance_stop(deployment: Deployment, instance: Instance, observation: Observation | None) -> None:
     """Remove a stopping instance's container (once drained) and mark it stopped; retried next pass on
     an engine error."""
-    if instance.stopping_at is None and deployment.desired_instances:
+    if instance.stopping_at is None:
         claim(instance, Instance.State.STOPPING, stopping_at=timezone.now())
     if _draining(deployment, instance):
         return
