@@ -94,7 +94,7 @@ class HostAdmin(admin.ModelAdmin):
     list_display = ("name", "state", "gpu_type", "gpus", "address", "docker_url", "heartbeat_at", "last_error")
     list_filter = ("state", "gpu_type")
     search_fields = ("name", "address")
-    readonly_fields = ("state", "resume_state", "heartbeat_at", "last_error", "created_at")
+    readonly_fields = ("state", "resume_state", "engine_id", "heartbeat_at", "last_error", "created_at")
     actions = ("cordon", "drain", "uncordon")
 
     def get_queryset(self, request):
