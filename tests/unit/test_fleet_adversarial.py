@@ -458,3 +458,15 @@ def test_lowering_max_stops_the_least_loaded_instance_once_its_requests_drain(fa
 
     assert Instance.objects.get(id=third.id).state == "stopped" and third.container_name not in fake.containers
     assert [i.id for i in live(deployment)] == [first.id]
+
+
+def test_the_dashboard_form_says_so_too(client, user, cpu_host):
+    client.force_login(user)
+    data = {"model_name": "web-model", "gpu": "CPU", "num_gpus": 3, "max_batch_size": 8, "hf_revision": "",
+            "hf_repo": "llmhub/tiny-random-llama", "hf_token": "", "min_instances": 1, "max_instances": 1}  # fmt: skip
+
+    response = client.post("/deployments/new", data)
+
+    page = response.content.decode()
+    assert response.status_code == 400 and "No CPU host has 3 GPUs: the largest has 2" in page
+    assert not Deployment.objects.exists()
