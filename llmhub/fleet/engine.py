@@ -174,7 +174,10 @@ class EngineFacts:
     gpu_count: int | None
     gpu_ids: list[str]
     runtimes: list[str]
-    engine_id: str = ""  # the engine's own ID (`ID` of /info): the same engine answers with it at any URL
+    # The engine's identity, the same at any URL it answers on: its `ID`, `Name` (host name) and
+    # `DockerRootDir` from /info (engines of one machine image, or several dockerd on one machine, may
+    # share an ID but not all three).
+    engine_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -497,7 +500,7 @@ def engine_facts(target: Endpoint | str) -> EngineFacts:
         gpu_count=count or None,
         gpu_ids=ids,
         runtimes=sorted((info.get("Runtimes") or {}).keys()),
-        engine_id=str(info.get("ID") or ""),
+        engine_id=f"{info['ID']} {info.get('Name', '')}:{info.get('DockerRootDir', '')}" if info.get("ID") else "",
     )
 
 

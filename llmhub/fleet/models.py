@@ -88,7 +88,9 @@ class Host(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last time a worker reached the engine.")
     last_error = models.TextField(blank=True, help_text="The engine's last failure, cleared when it answers.")
     engine_id = models.CharField(
-        max_length=128, blank=True, help_text="The engine's own ID (GET /info): one engine is one host."
+        max_length=255,
+        blank=True,
+        help_text="The engine's identity (ID, name and data root from GET /info): one engine is one host.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

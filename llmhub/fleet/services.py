@@ -123,7 +123,7 @@ def host_engine_conflict(*, name: str, docker_url: str, engine_id: str) -> str |
     if other is None:
         return None
     return (
-        f"This Docker Engine is already registered as host {other.name} (engine ID {engine_id or 'same URL'}): "
+        f"This Docker Engine is already registered as host {other.name} ({'same engine ID' if engine_id else 'same URL'}): "
         "one engine is one host; update that host instead."
     )
 

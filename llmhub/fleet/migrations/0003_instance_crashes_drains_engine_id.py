@@ -13,7 +13,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='host',
             name='engine_id',
-            field=models.CharField(blank=True, help_text="The engine's own ID (GET /info): one engine is one host.", max_length=128),
+            field=models.CharField(blank=True, help_text="The engine's identity (ID, name and data root from GET /info): one engine is one host.", max_length=255),
         ),
         migrations.AddField(
             model_name='instance',
