@@ -1,18 +1,23 @@
 """The autoscaler: load signals → a deployment's target instance count, between min and max.
 
 Signals: requests in flight at the gateway (all web processes, via Redis: `gateway.load`) and each
-ready engine's `vllm:num_requests_running` + `vllm:num_requests_waiting` (vLLM /metrics). The load is
-the larger of the two; each instance should carry `target_concurrency(max_batch_size)` requests
-(75 % of its batch slots), so the recommendation is ceil(load / that). Scaling up happens at once;
-scaling down only once the load has stayed below the current scale for the deployment's cooldown
-(like Kubernetes' HPA stabilization window), which also keeps a steady load from flapping; while
-instances are still pending or starting the cooldown does not run. With
-min_instances = 0 an idle deployment goes to zero; the gateway wakes it (`gateway.services.wake`).
+ready engine's `vllm:num_requests_running` + `vllm:num_requests_waiting` (vLLM /metrics, every engine
+read at once with one deadline per pass, so a wedged engine delays nobody). The load is the larger of
+the two; each instance should carry `target_concurrency(max_batch_size)` requests (75 % of its batch
+slots), so the recommendation is ceil(load / that), within min..max. The stored target is always the
+current decision within min..max. Scaling up happens at once; scaling down goes to the largest
+recommendation of the last `cooldown_seconds` (a sliding-window maximum, as Kubernetes' HPA
+stabilization window), and not before `cooldown_seconds` after the last scale-up or wake, nor while
+an instance is starting (its engine loading); pending instances (no GPUs yet) do not hold it. The
+window is never shorter than MIN_WINDOW_SECONDS, so a wake survives until the gateway's count of the
+waiting request is seen. With min_instances = 0 an idle deployment goes to zero; the gateway wakes
+it (`gateway.services.wake`).
 """
 
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -25,6 +30,9 @@ from .models import Deployment
 from .services import event_record, reconcile_soon
 
 TARGET_UTILIZATION = 0.75
+MIN_WINDOW_SECONDS = 5.0  # > the gateway's publish interval (1 s) + an autoscaler tick (2 s): a wake's request is seen
+METRICS_DEADLINE_SECONDS = 1.5  # one deadline for every engine's /metrics in a pass (the beat runs every 2 s)
+METRICS_THREADS = 32
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class Signals:
     inflight: int = 0
     running: float = 0
     waiting: float = 0
-    starting: int = 0  # instances pending or starting: no scale-down while they warm up
+    starting: int = 0  # instances starting (GPUs held, engine loading): no scale-down while they warm up
 
     @property
     def load(self) -> float:
@@ -54,29 +62,62 @@ def recommend(load: float, max_batch_size: int) -> int:
     return math.ceil(load / target_concurrency(max_batch_size))
 
 
-def engine_signals(deployment: Deployment) -> tuple[float, float, int]:
-    """(running, waiting) summed over the deployment's ready instances' /metrics, and how many of its
-    instances are still pending or starting."""
-    running = waiting = 0.0
-    starting = 0
-    for instance in Instance.objects.filter(deployment=deployment, state__in=Instance.LIVE_STATES).select_related(
-        "host"
-    ):
-        if instance.state in (Instance.State.PENDING, Instance.State.STARTING):
+def engine_loads(instances: list[Instance], *, deadline: float) -> dict[int, tuple[float, float]]:
+    """{instance id: (running, waiting)} from every instance's vLLM /metrics, read at once; engines that
+    have not answered within `deadline` seconds (one deadline for all) are left out."""
+    if not instances:
+        return {}
+    pool = ThreadPoolExecutor(max_workers=min(METRICS_THREADS, len(instances)))
+    futures = {pool.submit(vllm.engine_load, i.base_url, key=i.engine_key, timeout=deadline): i.id for i in instances}
+    done, _ = wait(futures, timeout=deadline)
+    pool.shutdown(wait=False, cancel_futures=True)  # a wedged engine's thread ends at its own timeout
+    return {futures[f]: f.result() for f in done if f.exception() is None and f.result() is not None}
+
+
+def engine_signals(deployments: list[Deployment]) -> dict[int, tuple[float, float, int]]:
+    """{deployment id: (running, waiting summed over its ready instances' /metrics, instances starting)}.
+    One query, then every ready engine read at once (`engine_loads`)."""
+    instances = list(
+        Instance.objects.filter(
+            deployment__in=deployments, state__in=[Instance.State.STARTING, Instance.State.READY]
+        ).select_related("host")
+    )
+    loads = engine_loads(
+        [i for i in instances if i.state == Instance.State.READY and i.port], deadline=METRICS_DEADLINE_SECONDS
+    )
+    signals = {d.id: (0.0, 0.0, 0) for d in deployments}
+    for instance in instances:
+        running, waiting, starting = signals[instance.deployment_id]
+        if instance.state == Instance.State.STARTING:
             starting += 1
-        elif instance.state == Instance.State.READY and (
-            measured := vllm.engine_load(instance.base_url, key=instance.engine_key)
-        ):
-            running, waiting = running + measured[0], waiting + measured[1]
-    return running, waiting, starting
+        elif instance.id in loads:
+            running, waiting = running + loads[instance.id][0], waiting + loads[instance.id][1]
+        signals[instance.deployment_id] = (running, waiting, starting)
+    return signals
+
+
+def load_window(deployment: Deployment) -> float:
+    """Seconds of load history a scale-down looks at: the cooldown, at least MIN_WINDOW_SECONDS."""
+    return max(float(deployment.cooldown_seconds), MIN_WINDOW_SECONDS)
+
+
+def window_peaks(peaks: list, *, now: float, wanted: int, window: float) -> list[list[float]]:
+    """The sliding-window maximum after a new recommendation: [[unix time, instances], …] kept within
+    `window` seconds of `now`, decreasing in instances (the first is the window's maximum)."""
+    kept = [[t, n] for t, n in peaks if t >= now - window]
+    while kept and kept[-1][1] <= wanted:
+        kept.pop()
+    return [*kept, [now, wanted]]
 
 
 def deployment_autoscale(*, deployment: Deployment, signals: Signals, now: datetime | None = None) -> int | None:
     """Apply one autoscaling decision. Returns the new target, or None when it stays.
 
-    Up: at once to min(max, recommendation). Down: to max(min, recommendation) once the load has not
-    justified the current count for `cooldown_seconds`. Every change is an event naming the signals.
-    A conditional UPDATE on the old target makes concurrent passes harmless.
+    Up: at once to min(max, recommendation). Down: to the largest recommendation of the window
+    (`load_window`), once that is below the current count and the last scale-up (`busy_at`) is a
+    window ago, and no instance is starting. The decision is stored every pass (within min..max),
+    with the window's peaks; every change is an event naming the signals. A conditional UPDATE on
+    the old target makes concurrent passes (and wakes, and owners' changes) harmless.
     """
     if deployment.status not in (Deployment.Status.DEPLOYING, Deployment.Status.RUNNING):
         return None
@@ -85,27 +126,31 @@ def deployment_autoscale(*, deployment: Deployment, signals: Signals, now: datet
     wanted = max(
         deployment.min_instances, min(deployment.max_instances, recommend(signals.load, deployment.max_batch_size))
     )
-    rows = Deployment.objects.filter(id=deployment.id, target_instances=deployment.target_instances)
-    if wanted >= current or signals.starting:
-        updated = rows.update(busy_at=now, **({"target_instances": wanted} if wanted > current else {}))
-        if wanted <= current or not updated:
-            return None
-        reason = "load above target"
-    else:
-        quiet_since = deployment.busy_at or deployment.created_at
-        if now - quiet_since < timedelta(seconds=deployment.cooldown_seconds):
-            return None
-        if not rows.update(target_instances=wanted, busy_at=now):
-            return None
-        reason = f"load below target for {deployment.cooldown_seconds} s"
+    window = load_window(deployment)
+    peaks = window_peaks(deployment.load_peaks or [], now=now.timestamp(), wanted=wanted, window=window)
+    peak = int(peaks[0][1])
+    busy_at = deployment.busy_at or deployment.created_at
+    target, reason = current, None
+    if wanted > current:
+        target, busy_at, reason = wanted, now, "load above target"
+    elif signals.starting or wanted == current:
+        busy_at = now  # the current count is justified (or still warming up): the cooldown restarts
+    elif peak < current and now - busy_at >= timedelta(seconds=window):
+        target, busy_at = peak, now
+        reason = f"load below target for {deployment.cooldown_seconds} s (the largest of that window: {peak})"
+    updated = Deployment.objects.filter(id=deployment.id, target_instances=deployment.target_instances).update(
+        target_instances=target, busy_at=busy_at, load_peaks=peaks
+    )
+    if not updated or reason is None:
+        return None
     per = target_concurrency(deployment.max_batch_size)
     event_record(
         deployment=deployment,
         kind="scaled",
-        message=f"{current} → {wanted} instances: {reason} ({signals.describe()}; {per} per instance)",
+        message=f"{current} → {target} instances: {reason} ({signals.describe()}; {per} per instance)",
     )
     reconcile_soon(deployment.id)
-    return wanted
+    return target
 
 
 def autoscale_all(*, inflight: dict[int, int], now: datetime | None = None) -> int:
@@ -115,8 +160,10 @@ def autoscale_all(*, inflight: dict[int, int], now: datetime | None = None) -> i
     """
     changed = 0
     live = Deployment.objects.filter(status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING])
-    for deployment in live.select_related("user"):
-        running, waiting, starting = engine_signals(deployment)
+    deployments = list(live.select_related("user"))
+    engines = engine_signals(deployments)
+    for deployment in deployments:
+        running, waiting, starting = engines.get(deployment.id, (0.0, 0.0, 0))
         signals = Signals(inflight.get(deployment.id, 0), running, waiting, starting)
         changed += deployment_autoscale(deployment=deployment, signals=signals, now=now) is not None
     return changed

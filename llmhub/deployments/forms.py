@@ -3,7 +3,7 @@
 from django import forms
 from django.core.validators import RegexValidator
 
-from llmhub.fleet.selectors import gpu_types_offered
+from llmhub.fleet.selectors import gpu_types_offered, largest_host_gpus
 
 from .fit import Fit, model_fit
 
@@ -91,6 +91,13 @@ class DeploymentForm(ScaleForm):
     def clean(self):
         cleaned = super().clean()
         gpu, num_gpus, repo = cleaned.get("gpu"), cleaned.get("num_gpus"), cleaned.get("hf_repo")
+        if gpu is not None and num_gpus and (largest := largest_host_gpus(gpu)) is not None and num_gpus > largest:
+            self.add_error(
+                "num_gpus",
+                f"No {gpu.name} host has {num_gpus} GPUs: the largest has {largest}, so an instance can use at "
+                f"most {largest} {gpu.name} GPUs. Use {largest} or fewer, or another GPU type.",
+            )
+            return cleaned
         if gpu is not None and num_gpus and repo:
             self.fit = model_fit(
                 repo=repo, revision=cleaned.get("hf_revision", ""), token=cleaned.get("hf_token", ""),

@@ -48,6 +48,12 @@ class Deployment(models.Model):
     busy_at = models.DateTimeField(
         null=True, blank=True, help_text="Last time the load justified the current scale (starts the cooldown)."
     )
+    load_peaks = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="The autoscaler's recommendations over the cooldown window, as [[unix time, instances], …] "
+        "decreasing in instances (a sliding-window maximum).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     deleted_at = models.DateTimeField(null=True, blank=True)

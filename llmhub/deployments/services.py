@@ -121,7 +121,9 @@ def deployment_scale(
     """Change a deployment's min and max instances (and scale-down cooldown, seconds; None keeps it);
     running instances keep running.
 
-    The reconciler then adds or stops instances to fit the new bounds. Checks the GPU quota with
+    The target becomes the current count within the new bounds: lowering min stops nothing before
+    the autoscaler's cooldown; lowering max below the count stops the least loaded instances, each
+    after its in-flight requests drain (see `fleet.reconcile`). Checks the GPU quota with
     the new max (the user row is locked, as in `deployment_create`). Raises ValidationError keyed by
     field name (`min_instances`, `max_instances`).
     """
@@ -133,9 +135,14 @@ def deployment_scale(
     cooldown = deployment.cooldown_seconds if cooldown_seconds is None else cooldown_seconds
     if old == (min_instances, max_instances) and cooldown == deployment.cooldown_seconds:
         return deployment
+    # The count running now, within the new bounds: lowering min stops nothing (the autoscaler scales
+    # down after its cooldown), raising max starts nothing the load does not ask for.
+    target = max(min_instances, min(max_instances, deployment.desired_instances))
     deployment.min_instances, deployment.max_instances = min_instances, max_instances
-    deployment.cooldown_seconds = cooldown
-    deployment.save(update_fields=["min_instances", "max_instances", "cooldown_seconds", "updated_at"])
+    deployment.cooldown_seconds, deployment.target_instances = cooldown, target
+    deployment.save(
+        update_fields=["min_instances", "max_instances", "cooldown_seconds", "target_instances", "updated_at"]
+    )
     event_record(
         deployment=deployment,
         kind="scaled",

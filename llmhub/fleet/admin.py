@@ -60,7 +60,7 @@ class HostForm(forms.ModelForm):
         if url.startswith("unix://"):
             self.instance.tls_client_key_encrypted = ""
             cleaned["tls_ca_cert"] = cleaned["tls_client_cert"] = ""
-        if cleaned.get("gpu_count") is None and url and not self.errors:
+        if url and not self.errors:
             probe = engine.Endpoint(
                 url=url,
                 tls=engine.TlsCredentials(
@@ -74,10 +74,21 @@ class HostForm(forms.ModelForm):
             try:
                 facts = engine.engine_facts(probe)
             except engine.EngineError as exc:
-                raise ValidationError(f"Cannot read the GPU count from the engine ({exc}); give it by hand.") from exc
-            if facts.gpu_count is None:
-                raise ValidationError("The engine advertises no GPUs: give the GPU count by hand.")
-            cleaned["gpu_count"] = facts.gpu_count
+                if cleaned.get("gpu_count") is None:
+                    raise ValidationError(
+                        f"Cannot read the GPU count from the engine ({exc}); give it by hand."
+                    ) from exc
+                facts = None
+            if cleaned.get("gpu_count") is None:
+                if facts.gpu_count is None:
+                    raise ValidationError("The engine advertises no GPUs: give the GPU count by hand.")
+                cleaned["gpu_count"] = facts.gpu_count
+            engine_id = facts.engine_id if facts else ""
+            name = self.instance.name if self.instance.pk else cleaned.get("name", "")  # an edit may rename
+            if conflict := services.host_engine_conflict(name=name, docker_url=url, engine_id=engine_id):
+                raise ValidationError(conflict)
+            if engine_id:
+                self.instance.engine_id = engine_id
         return cleaned
 
 
@@ -89,7 +100,7 @@ class HostAdmin(admin.ModelAdmin):
     )  # fmt: skip
     list_filter = ("state", "gpu_type")
     search_fields = ("name", "address")
-    readonly_fields = ("state", "resume_state", "heartbeat_at", "last_error", "created_at")
+    readonly_fields = ("state", "resume_state", "engine_id", "heartbeat_at", "last_error", "created_at")
     actions = ("cordon", "drain", "uncordon", "prune_cache")
 
     def get_queryset(self, request):

@@ -398,7 +398,26 @@ def engine_facts(target: Endpoint | str) -> EngineFacts:
         gpu_count=count or None,
         gpu_ids=ids,
         runtimes=sorted((info.get("Runtimes") or {}).keys()),
+        engine_id=f"{info['ID']} {info.get('Name', '')}:{info.get('DockerRootDir', '')}" if info.get("ID") else "",
     )
+
+
+def container_death_seen(target: Endpoint | str, container_id: str, *, finished_at: datetime) -> bool:
+    """True when the engine's own event log holds the ``die`` event of `container_id` around
+    `finished_at` (the container ended while this engine process ran); False when it does not.
+
+    Docker keeps its events (`GET /events`) in the daemon's memory only: an engine restarted after
+    the container ended (its shutdown stopped the container) has no record of it. Asks for the
+    window finished_at - 5 s .. finished_at + 2 s (the engine's clock; the answer waits until the
+    window has passed). Raises EngineError, EngineUnreachable.
+    """
+    client = client_for(target)
+    since, until = finished_at.timestamp() - 5, finished_at.timestamp() + 2
+    with _engine_call(f"reading events of {container_id[:12]}"):
+        events = client.api.events(
+            since=int(since), until=int(until) + 1, filters={"container": [container_id], "event": ["die"]}, decode=True
+        )
+        return any(True for _ in events)
 
 
 def engine_ping(target: Endpoint | str) -> bool:

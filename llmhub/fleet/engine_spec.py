@@ -132,6 +132,10 @@ class EngineFacts:
     gpu_count: int | None
     gpu_ids: list[str]
     runtimes: list[str]
+    # The engine's identity, the same at any URL it answers on: its `ID`, `Name` (host name) and
+    # `DockerRootDir` from /info (engines of one machine image, or several dockerd on one machine, may
+    # share an ID but not all three).
+    engine_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,18 @@
 """Host health, once per reconcile pass: what each engine reports, heartbeats, lost hosts, orphans.
 
 `hosts_observe` lists this installation's containers on every host (one engine call per host, in
-parallel), records a heartbeat for each engine that answered and turns an engine that has not
+parallel), removes the old ones no live instance accounts for (`orphans_sweep`), records a heartbeat
+for each engine that answered and turns an engine that has not
 answered for longer than `settings.HOST_UNREACHABLE_GRACE` seconds into an unreachable host: its
 instances are marked lost, their billed interval closed at the host's last heartbeat, and the
-reconcile pass replaces them elsewhere. A host that answers again returns to the state it had.
-`orphans_sweep` removes containers that no live instance on that host accounts for.
+reconcile pass replaces them elsewhere. A host that answers again returns to the state it had
+once its old containers are confirmed gone: until then (and while any old container of a host
+cannot be removed) its `last_error` says so and no GPU of it is handed out (the scheduler skips
+hosts with an error), so two containers never share a GPU.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,9 +66,12 @@ def _list(host: Host) -> list[engine.ContainerInfo] | Exception:
 
 
 def hosts_observe(hosts: list[Host], *, now: datetime | None = None) -> Observation:
-    """List containers on every host in `hosts`, record heartbeats, declare long-silent hosts lost.
+    """List containers on every host in `hosts`, remove old ones (`orphans_sweep`), record heartbeats,
+    declare long-silent hosts lost. A host whose old containers are not all confirmed removed gets
+    its heartbeat with `last_error` saying so (no placement there), and an unreachable one stays so.
 
-    Queries: two for the heartbeats, plus a few per host whose reachability changed (rare).
+    Queries: one for the sweep, two for the heartbeats, plus a few per host whose reachability or
+    sweep changed (rare).
     Returns the Observation the reconcile pass works from. Raises nothing for engine failures.
     """
     now = now or timezone.now()
@@ -83,11 +88,16 @@ def hosts_observe(hosts: list[Host], *, now: datetime | None = None) -> Observat
         else:
             observation.containers[host.id] = {c.name: c for c in result}
             answered.append(host)
-    if answered:
-        _heartbeats([h.id for h in answered], now=now)
+    _, dirty = _sweep(answered, observation)
+    clean = [h for h in answered if h.id not in dirty]
+    if clean:
+        _heartbeats([h.id for h in clean], now=now)
     for host in answered:
         host.heartbeat_at = now
-        if host.state == Host.State.UNREACHABLE:
+        if host.id in dirty:
+            Host.objects.filter(id=host.id).update(heartbeat_at=now, last_error=dirty[host.id])
+            host.last_error = dirty[host.id]
+        elif host.state == Host.State.UNREACHABLE:
             host_returned(host)
     return observation
 
@@ -172,10 +182,15 @@ def drains_complete() -> int:
 def orphans_sweep(hosts: list[Host], observation: Observation) -> list[str]:
     """Remove this installation's containers that no live instance placed on their host accounts for.
 
-    Works from the pass's observation (containers listed before this pass read the instances, so a
-    container made during the pass is never mistaken for an orphan): one query for all hosts. A
-    container whose label is not an instance id is removed too. Returns the names removed.
+    Works from the observation (containers listed before the instances are read, so a container
+    made meanwhile is never mistaken for an orphan): one query for all hosts. A container whose
+    label is not an instance id is removed too. Returns the names removed.
     """
+    return _sweep(hosts, observation)[0]
+
+
+def _sweep(hosts: list[Host], observation: Observation) -> tuple[list[str], dict[int, str]]:
+    """`orphans_sweep`, also returning {host id: error} for hosts with an old container not removed."""
     labelled: dict[int, list[tuple[int | None, engine.ContainerInfo]]] = {}
     ids: set[int] = set()
     for host in hosts:
@@ -186,15 +201,18 @@ def orphans_sweep(hosts: list[Host], observation: Observation) -> list[str]:
             if instance_id is not None:
                 ids.add(instance_id)
     if not labelled:
-        return []
+        return [], {}
     placed = set(Instance.objects.filter(id__in=ids, state__in=Instance.LIVE_STATES).values_list("id", "host_id"))
-    removed = []
+    removed, dirty = [], {}
     for host in hosts:
         for instance_id, info in labelled.get(host.id, []):
             if (instance_id, host.id) in placed:
                 continue
-            with contextlib.suppress(engine.EngineError):
+            try:
                 if engine.container_remove(host.endpoint, info.name):  # False: someone removed it meanwhile
                     removed.append(info.name)
                     log.info("host %s: removed orphan container %s", host.name, info.name)
-    return removed
+                observation.containers.get(host.id, {}).pop(info.name, None)
+            except engine.EngineError as exc:
+                dirty[host.id] = f"old container {info.name} not removed yet: {exc}"
+    return removed, dirty

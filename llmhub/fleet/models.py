@@ -149,10 +149,20 @@ class Host(models.Model):
     )
     heartbeat_at = models.DateTimeField(null=True, blank=True, help_text="Last time a worker reached the engine.")
     last_error = models.TextField(blank=True, help_text="The engine's last failure, cleared when it answers.")
+    engine_id = models.CharField(
+        max_length=255,
+        blank=True,
+        help_text="The engine's identity (ID, name and data root from GET /info): one engine is one host.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["engine_id"], condition=~models.Q(engine_id=""), name="host_one_per_engine_id"
+            )
+        ]
 
     def __str__(self):
         return self.name
@@ -222,7 +232,13 @@ class Instance(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
+    stopping_at = models.DateTimeField(
+        null=True, blank=True, help_text="When it was asked to stop (its in-flight requests drain first)."
+    )
     stopped_at = models.DateTimeField(null=True, blank=True)
+    crashed_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its container failed by itself (counts toward crash backoff)."
+    )
 
     class Meta:
         ordering = ["id"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from django.db import connection, transaction
-from django.db.models import Func, IntegerField, Max, Sum
+from django.db.models import Count, Func, IntegerField, Max, OuterRef, Q, Subquery, Sum
+from django.db.models.functions import Coalesce
 
 from .models import GpuType, Host, Instance
 
@@ -70,11 +71,41 @@ def used_gpu_counts(host_ids: list[int]) -> dict[int, int]:
     return counts
 
 
-def instance_place(*, instance_id: int, gpu_type: GpuType, num_gpus: int) -> Placement | None:
+def placement_queue(*, now, gpu_type_id: int | None = None) -> list[tuple[int, int]]:
+    """Pending instances of live deployments that may be placed now (not backing off after a crash),
+    fairest first, as [(instance id, deployment id)]: instances of deployments below their min or with
+    nothing serving before other deployments' extra instances, then the longest waiting (oldest
+    instance) first. `gpu_type_id` limits it to one GPU type. One query.
+
+    Placement tries them in this order and places each one that fits (a large instance that does not
+    fit yet does not keep GPUs idle that a smaller one behind it can use).
+    """
+    ready = (
+        Instance.objects.filter(deployment_id=OuterRef("deployment_id"), state=Instance.State.READY)
+        .values("deployment_id")
+        .annotate(n=Count("id"))
+        .values("n")
+    )
+    rows = Instance.objects.filter(
+        state=Instance.State.PENDING, deployment__status__in=["deploying", "running"]
+    ).filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
+    if gpu_type_id is not None:
+        rows = rows.filter(deployment__gpu_type_id=gpu_type_id)
+    rows = rows.annotate(serving=Coalesce(Subquery(ready), 0)).values_list(
+        "id", "deployment_id", "serving", "deployment__min_instances", "created_at"
+    )
+    ranked = sorted(rows, key=lambda r: (0 if r[2] == 0 or r[2] < r[3] else 1, r[4], r[0]))
+    return [(r[0], r[1]) for r in ranked]
+
+
+def instance_place(
+    *, instance_id: int, gpu_type: GpuType, num_gpus: int, avoid_host_id: int | None = None
+) -> Placement | None:
     """Reserve `num_gpus` GPUs of `gpu_type` for the pending instance `instance_id`.
 
     Moves the instance pending → starting with its host, GPU indexes and billable facts (GPU type, GPU
-    count), atomically. Returns the placement, or None when no ready host has `num_gpus` free GPUs of
+    count), atomically. Host `avoid_host_id` (where the deployment's last instance crashed) is taken only
+    when no other host fits. Returns the placement, or None when no ready host has `num_gpus` free GPUs of
     that type or the instance was no longer pending (someone else placed it).
     """
     with transaction.atomic():
@@ -86,11 +117,12 @@ def instance_place(*, instance_id: int, gpu_type: GpuType, num_gpus: int) -> Pla
             ).order_by("id")
         )
         used = used_gpu_counts([h.id for h in hosts])
-        best, best_free = None, None
+        best, best_key = None, None
         for host in hosts:
             free = host.gpu_count - used[host.id]
-            if free >= num_gpus and (best_free is None or free < best_free):
-                best, best_free = host, free
+            key = (host.id == avoid_host_id, free)
+            if free >= num_gpus and (best_key is None or key < best_key):
+                best, best_key = host, key
         if best is None:
             return None
         indexes = free_gpu_indexes(best, used_gpu_indexes([best.id])[best.id])
@@ -108,19 +140,26 @@ def instance_place(*, instance_id: int, gpu_type: GpuType, num_gpus: int) -> Pla
         return placement if claimed else None
 
 
-def no_capacity_reason(*, gpu_type: GpuType, num_gpus: int) -> str:
-    """Why an instance of `num_gpus` × `gpu_type` cannot be placed now, in words for the events.
+def capacity_problem(*, gpu_type: GpuType, num_gpus: int) -> tuple[str, bool]:
+    """Why an instance of `num_gpus` × `gpu_type` cannot be placed now, and whether it lasts.
 
-    e.g. "no host with 2 free H100-80GB" (hosts are busy), "no ready host with H100-80GB GPUs"
-    (all cordoned, draining or unreachable), "no H100-80GB host answers" (ready ones whose engine
-    just failed), "no H100-80GB host has 16 GPUs (the largest has 8)".
+    The reason names no host (users see it): "no host with 2 free H100-80GB" (hosts are busy: it
+    passes as instances stop, not lasting), "no ready host with H100-80GB GPUs" (all cordoned,
+    draining or unreachable), "no H100-80GB host answers" (ready ones whose engine just failed), "no
+    H100-80GB host has 16 GPUs (the largest has 8)"; those three last until an operator or an
+    engine changes something.
     """
     ready = Host.objects.filter(gpu_type=gpu_type, state=Host.State.READY)
     largest = ready.filter(last_error="").aggregate(n=Max("gpu_count"))["n"]
     if largest is None:
         if ready.exists():
-            return f"no {gpu_type.name} host answers"
-        return f"no ready host with {gpu_type.name} GPUs"
+            return f"no {gpu_type.name} host answers", True
+        return f"no ready host with {gpu_type.name} GPUs", True
     if largest < num_gpus:
-        return f"no {gpu_type.name} host has {num_gpus} GPUs (the largest has {largest})"
-    return f"no host with {num_gpus} free {gpu_type.name}"
+        return f"no {gpu_type.name} host has {num_gpus} GPUs (the largest has {largest})", True
+    return f"no host with {num_gpus} free {gpu_type.name}", False
+
+
+def no_capacity_reason(*, gpu_type: GpuType, num_gpus: int) -> str:
+    """The reason of `capacity_problem`, in words for the events."""
+    return capacity_problem(gpu_type=gpu_type, num_gpus=num_gpus)[0]

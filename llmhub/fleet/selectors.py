@@ -1,6 +1,6 @@
 """Reads for the fleet."""
 
-from django.db.models import Q, QuerySet, Sum
+from django.db.models import Max, Q, QuerySet, Sum
 
 from . import engine, notices
 from .models import GpuType, Host, Instance
@@ -10,6 +10,13 @@ from .scheduler import Cardinality
 def gpu_types_offered() -> QuerySet[GpuType]:
     """GPU types at least one reachable host offers, by name."""
     return GpuType.objects.filter(hosts__state__in=Host.SCHEDULABLE_OR_SOON).distinct().order_by("name")
+
+
+def largest_host_gpus(gpu_type: GpuType) -> int | None:
+    """GPUs of the largest host of `gpu_type` that is ready, cordoned or draining (None: no such host):
+    the most GPUs one instance of that type can ever get now."""
+    hosts = Host.objects.filter(gpu_type=gpu_type, state__in=Host.SCHEDULABLE_OR_SOON)
+    return hosts.aggregate(n=Max("gpu_count"))["n"]
 
 
 def instance_counts(deployment_ids: list[int]) -> dict[int, dict[str, int]]:

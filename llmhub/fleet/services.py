@@ -9,7 +9,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -93,11 +93,13 @@ def host_register(
     if errors:
         raise ValidationError(errors)
     endpoint = engine.Endpoint(url=docker_url, tls=tls)
-    if gpu_count is None:
-        try:
-            facts = engine.engine_facts(endpoint)
-        except engine.EngineError as exc:
+    facts = None
+    try:
+        facts = engine.engine_facts(endpoint)
+    except engine.EngineError as exc:
+        if gpu_count is None:
             raise ValidationError({"docker_url": f"Cannot read the GPUs from the engine: {exc}"}) from exc
+    if gpu_count is None:
         if facts.gpu_count is None:
             raise ValidationError(
                 {
@@ -106,21 +108,43 @@ def host_register(
                 }
             )
         gpu_count = facts.gpu_count
-    host, _ = Host.objects.update_or_create(
-        name=name,
-        defaults={
-            "docker_url": docker_url,
-            "tls_ca_cert": tls.ca_cert if tls else "",
-            "tls_client_cert": tls.client_cert if tls else "",
-            "tls_client_key_encrypted": crypto.encrypt(tls.client_key) if tls else "",
-            "address": address,
-            "bind_address": bind_address,
-            "gpu_type": gpu_type,
-            "gpu_count": gpu_count,
-            "engine_image": engine_image,
-        },
-    )
+    engine_id = facts.engine_id if facts else ""
+    if conflict := host_engine_conflict(name=name, docker_url=docker_url, engine_id=engine_id):
+        raise ValidationError({"docker_url": conflict})
+    try:
+        with transaction.atomic():
+            host, _ = Host.objects.update_or_create(
+                name=name,
+                defaults={
+                    "docker_url": docker_url,
+                    "tls_ca_cert": tls.ca_cert if tls else "",
+                    "tls_client_cert": tls.client_cert if tls else "",
+                    "tls_client_key_encrypted": crypto.encrypt(tls.client_key) if tls else "",
+                    "address": address,
+                    "bind_address": bind_address,
+                    "gpu_type": gpu_type,
+                    "gpu_count": gpu_count,
+                    "engine_image": engine_image,
+                    **({"engine_id": engine_id} if engine_id else {}),
+                },
+            )
+    except IntegrityError as exc:  # a concurrent registration of the same engine won
+        raise ValidationError({"docker_url": "This Docker Engine was just registered as another host."}) from exc
     return host
+
+
+def host_engine_conflict(*, name: str, docker_url: str, engine_id: str) -> str | None:
+    """Why registering host `name` at `docker_url` (engine ID `engine_id`, "" when unknown) would make
+    one Docker Engine two hosts (GPUs booked twice, each host's orphan sweep removing the other's
+    containers), or None. Another host with the same URL or the same engine ID is a conflict."""
+    same = Q(docker_url=docker_url) | (Q(engine_id=engine_id) if engine_id else Q(pk__in=[]))
+    other = Host.objects.filter(same).exclude(name=name).first()
+    if other is None:
+        return None
+    return (
+        f"This Docker Engine is already registered as host {other.name} ({'same engine ID' if engine_id else 'same URL'}): "
+        "one engine is one host; update that host instead."
+    )
 
 
 def owner_cache_prune(*, host: Host, user) -> bool:

@@ -2,7 +2,8 @@
 
 Every request held for the same (user, model) in one event loop awaits the same poller task, which looks
 for a ready instance every `POLL_INTERVAL` seconds (one route load per look, however many requests wait)
-and stops when one is found, the deployment is gone, failed or suspended, or no request waits any more.
+and stops when one is found, the deployment is gone, failed, suspended or cannot be placed now, or no request
+waits any more.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ async def _watch(caller: Caller, model: str) -> Route | None:
         await asyncio.sleep(POLL_INTERVAL)
         cache.forget(caller, model)
         fresh = await cache.route(caller, model)
-        if fresh is None or fresh.instances or fresh.status in _SETTLED:
+        # A live deployment with a fail_reason has instances that cannot be placed now (no capacity).
+        if fresh is None or fresh.instances or fresh.status in _SETTLED or fresh.fail_reason:
             return fresh
 
 
 async def route_when_ready(caller: Caller, model: str, timeout: float) -> Route | None:
-    """The caller's route for `model` once it has a ready instance, or once it was deleted (None), failed or
-    suspended (the caller checks). Raises TimeoutError after `timeout` seconds."""
+    """The caller's route for `model` once it has a ready instance, or once it was deleted (None), failed,
+    suspended or has instances that cannot be placed (a `fail_reason`; the caller checks). Raises TimeoutError after `timeout` seconds."""
     loop = asyncio.get_running_loop()
     pollers = _pollers.setdefault(loop, {})
     key = (caller.user_id, model)

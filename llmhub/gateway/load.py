@@ -2,9 +2,11 @@
 
 Each web process counts its in-flight requests per deployment (and outstanding requests per
 instance, for least-outstanding-requests balancing) in memory. A background task per event loop
-publishes the per-deployment counts to Redis every `PUBLISH_INTERVAL` seconds, as a hash per process
-that expires after `PROCESS_TTL` seconds (so a dead process's counts vanish), and writes buffered
-usage records to PostgreSQL in one INSERT.
+publishes both to Redis every `PUBLISH_INTERVAL` seconds, as hashes per process that expire after
+`PROCESS_TTL` seconds (so a dead process's counts vanish): per deployment for the autoscaler, per
+instance (under the fleet's `scaling.INSTANCE_INFLIGHT_PREFIX`) for the reconciler, which stops the
+least loaded instance and drains it first. It also writes buffered usage records to PostgreSQL in
+one INSERT.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from llmhub.fleet.scaling import INSTANCE_INFLIGHT_PREFIX
+
 from .clients import redis_async
 from .models import UsageRecord
 
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 
 INFLIGHT_PREFIX = f"{settings.REDIS_KEY_PREFIX}inflight:"
 PROCESS_KEY = f"{INFLIGHT_PREFIX}{socket.gethostname()}:{os.getpid()}"
+INSTANCES_KEY = f"{INSTANCE_INFLIGHT_PREFIX}{socket.gethostname()}:{os.getpid()}"
 PUBLISH_INTERVAL = 1.0  # seconds
 PROCESS_TTL = 5  # seconds
 
@@ -55,13 +60,15 @@ async def _background():
 
 
 async def publish_inflight() -> None:
-    """Write this process's non-zero in-flight counts to its Redis hash (or delete it when idle)."""
-    counts = {str(d): n for d, n in inflight.items() if n > 0}
+    """Write this process's non-zero in-flight counts (per deployment, per instance) to its Redis
+    hashes (or delete them when idle)."""
     pipe = redis_async().pipeline()
-    pipe.delete(PROCESS_KEY)
-    if counts:
-        pipe.hset(PROCESS_KEY, mapping=counts)
-        pipe.expire(PROCESS_KEY, PROCESS_TTL)
+    for key, table in ((PROCESS_KEY, inflight), (INSTANCES_KEY, outstanding)):
+        counts = {str(k): n for k, n in table.items() if n > 0}
+        pipe.delete(key)
+        if counts:
+            pipe.hset(key, mapping=counts)
+            pipe.expire(key, PROCESS_TTL)
     await pipe.execute()
 
 

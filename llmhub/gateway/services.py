@@ -166,6 +166,7 @@ async def ready_route(call: Call) -> Route:
     if route.instances:
         return route
     try:
+        cannot_start(route)
         if route.desired_instances == 0:
             await wake(route)
         deadline = call.started + settings.GATEWAY_HOLD_TIMEOUT
@@ -182,11 +183,22 @@ async def ready_route(call: Call) -> Route:
         raise GatewayError(404, f"The model '{route.full_name}' was deleted.", code="model_not_found")
     if fresh:
         await check_servable(fresh)
-        call.route = fresh
-        return fresh
+        if fresh.instances:
+            call.route = fresh
+            return fresh
+        cannot_start(fresh)
     raise GatewayError(503, f"No instance of '{route.full_name}' became ready within "
                        f"{settings.GATEWAY_HOLD_TIMEOUT:.0f} s; retry shortly.", type="server_error",
                        code="no_ready_instance", retry_after=30)  # fmt: skip
+
+
+def cannot_start(route: Route) -> None:
+    """Raise GatewayError(503, code ``no_capacity``) when no instance can be placed now (the reconciler's
+    reason in `fail_reason` of a live deployment, e.g. "no H100-80GB host has 16 GPUs (the largest has 8)":
+    it names no host) rather than holding the request for nothing."""
+    if route.fail_reason and route.status in (Deployment.Status.DEPLOYING, Deployment.Status.RUNNING):
+        raise GatewayError(503, f"No instance of '{route.full_name}' can start now: {public_text(route.fail_reason)[:200]}. "
+                           "Retry later.", type="server_error", code="no_capacity", retry_after=60)  # fmt: skip
 
 
 async def wake(route: Route) -> bool:

@@ -16,7 +16,7 @@ from llmhub.fleet import engine
 
 SEAM = (
     "container_run", "container_get", "container_remove", "container_logs", "containers_list",
-    "image_present", "image_pull", "engine_facts", "volume_remove",
+    "image_present", "image_pull", "engine_facts", "volume_remove", "container_death_seen",
 )  # fmt: skip
 
 
@@ -37,6 +37,9 @@ class FakeEngine:
         self.gpus: dict[str, int] = {}  # url → GPUs the engine advertises
         self.logs = "RuntimeError: CUDA out of memory"
         self.volumes: dict[str, set[str]] = defaultdict(set)  # url → cache volumes made there
+        self.deaths: dict[str, set[str]] = defaultdict(set)  # url → ids of containers whose death it saw
+        self.engine_ids: dict[str, str] = {}  # url → engine ID (default: one engine per URL)
+        self.runs_seen: list[tuple[str, str, list[str]]] = []  # (url, name, other running containers there)
 
     def install(self, monkeypatch) -> FakeEngine:
         for name in SEAM:
@@ -64,6 +67,8 @@ class FakeEngine:
             self.run_urls.append(url)
             if spec.cache_volume:
                 self.volumes[url].add(spec.cache_volume)
+            others = sorted(n for n, c in self.hosts[url].items() if c.running and n != spec.name)
+            self.runs_seen.append((url, spec.name, others))
             if spec.name not in self.hosts[url]:
                 self.hosts[url][spec.name] = engine.ContainerInfo(
                     id=f"c{next(self.ids)}-{spec.name}", name=spec.name, status="running", exit_code=None,
@@ -123,8 +128,13 @@ class FakeEngine:
         url = self._check(target)
         count = self.gpus.get(url)
         return engine.EngineFacts(
-            server_version="20.10.24", gpu_count=count, gpu_ids=[f"GPU-{i}" for i in range(count or 0)], runtimes=[]
-        )
+            server_version="20.10.24", gpu_count=count, gpu_ids=[f"GPU-{i}" for i in range(count or 0)], runtimes=[],
+            engine_id=self.engine_ids.get(url, f"ENGINE:{url}"),
+        )  # fmt: skip
+
+    def container_death_seen(self, target, container_id, *, finished_at):
+        with self.lock:
+            return container_id in self.deaths[self._check(target)]
 
     def _find(self, name) -> tuple[str, engine.ContainerInfo]:
         for url, host in self.hosts.items():
@@ -139,8 +149,18 @@ class FakeEngine:
             self.hosts[url][name] = engine.ContainerInfo(
                 info.id, name, "exited", code, None, info.labels, info.started_at, datetime.now(UTC), oom
             )
+            self.deaths[url].add(info.id)
 
     crash = exit
+
+    def restart_engine(self, url, code=0):
+        """The engine at `url` restarts without live-restore: its shutdown stops every running container
+        (exit `code`: 0 for vLLM's graceful stop) and it forgets its events."""
+        with self.lock:
+            for name, info in list(self.hosts[url].items()):
+                if info.running:
+                    self.exit(name, code)
+            self.deaths[url].clear()
 
     def vanish(self, name):
         """The container `name` is removed behind LLMHub's back."""

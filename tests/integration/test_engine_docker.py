@@ -7,7 +7,7 @@ import pytest
 from django.conf import settings
 
 from llmhub.deployments.models import Deployment
-from llmhub.fleet import engine, images, reconcile
+from llmhub.fleet import crashes, engine, images, reconcile
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
 
@@ -63,7 +63,7 @@ def test_image_presence_and_a_failed_pull():
 def test_a_crashing_engine_fails_the_deployment_with_its_log_tail(cleanup, monkeypatch, settings):
     """Real containers that exit: restarted, then the deployment is failed with the container's last words."""
     settings.INSTANCE_MAX_RESTARTS = 1
-    monkeypatch.setattr(reconcile, "restart_backoff", lambda n: 0)
+    monkeypatch.setattr(crashes, "restart_backoff", lambda n: 0)
     host = HostFactory(gpu_type=GpuTypeFactory(name="CPU"), engine_image=images.BASE_IMAGE, docker_url=DOCKER)
     deployment = DeploymentFactory(gpu_type=host.gpu_type)
     # The base image has no entrypoint: the engine arguments become the command, which cannot run.

@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import deployment_delete
-from llmhub.fleet import engine, reconcile
+from llmhub.fleet import crashes, engine, reconcile
 from llmhub.fleet.models import Host, Instance
 from llmhub.fleet.selectors import instance_counts
 from tests.engines import GPU, Dockerd, FakeRegistry, containers, register
@@ -216,7 +216,7 @@ def test_containers_without_a_row_are_removed_and_rows_without_a_container_repla
 
 def test_a_crashing_engine_restarts_with_backoff_then_fails_with_its_last_log_lines(fleet, settings, monkeypatch):
     settings.INSTANCE_MAX_RESTARTS = 2
-    monkeypatch.setattr(reconcile, "BACKOFF_BASE_SECONDS", 1.0)
+    monkeypatch.setattr(crashes, "BACKOFF_BASE_SECONDS", 1.0)
     deployment = DeploymentFactory(user=fleet.owner, gpu_type=fleet.gpu_type, num_gpus=1)
     [first] = until(lambda: ready(deployment))
     httpx.post(
@@ -243,6 +243,63 @@ def test_a_crashing_engine_restarts_with_backoff_then_fails_with_its_last_log_li
     assert [i.restarts for i in Instance.objects.filter(deployment=broken).order_by("id")] == [0, 1, 2]
     assert not live(broken)
     assert {c.name for c in containers(fleet.engines.a) + containers(fleet.engines.b)} == {second.container_name}
+
+
+def test_an_engine_that_keeps_exiting_with_code_0_backs_off_then_fails(fleet, settings, monkeypatch):
+    settings.INSTANCE_MAX_RESTARTS = 2
+    monkeypatch.setattr(crashes, "BACKOFF_BASE_SECONDS", 1.0)
+    deployment = DeploymentFactory(user=fleet.owner, gpu_type=fleet.gpu_type, num_gpus=1)
+
+    def exit_when_ready():  # the engine stops by itself, cleanly, each time it has come up
+        if Deployment.objects.get(id=deployment.id).status == Deployment.Status.FAILED:
+            return True
+        for instance in ready(deployment) or []:
+            httpx.post(f"{instance.base_url}/fake/exit", json={"code": 0, "message": "INFO shutting down"})
+        return False
+
+    until(exit_when_ready, timeout=120, what="the deployment to fail")
+
+    deployment.refresh_from_db()
+    assert "exited with code 0" in deployment.fail_reason and "shutting down" in deployment.fail_reason
+    rows = list(Instance.objects.filter(deployment=deployment).order_by("id"))
+    assert [i.restarts for i in rows] == [0, 1, 2] and all(i.crashed_at for i in rows)
+    assert all(b.started_at >= b.next_attempt_at for b in rows[1:])  # each waited out its backoff
+    assert not deployment.events.filter(kind="lost").exists() and not live(deployment)
+    assert containers(fleet.engines.a) + containers(fleet.engines.b) == []
+
+
+def test_a_returning_hosts_gpus_go_to_a_new_instance_only_once_its_old_container_is_gone(fleet, settings, monkeypatch):
+    settings.HOST_UNREACHABLE_GRACE = 8
+    Host.objects.filter(id=fleet.a.id).update(state=Host.State.CORDONED)
+    first = DeploymentFactory(user=fleet.owner, gpu_type=fleet.gpu_type, num_gpus=4, model_name="first")
+    [old] = until(lambda: ready(first))
+    assert (old.host_id, old.gpu_indexes) == (fleet.b.id, [0, 1, 2, 3])
+    Host.objects.filter(id=fleet.a.id).update(state=Host.State.READY)
+
+    fleet.engines.b.stop()  # --live-restore: its container keeps running, on GPUs 0-3
+    until(lambda: Instance.objects.get(id=old.id).state == Instance.State.LOST, timeout=60, what="the loss")
+    [moved] = until(lambda: ready(first))
+    assert moved.host_id == fleet.a.id
+    second = DeploymentFactory(user=fleet.owner, gpu_type=fleet.gpu_type, num_gpus=4, model_name="second")
+    reconcile.reconcile_all()
+    assert [i.state for i in live(second)] == [Instance.State.PENDING]  # gpu-a full, gpu-b silent
+    running_at_start = []
+    real_run = engine.container_run
+
+    def run(target, spec):  # what else runs on gpu-b when a container is started there
+        if engine.endpoint_of(target).url == fleet.engines.b.url:
+            running_at_start.append(sorted(c.name for c in containers(fleet.engines.b) if c.status == "running"))
+        return real_run(target, spec)
+
+    monkeypatch.setattr(engine, "container_run", run)
+    fleet.engines.b.start()
+    assert [c.name for c in containers(fleet.engines.b) if c.status == "running"] == [old.container_name]
+
+    [placed] = until(lambda: ready(second))
+
+    assert (placed.host_id, placed.gpu_indexes) == (fleet.b.id, [0, 1, 2, 3])
+    assert running_at_start[0] == []  # the old container was gone before the new one got its GPUs
+    assert [c.name for c in containers(fleet.engines.b)] == [placed.container_name]
 
 
 KILL_AFTER_CREATE = """

@@ -116,7 +116,7 @@ def test_concurrent_requests_wake_a_deployment_at_zero_exactly_once():
 
 def test_autoscale_all_reads_the_engines_metrics(monkeypatch):
     deployment = make()
-    monkeypatch.setattr(autoscaler, "engine_signals", lambda d: (2.0, 4.0, 0) if d.id == deployment.id else (0, 0, 0))
+    monkeypatch.setattr(autoscaler, "engine_signals", lambda ds: {deployment.id: (2.0, 4.0, 0)})
 
     assert autoscaler.autoscale_all(inflight={deployment.id: 1}) == 1
 

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import deployment_delete
-from llmhub.fleet import engine, reconcile, services
+from llmhub.fleet import crashes, engine, reconcile, scaling, services
 from llmhub.fleet.models import Host, Instance
 from llmhub.fleet.selectors import instance_counts
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
@@ -29,6 +29,7 @@ A, B = "unix:///run/gpu-a.sock", "unix:///run/gpu-b.sock"
 def fake(monkeypatch):
     fake = FakeEngine().install(monkeypatch)
     monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: fake.healthy)
+    monkeypatch.setattr(scaling, "DRAIN_MIN_SECONDS", 0.0)  # nothing in flight here: stops take effect at once
     return fake
 
 
@@ -388,11 +389,13 @@ def test_a_drain_with_no_room_elsewhere_keeps_serving_and_waits(fake, hosts, own
 
 
 @pytest.mark.parametrize("code", [0, 143, 137])
-def test_a_container_stopped_from_outside_is_replaced_at_once_without_counting_a_crash(fake, hosts, owner, code):
+def test_a_container_stopped_by_its_engines_restart_is_replaced_at_once_without_counting_a_crash(
+    fake, hosts, owner, code
+):
     deployment = DeploymentFactory(user=owner, gpu_type=hosts[0].gpu_type, num_gpus=1)
     converge()
     [first] = live(deployment)
-    fake.exit(first.container_name, code)  # e.g. the engine was restarted
+    fake.restart_engine(first.host.docker_url, code)  # the engine forgets the container's death
     finished = fake.containers[first.container_name].finished_at
 
     converge()
@@ -421,7 +424,7 @@ def test_an_out_of_memory_kill_is_a_crash_with_backoff(fake, hosts, owner):
 
 
 def test_backoff_doubles_with_each_crash():
-    assert [reconcile.restart_backoff(n) for n in (1, 2, 3, 4, 8, 20)] == [5, 10, 20, 40, 300, 300]
+    assert [crashes.restart_backoff(n) for n in (1, 2, 3, 4, 8, 20)] == [5, 10, 20, 40, 300, 300]
 
 
 def test_a_container_removed_behind_llmhubs_back_is_replaced(fake, hosts, owner):

@@ -3,7 +3,7 @@
 import pytest
 
 from llmhub.deployments.models import Deployment
-from llmhub.fleet import engine, reconcile
+from llmhub.fleet import crashes, engine, reconcile, scaling
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
 from tests.fakes.engine import FakeEngine
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.django_db
 def fake(monkeypatch):
     fake = FakeEngine().install(monkeypatch)
     monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: fake.healthy)
+    monkeypatch.setattr(scaling, "DRAIN_MIN_SECONDS", 0.0)  # nothing in flight here: stops take effect at once
     return fake
 
 
@@ -103,7 +104,7 @@ def test_no_capacity_leaves_the_instance_pending_with_a_reason(fake, cpu_host):
 
 def test_a_crash_restarts_with_backoff_then_fails_the_deployment(fake, cpu_host, settings, monkeypatch):
     settings.INSTANCE_MAX_RESTARTS = 1
-    monkeypatch.setattr(reconcile, "restart_backoff", lambda n: 0)
+    monkeypatch.setattr(crashes, "restart_backoff", lambda n: 0)
     deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
     reconcile.deployment_reconcile(deployment_id=deployment.id)
 
@@ -213,7 +214,7 @@ def test_a_failed_pull_fails_the_start_and_in_the_end_the_deployment(
     from workers import tasks
 
     settings.INSTANCE_MAX_RESTARTS = 1
-    monkeypatch.setattr(reconcile, "restart_backoff", lambda n: 0)
+    monkeypatch.setattr(crashes, "restart_backoff", lambda n: 0)
     fake.images_everywhere.clear()
     fake.pull_error = "manifest for llmhub/vllm-cpu:test not found"
     enqueued = []

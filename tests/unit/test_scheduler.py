@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 
 from llmhub.deployments.models import Deployment
-from llmhub.fleet import reconcile, scheduler
+from llmhub.fleet import reconcile, scaling, scheduler
 from llmhub.fleet.models import Host, Instance
 from llmhub.fleet.scheduler import instance_place, no_capacity_reason
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
@@ -101,6 +101,7 @@ def test_concurrent_reconcile_workers_never_give_one_gpu_to_two_instances(monkey
     containers' device requests against the reservations at the end."""
     fake = FakeEngine().install(monkeypatch)
     monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: True)
+    monkeypatch.setattr(scaling, "DRAIN_MIN_SECONDS", 0.0)  # nothing in flight: stops take effect at once
     h100 = GpuTypeFactory(name="H100-80GB", memory_gb=80, uses_devices=True)
     hosts = [
         HostFactory(name=f"gpu-{n}", gpu_type=h100, gpu_count=4, docker_url=f"unix:///gpu-{n}.sock") for n in range(4)
