@@ -199,7 +199,7 @@ def test_one_engine_cannot_be_registered_as_two_hosts(fake, h100, admin_client):
     assert "already registered as host gpu-a" in " ".join(caught.value.message_dict["docker_url"])
     with pytest.raises(CommandError, match="already registered as host gpu-a"):
         call_command("host_add", "gpu-c", "--docker-url", B, "--gpu-type", "H100-80GB", "--engine-image", "v")
-    form = {"name": "gpu-d", "address": "10.0.0.4", "gpu_type": h100.id, "engine_image": "v", "tls_ca_cert": "",
+    form = {"name": "gpu-d", "address": "10.0.0.4", "bind_address": "10.0.0.4", "gpu_type": h100.id, "engine_image": "v", "tls_ca_cert": "",
             "tls_client_cert": "", "tls_client_key": "", "gpu_count": "", "docker_url": B}  # fmt: skip
     page = admin_client.post("/admin/fleet/host/add/", form)
     assert page.status_code == 200 and "already registered as host gpu-a" in page.content.decode()
