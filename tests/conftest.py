@@ -9,6 +9,7 @@ from llmhub.fleet import images
 from llmhub.fleet.services import gpu_type_ensure, host_register
 from tests.engines import GPU, Dockerd, containers, register
 from tests.factories import GpuTypeFactory, HostFactory, UserFactory, token_for
+from tests.fakes.engine import FakeEngine
 from tests.stack import DOCKER, engine_image, running_stack
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -24,6 +25,18 @@ def fresh_gateway_state():
     load.inflight.clear()
     load.outstanding.clear()
     load.usage_buffer.clear()
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """The stubbed engine seam (tests/fakes/engine.py) with healthy engines; stops take effect at once
+    (nothing is in flight in these tests, so no drain wait)."""
+    from llmhub.fleet import reconcile, scaling
+
+    fake = FakeEngine().install(monkeypatch)
+    monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: fake.healthy)
+    monkeypatch.setattr(scaling, "DRAIN_MIN_SECONDS", 0.0)
+    return fake
 
 
 @pytest.fixture

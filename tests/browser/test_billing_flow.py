@@ -16,7 +16,7 @@ from llmhub.billing.metering import cost_by_user
 from llmhub.billing.periods import WEEK, month_start, week_start
 from llmhub.fleet.models import Instance
 from tests.billing_support import run
-from tests.browser.test_dashboard_flow import CHROMIUM_ARGS
+from tests.browser_support import CHROMIUM_ARGS
 from tests.conftest import ARTIFACTS
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
 

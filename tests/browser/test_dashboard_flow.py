@@ -8,16 +8,11 @@ import re
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from tests.browser_support import CHROMIUM_ARGS
 from tests.conftest import ARTIFACTS
 from tests.factories import UserFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.vllm]
-
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-
 
 def test_create_watch_chat_and_delete(stack):
     UserFactory(username="carol", password="carol-password-1")

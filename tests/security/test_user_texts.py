@@ -10,7 +10,6 @@ from llmhub.fleet import hosts as fleet_hosts
 from llmhub.fleet import reconcile, services
 from llmhub.fleet.models import Host, Instance
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
-from tests.fakes.engine import FakeEngine
 
 pytestmark = pytest.mark.django_db
 
@@ -32,13 +31,6 @@ def assert_clean(text: str) -> None:
 @pytest.fixture
 def owner(db):
     return UserFactory(username="owner")
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    fake = FakeEngine().install(monkeypatch)
-    monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: fake.healthy)
-    return fake
 
 
 def gpu_host(**kw):

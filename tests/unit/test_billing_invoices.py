@@ -19,7 +19,6 @@ from llmhub.fleet import reconcile
 from llmhub.fleet.models import Host, Instance
 from tests.billing_support import MONDAY, at, run
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
-from tests.unit.test_reconcile import fake  # noqa: F401  (the stubbed engine seam)
 
 pytestmark = pytest.mark.django_db
 

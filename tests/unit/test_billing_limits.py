@@ -21,9 +21,8 @@ from llmhub.fleet import reconcile
 from llmhub.fleet.models import Instance
 from tests.billing_support import at, run
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
+from tests.gateway_support import assert_openai_error, chat
 from tests.stack import free_port
-from tests.unit.test_gateway_errors import assert_openai_error, chat
-from tests.unit.test_reconcile import fake  # noqa: F401  (the stubbed engine seam)
 
 pytestmark = pytest.mark.django_db
 

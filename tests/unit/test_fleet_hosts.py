@@ -14,23 +14,14 @@ from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import deployment_delete
-from llmhub.fleet import crashes, engine, reconcile, scaling, services
+from llmhub.fleet import crashes, engine, reconcile, services
 from llmhub.fleet.models import Host, Instance
 from llmhub.fleet.selectors import instance_counts
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
-from tests.fakes.engine import FakeEngine
 
 pytestmark = pytest.mark.django_db
 
 A, B = "unix:///run/gpu-a.sock", "unix:///run/gpu-b.sock"
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    fake = FakeEngine().install(monkeypatch)
-    monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: fake.healthy)
-    monkeypatch.setattr(scaling, "DRAIN_MIN_SECONDS", 0.0)  # nothing in flight here: stops take effect at once
-    return fake
 
 
 @pytest.fixture

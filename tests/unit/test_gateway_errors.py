@@ -1,24 +1,13 @@
 """Gateway errors in OpenAI's shape: authentication, routing, bad bodies, no instance."""
 
-import json
 
 import pytest
 
 from llmhub.deployments.models import Deployment
 from tests.factories import DeploymentFactory
+from tests.gateway_support import assert_openai_error, chat
 
 pytestmark = pytest.mark.django_db
-
-
-def chat(client, headers, **body):
-    payload = {"messages": [{"role": "user", "content": "hi"}], **body}
-    return client.post("/v1/openai/chat/completions", json.dumps(payload), content_type="application/json", **headers)
-
-
-def assert_openai_error(response, status, code):
-    assert response.status_code == status
-    error = response.json()["error"]
-    assert error["code"] == code and error["message"] and error["type"]
 
 
 @pytest.mark.parametrize("header", [None, "Bearer wrong", "Token abc"])

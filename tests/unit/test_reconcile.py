@@ -3,20 +3,11 @@
 import pytest
 
 from llmhub.deployments.models import Deployment
-from llmhub.fleet import crashes, engine, reconcile, scaling
+from llmhub.fleet import crashes, engine, reconcile
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
-from tests.fakes.engine import FakeEngine
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    fake = FakeEngine().install(monkeypatch)
-    monkeypatch.setattr(reconcile.vllm, "engine_healthy", lambda base_url, **kw: fake.healthy)
-    monkeypatch.setattr(scaling, "DRAIN_MIN_SECONDS", 0.0)  # nothing in flight here: stops take effect at once
-    return fake
 
 
 def snapshot(deployment):
