@@ -2,6 +2,7 @@
 
 from django import forms
 from django.contrib import admin, messages
+from django.db import models
 from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
@@ -80,6 +81,7 @@ class BillingAccountAdmin(admin.ModelAdmin):
     readonly_fields = ("stripe_customer_id", "suspended_at", "operator_hold", "updated_at")
     raw_id_fields = ("user",)
     actions = ["hold", "release"]
+    formfield_overrides = {models.URLField: {"assume_scheme": "https"}}  # a webhook URL without a scheme
 
     @admin.action(description="Suspend the account's deployments (operator hold)")
     def hold(self, request, queryset):

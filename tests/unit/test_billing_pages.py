@@ -73,6 +73,8 @@ def test_invoices_list_detail_and_print_show_only_the_users_own(client, user, ot
         assert "alice/chat" in page and "L4" in page and "20.0000" in page and "$20.00" in page
         assert f"#{usage.instances.order_by('id').first().id}" in page  # the instance interval behind the line
         assert "2026-03-03 08:00:00" in page and "2026-03-03 18:00:00" in page
+        assert "gpu-1" not in page and "Host" not in page  # users see no host detail (operators: the admin)
+        assert "not billed" not in page  # billing follows the run intervals: no suspended-time exception
     assert "window.print()" in printable and 'class="topbar"' not in printable
     assert client.get(f"/billing/invoices/{theirs.number}/").status_code == 404
     assert client.get(f"/billing/invoices/{theirs.number}/print").status_code == 404
