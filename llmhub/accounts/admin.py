@@ -1,11 +1,13 @@
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as BaseUserAdmin
 
+from llmhub.admin_history import KeepsHistoryAdmin
+
 from .models import ApiToken, User
 
 
 @admin.register(User)
-class UserAdmin(BaseUserAdmin):
+class UserAdmin(KeepsHistoryAdmin, BaseUserAdmin):
     list_display = ("username", "email", "gpu_quota", "is_active", "is_staff", "date_joined")
     list_editable = ("gpu_quota",)
     fieldsets = BaseUserAdmin.fieldsets + (
@@ -16,16 +18,9 @@ class UserAdmin(BaseUserAdmin):
         }),
     )  # fmt: skip
 
-    def has_delete_permission(self, request, obj=None):
+    def has_history(self, obj) -> bool:
         """A user whose instances ran has billable history: deactivate them instead."""
-        if obj is not None and obj.deployments.filter(instances__started_at__isnull=False).exists():
-            return False
-        return super().has_delete_permission(request, obj)
-
-    def get_actions(self, request):
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)
-        return actions
+        return obj.deployments.filter(instances__started_at__isnull=False).exists()
 
 
 @admin.register(ApiToken)

@@ -1,5 +1,7 @@
 from django.contrib import admin
 
+from llmhub.admin_history import KeepsHistoryAdmin
+
 from .models import Deployment, DeploymentEvent
 from .services import deployment_delete
 
@@ -12,7 +14,7 @@ class DeploymentEventInline(admin.TabularInline):
 
 
 @admin.register(Deployment)
-class DeploymentAdmin(admin.ModelAdmin):
+class DeploymentAdmin(KeepsHistoryAdmin):
     list_display = ("__str__", "status", "gpu_type", "num_gpus", "min_instances", "max_instances", "created_at")
     list_filter = ("status", "gpu_type")
     search_fields = ("model_name", "user__username", "hf_repo", "deploy_id")
@@ -26,11 +28,6 @@ class DeploymentAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         return self.readonly_fields + (self.fixed_after_create if obj is not None else ())
-
-    def get_actions(self, request):
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)  # a bulk delete would take the history with it
-        return actions
 
     def get_deleted_objects(self, objs, request):
         """Deleting keeps instances and events (history for invoices): only the deployments are listed."""

@@ -8,6 +8,7 @@ from django.template.response import TemplateResponse
 
 from llmhub import crypto
 from llmhub.accounts.models import User
+from llmhub.admin_history import KeepsHistoryAdmin
 
 from . import engine, services
 from .models import GpuType, Host, ImagePull, Instance
@@ -158,23 +159,16 @@ class PruneCacheForm(forms.Form):
 
 
 @admin.register(Instance)
-class InstanceAdmin(admin.ModelAdmin):
+class InstanceAdmin(KeepsHistoryAdmin):
     list_display = ("id", "deployment", "host", "gpu_indexes", "state", "port", "restarts", "started_at", "stopped_at")
     list_filter = ("state", "host")
     search_fields = ("deployment__model_name", "container_id")
     raw_id_fields = ("deployment",)
     readonly_fields = ("gpu_type", "num_gpus", "started_at", "stopped_at")  # billable facts and run interval
 
-    def has_delete_permission(self, request, obj=None):
+    def has_history(self, obj) -> bool:
         """An instance that ran is billable history: never deleted."""
-        if obj is not None and obj.started_at is not None:
-            return False
-        return super().has_delete_permission(request, obj)
-
-    def get_actions(self, request):
-        actions = super().get_actions(request)
-        actions.pop("delete_selected", None)
-        return actions
+        return obj.started_at is not None
 
 
 @admin.register(ImagePull)
