@@ -69,12 +69,13 @@ def prepare_gateway(upstream_port: int) -> tuple[dict, str]:
 from llmhub.accounts.models import User
 from llmhub.accounts.services import api_token_create
 from llmhub.deployments.models import Deployment
-from llmhub.fleet.models import Instance
-from llmhub.fleet.services import gpu_type_ensure, host_register
+from llmhub.fleet.models import Host, Instance
+from llmhub.fleet.services import gpu_type_ensure
 user = User.objects.create(username="bench")
 gpu = gpu_type_ensure(name="CPU", uses_devices=False)
-host = host_register(name="bench", docker_url="unix:///nonexistent", address="127.0.0.1", gpu_type=gpu,
-                     gpu_count=1, engine_image="none")
+# a host row with no engine behind it (host_register refuses those): the gateway only dials address:port
+host = Host.objects.create(name="bench", docker_url="unix:///nonexistent", address="127.0.0.1", gpu_type=gpu,
+                           gpu_count=1, engine_image="none")
 d = Deployment.objects.create(user=user, model_name="model", gpu_type=gpu, num_gpus=1, max_batch_size=256,
                               hf_repo="bench/model", status="running", target_instances=1)
 Instance.objects.create(deployment=d, host=host, state="ready", port={upstream_port})

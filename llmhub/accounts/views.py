@@ -48,5 +48,5 @@ def token_revoke(request, token_id):
     services.api_token_revoke(token=token)
     messages.success(request, f"Revoked “{token.name}” ({token.prefix}…). Requests using it are refused from now on.")
     if request.htmx:
-        return render(request, "partials/messages_oob.html")
+        return render(request, "base.html#messages-oob")
     return redirect("accounts:tokens")

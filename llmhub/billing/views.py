@@ -10,7 +10,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from . import charts, invoices, limits, selectors, stripe
+from llmhub import charts
+
+from . import invoices, limits, selectors, stripe
 from .forms import BillingSettingsForm
 from .models import InvoiceInterval
 

@@ -173,7 +173,7 @@ def deployment_delete(request, deploy_id):
     services.deployment_delete(deployment=deployment)
     messages.success(request, f"Deleting {deployment.full_name}.")
     if request.htmx:
-        return render(request, "partials/messages_oob.html")
+        return render(request, "base.html#messages-oob")
     return redirect("deployments:list")
 
 

@@ -49,47 +49,26 @@ class HostForm(forms.ModelForm):
         )
 
     def clean(self):
+        """Register the host through `services.host_register` (the one place its rules live) and show
+        its ValidationError as field errors. The client key is write-only: empty keeps the stored one."""
         cleaned = super().clean()
-        key = cleaned.get("tls_client_key", "").strip()
-        if key:
-            self.instance.tls_client_key_encrypted = crypto.encrypt(key)
-        url = cleaned.get("docker_url", "")
-        if url.startswith("tcp://") and not (
-            cleaned.get("tls_ca_cert") and cleaned.get("tls_client_cert") and self.instance.tls_client_key_encrypted
-        ):
-            raise ValidationError("An engine reached over tcp:// needs the TLS CA, client certificate and client key.")
-        if url.startswith("unix://"):
-            self.instance.tls_client_key_encrypted = ""
-            cleaned["tls_ca_cert"] = cleaned["tls_client_cert"] = ""
-        if url and not self.errors:
-            probe = engine.Endpoint(
-                url=url,
-                tls=engine.TlsCredentials(
-                    ca_cert=cleaned.get("tls_ca_cert", ""),
-                    client_cert=cleaned.get("tls_client_cert", ""),
-                    client_key=crypto.decrypt(self.instance.tls_client_key_encrypted),
-                )
-                if self.instance.tls_client_key_encrypted
-                else None,
-            )
-            try:
-                facts = engine.engine_facts(probe)
-            except engine.EngineError as exc:
-                if cleaned.get("gpu_count") is None:
-                    raise ValidationError(
-                        f"Cannot read the GPU count from the engine ({exc}); give it by hand."
-                    ) from exc
-                facts = None
-            if cleaned.get("gpu_count") is None:
-                if facts.gpu_count is None:
-                    raise ValidationError("The engine advertises no GPUs: give the GPU count by hand.")
-                cleaned["gpu_count"] = facts.gpu_count
-            engine_id = facts.engine_id if facts else ""
-            name = self.instance.name if self.instance.pk else cleaned.get("name", "")  # an edit may rename
-            if conflict := services.host_engine_conflict(name=name, docker_url=url, engine_id=engine_id):
-                raise ValidationError(conflict)
-            if engine_id:
-                self.instance.engine_id = engine_id
+        if self.errors:
+            return cleaned
+        key = cleaned.get("tls_client_key", "").strip() or crypto.decrypt(self.instance.tls_client_key_encrypted)
+        ca, cert = cleaned.get("tls_ca_cert", ""), cleaned.get("tls_client_cert", "")
+        try:
+            host = services.host_register(
+                host=self.instance, name=cleaned["name"], docker_url=cleaned["docker_url"],
+                address=cleaned["address"], bind_address=cleaned.get("bind_address", ""),
+                gpu_type=cleaned["gpu_type"], gpu_count=cleaned.get("gpu_count"),
+                engine_image=cleaned["engine_image"],
+                tls=engine.TlsCredentials(ca_cert=ca, client_cert=cert, client_key=key) if ca or cert or key else None,
+            )  # fmt: skip
+        except ValidationError as exc:
+            self.add_error(None, exc)
+            return cleaned
+        self.instance = host
+        cleaned.update({field: getattr(host, field) for field in HostForm.Meta.fields})
         return cleaned
 
 

@@ -80,8 +80,9 @@ def url_validate(url: str, *, tls: bool = False) -> str:
             raise ValueError(f"'{url}' is not an engine address: write tcp://host:port, e.g. tcp://gpu-1.internal:2376")
         if not tls:
             raise ValueError(
-                f"'{url}' is reached over TCP: give the TLS client certificates (CA, client certificate "
-                "and key) of the engine's --tlsverify set-up; an engine without TLS is open to anyone"
+                f"'{url}' is reached over TCP: give the TLS client certificates of the engine's --tlsverify "
+                "set-up (an engine reached over tcp:// needs the TLS CA, client certificate and client key; "
+                "without TLS it is open to anyone)"
             )
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         return f"tcp://{host}:{port or DEFAULT_TLS_PORT}"

@@ -48,8 +48,13 @@ def host_register(
     gpu_count: int | None = None,
     tls: engine.TlsCredentials | None = None,
     bind_address: str = "",
+    host: Host | None = None,
 ) -> Host:
     """Create host `name`, or update its engine URL, TLS credentials, addresses, GPUs and engine image.
+
+    The one way to register or change a host: the admin's host form and `manage.py host_add` both call
+    it. `host` is the host to update when the caller edits one it already holds (the admin: an edit may
+    rename it); None means the host named `name`, created when missing.
 
     `bind_address` is the IP the engine publishes engine ports on (loopback or a private interface:
     see `models.bind_address_validate`); `address` is what the gateway dials to reach them. An empty
@@ -57,11 +62,12 @@ def host_register(
     refused: give both).
 
     `docker_url` is ``unix:///path.sock`` or ``tcp://host[:port]`` (port 2376 when absent), the latter
-    only with `tls` (Docker's ``--tlsverify`` client certificates; the key is stored encrypted).
-    `gpu_count` None means: ask the engine (`GET /info`, GPUs it advertises as generic resources),
-    which must then answer and advertise some. A new host starts `ready`; an existing one keeps its
-    state. Raises ValidationError keyed by field (`docker_url`, `address`, `gpu_count`, `name`,
-    `engine_image`) with a message an operator can act on.
+    only with `tls` (Docker's ``--tlsverify`` client certificates; the key is stored encrypted; a
+    ``unix://`` engine keeps none). The engine must answer (`GET /info`: its ID, so that one engine is
+    never two hosts, and the GPUs it advertises as generic resources); `gpu_count` None means: use the
+    advertised count, which must then be some. A new host starts `ready`; an existing one keeps its
+    state. Raises ValidationError keyed by field (`docker_url`, `address`, `bind_address`, `gpu_count`,
+    `name`, `engine_image`) with a message an operator can act on.
     """
     errors: dict[str, str] = {}
     name, address, engine_image = name.strip(), address.strip(), engine_image.strip()
@@ -92,42 +98,47 @@ def host_register(
         errors["gpu_count"] = f"A host needs at least 1 GPU (or engine slot on CPU hosts), not {gpu_count}."
     if errors:
         raise ValidationError(errors)
-    endpoint = engine.Endpoint(url=docker_url, tls=tls)
-    facts = None
+    if docker_url.startswith("unix://"):
+        tls = None  # a local socket: no TLS, and no stale credentials kept
     try:
-        facts = engine.engine_facts(endpoint)
+        facts = engine.engine_facts(engine.Endpoint(url=docker_url, tls=tls))
     except engine.EngineError as exc:
-        if gpu_count is None:
-            raise ValidationError({"docker_url": f"Cannot read the GPUs from the engine: {exc}"}) from exc
+        raise ValidationError({"docker_url": f"Cannot reach the engine: {exc}"}) from exc
     if gpu_count is None:
         if facts.gpu_count is None:
             raise ValidationError(
                 {
                     "gpu_count": f"The engine at {docker_url} advertises no GPUs (dockerd --node-generic-resource "
-                    "NVIDIA-GPU=<uuid>): give the GPU count by hand."
+                    "NVIDIA-GPU=<uuid>): give their number with --gpus N (host_add) or in the GPU count field."
                 }
             )
         gpu_count = facts.gpu_count
-    engine_id = facts.engine_id if facts else ""
-    if conflict := host_engine_conflict(name=name, docker_url=docker_url, engine_id=engine_id):
+    engine_id = facts.engine_id
+    current = host.name if host is not None and host.pk else name
+    if conflict := host_engine_conflict(name=current, docker_url=docker_url, engine_id=engine_id):
         raise ValidationError({"docker_url": conflict})
+    values = {
+        "name": name,
+        "docker_url": docker_url,
+        "tls_ca_cert": tls.ca_cert if tls else "",
+        "tls_client_cert": tls.client_cert if tls else "",
+        "tls_client_key_encrypted": crypto.encrypt(tls.client_key) if tls else "",
+        "address": address,
+        "bind_address": bind_address,
+        "gpu_type": gpu_type,
+        "gpu_count": gpu_count,
+        "engine_image": engine_image,
+        **({"engine_id": engine_id} if engine_id else {}),
+    }
+    if host is None:
+        host = Host.objects.filter(name=name).first() or Host()
+    elif host.pk and name != host.name and Host.objects.filter(name=name).exclude(pk=host.pk).exists():
+        raise ValidationError({"name": f"There is already a host named {name}."})
+    for field, value in values.items():
+        setattr(host, field, value)
     try:
         with transaction.atomic():
-            host, _ = Host.objects.update_or_create(
-                name=name,
-                defaults={
-                    "docker_url": docker_url,
-                    "tls_ca_cert": tls.ca_cert if tls else "",
-                    "tls_client_cert": tls.client_cert if tls else "",
-                    "tls_client_key_encrypted": crypto.encrypt(tls.client_key) if tls else "",
-                    "address": address,
-                    "bind_address": bind_address,
-                    "gpu_type": gpu_type,
-                    "gpu_count": gpu_count,
-                    "engine_image": engine_image,
-                    **({"engine_id": engine_id} if engine_id else {}),
-                },
-            )
+            host.save(update_fields=list(values) if host.pk else None)  # the state is the heartbeat's to write
     except IntegrityError as exc:  # a concurrent registration of the same engine won
         raise ValidationError({"docker_url": "This Docker Engine was just registered as another host."}) from exc
     return host

@@ -530,3 +530,21 @@ def test_a_steady_pass_costs_the_same_queries_for_3_or_12_deployments(fake, h100
 
     assert three == twelve <= 10
     assert Instance.objects.filter(state=Instance.State.READY).count() == 24
+
+
+def test_the_admin_registers_through_host_register_with_its_rules(fake, h100, admin_client):
+    """The admin form refuses what `host_register` refuses (an engine that does not answer, even with the
+    GPU count given) and an edit that renames a host updates that host, keeping its stored TLS key."""
+    fake.gpus[A] = 2
+    fake.down.add("unix:///run/down.sock")
+    form = {"name": "gpu-a", "address": "10.0.0.1", "bind_address": "10.0.0.1", "gpu_type": h100.id, "engine_image": "vllm:1", "tls_ca_cert": "",
+            "tls_client_cert": "", "tls_client_key": "", "gpu_count": "2"}  # fmt: skip
+
+    down = admin_client.post("/admin/fleet/host/add/", {**form, "docker_url": "unix:///run/down.sock"})
+    assert down.status_code == 200 and "Cannot reach the engine" in down.content.decode()
+    assert not Host.objects.exists()
+    assert admin_client.post("/admin/fleet/host/add/", {**form, "docker_url": A}).status_code == 302
+    host = Host.objects.get()
+    renamed = admin_client.post(f"/admin/fleet/host/{host.id}/change/", {**form, "docker_url": A, "name": "gpu-z"})
+    assert renamed.status_code == 302
+    assert list(Host.objects.values_list("id", "name")) == [(host.id, "gpu-z")]

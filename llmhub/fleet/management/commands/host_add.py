@@ -1,6 +1,7 @@
 """`manage.py host_add NAME --docker-url URL --gpu-type TYPE --engine-image IMAGE`: register a GPU host.
 
-The engine is asked for its version and the GPUs it advertises (dockerd ``--node-generic-resource
+Registration goes through `fleet.services.host_register` (the rules the admin form uses too): the
+engine must answer; it is asked for its ID and the GPUs it advertises (dockerd ``--node-generic-resource
 NVIDIA-GPU=<uuid>``); `--gpus` sets the count by hand for engines that advertise none. ``tcp://``
 engines need Docker's TLS client files (``--tls-ca``, ``--tls-cert``, ``--tls-key``: the files
 ``docker --tlsverify`` uses). Running it again for the same name updates the host.
@@ -19,6 +20,14 @@ from django.core.management.base import BaseCommand, CommandError
 from llmhub.fleet import engine
 from llmhub.fleet.models import GpuType
 from llmhub.fleet.services import host_register
+
+OPTIONS = {
+    "docker_url": "--docker-url",
+    "address": "--address",
+    "bind_address": "--bind-address",
+    "gpu_count": "--gpus",
+    "engine_image": "--engine-image",
+}  # host_register's error keys, as options
 
 
 def _read(option: str, path: str | None) -> str:
@@ -70,10 +79,6 @@ class Command(BaseCommand):
                 client_cert=_read("--tls-cert", tls_cert),
                 client_key=_read("--tls-key", tls_key),
             )
-        try:
-            normalised = engine.url_validate(docker_url, tls=tls is not None)
-        except ValueError as exc:
-            raise CommandError(f"--docker-url: {exc}") from exc
         if bind_address is None:
             if docker_url.strip().startswith("tcp://"):
                 raise CommandError(
@@ -81,31 +86,18 @@ class Command(BaseCommand):
                     "ports are published there only (never on 0.0.0.0 or a public address)."
                 )
             bind_address = "127.0.0.1"
-        if address is None:
-            address = bind_address
-        try:
-            facts = engine.engine_facts(engine.Endpoint(url=normalised, tls=tls))
-        except engine.EngineError as exc:
-            raise CommandError(f"--docker-url: {exc}") from exc
-        if gpus is None and facts.gpu_count is None:
-            raise CommandError(
-                f"The engine at {normalised} advertises no GPUs (dockerd --node-generic-resource NVIDIA-GPU=<uuid>): "
-                "give their number with --gpus N."
-            )
-        if gpus is not None and facts.gpu_count is not None and gpus != facts.gpu_count:
-            self.stderr.write(f"note: the engine advertises {facts.gpu_count} GPUs; using --gpus {gpus}")
         try:
             host = host_register(
-                name=name, docker_url=normalised, address=address, gpu_type=kind, engine_image=engine_image,
-                gpu_count=gpus if gpus is not None else facts.gpu_count, tls=tls, bind_address=bind_address,
+                name=name, docker_url=docker_url, address=bind_address if address is None else address,
+                gpu_type=kind, engine_image=engine_image, gpu_count=gpus, tls=tls, bind_address=bind_address,
             )  # fmt: skip
         except ValidationError as exc:
             raise CommandError(
-                "; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in exc.message_dict.items())
+                "; ".join(f"{OPTIONS.get(field, field)}: {' '.join(msgs)}" for field, msgs in exc.message_dict.items())
             ) from exc
         source = "set by hand" if gpus is not None else "advertised by the engine"
         self.stdout.write(
-            f"Host {host.name}: {host.docker_url} (Docker {facts.server_version}), reached at {host.address}, "
+            f"Host {host.name}: {host.docker_url}, reached at {host.address}, "
             f"engine ports published on {host.bind_address}, "
             f"{host.gpu_count} × {kind.name} ({source}), engine image {host.engine_image}, state {host.state}."
         )
