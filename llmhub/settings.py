@@ -157,11 +157,11 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 # Files are served by WhiteNoise straight from the finders (no collectstatic step).
 WHITENOISE_USE_FINDERS = True
 
-# Celery (workers/celery.py reads the CELERY_* names).
+# Celery (the app in llmhub/queue.py reads the CELERY_* names).
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_TASK_DEFAULT_QUEUE = env.str("LLMHUB_QUEUE", default="llmhub")
 # Deliveries to user-supplied URLs (alert webhooks, and alert e-mail) run on their own queue, consumed by a
-# worker process of their own, so a slow endpoint never delays reconcile (routing: workers/celery.py).
+# worker process of their own, so a slow endpoint never delays reconcile (routing: llmhub/queue.py).
 OUTBOUND_QUEUE = f"{CELERY_TASK_DEFAULT_QUEUE}-outbound"
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True

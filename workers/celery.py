@@ -1,27 +1,18 @@
-"""The Celery app. Start a worker with `celery -A workers worker`, the schedule with `celery -A workers beat`."""
+"""The Celery app. Start a worker with `celery -A workers worker`, the schedule with `celery -A workers beat`.
+
+The app itself (broker, queues, routes) is defined on the ground floor, llmhub/queue.py, where services send
+tasks by name; here it learns the task modules and the beat schedule.
+"""
 
 import os
 
-from celery import Celery
-
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmhub.settings")
 
-app = Celery("llmhub")
-app.config_from_object("django.conf:settings", namespace="CELERY")
+from llmhub.queue import OUTBOUND_TASKS, app  # noqa: E402  (the settings module must be named first)
+
 app.conf.include = ["workers.tasks"]
 
-# Tasks that talk to user-supplied URLs (webhooks) go to a queue of their own with a worker of its own
-# (llmhub/processes.py), so a slow or trickling endpoint never holds a worker that reconciles.
-OUTBOUND_TASKS = ["workers.tasks.billing_alerts_deliver"]
-
-
-def _task_routes():
-    from django.conf import settings
-
-    return {name: {"queue": settings.OUTBOUND_QUEUE} for name in OUTBOUND_TASKS}
-
-
-app.conf.task_routes = _task_routes()
+__all__ = ["OUTBOUND_TASKS", "app"]
 
 
 def _beat_schedule():

@@ -79,8 +79,8 @@ def image_pull(pull_id: int, attempt: int) -> None:
 @contextmanager
 def _routing_watch():
     """Bump the gateway's routing generation when the wrapped work changed ready instances or statuses."""
-    from llmhub.gateway.generation import routing_changed
     from llmhub.gateway.routing import routing_fingerprint
+    from llmhub.routing_generation import routing_changed
 
     before = routing_fingerprint()
     yield

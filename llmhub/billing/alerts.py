@@ -12,12 +12,12 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.mail import send_mail
-from django.db import transaction
 from django.db.models import Q
 from django.template.loader import render_to_string
 from django.utils import timezone
 
 from llmhub import outbound
+from llmhub.queue import task_send
 
 from .models import AlertDelivery, BillingAccount, SpendingAlert
 
@@ -40,13 +40,7 @@ def alert_deliveries_create(*, account: BillingAccount, alert: SpendingAlert, no
     for channel, target in targets:
         AlertDelivery.objects.create(alert=alert, channel=channel, target=target, next_attempt_at=now)
     if targets:
-        transaction.on_commit(_deliver_soon)
-
-
-def _deliver_soon() -> None:
-    from workers import tasks
-
-    tasks.billing_alerts_deliver.delay()
+        task_send("workers.tasks.billing_alerts_deliver")
 
 
 def delivery_backoff(attempts: int) -> float:

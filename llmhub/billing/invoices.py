@@ -18,6 +18,7 @@ from django.utils import timezone
 from llmhub.accounts.models import User
 from llmhub.deployments.models import Deployment
 from llmhub.fleet.models import GpuType, Instance
+from llmhub.queue import task_send
 
 from . import stripe
 from .failures import failure_record
@@ -126,16 +127,9 @@ def invoice_build(
         if total == 0:
             invoice.status, invoice.paid_at = Invoice.Status.PAID, now  # nothing to collect
         invoice.save(update_fields=["total", "status", "paid_at"])
-    if total != 0:
-        transaction.on_commit(lambda: _push_soon(invoice.id))
+    if total != 0 and stripe.enabled():
+        task_send("workers.tasks.billing_invoice_push", invoice.id)
     return invoice, True
-
-
-def _push_soon(invoice_id: int) -> None:
-    if stripe.enabled():
-        from workers import tasks
-
-        tasks.billing_invoice_push.delay(invoice_id)
 
 
 def invoices_build_due(*, now: datetime | None = None) -> list[Invoice]:

@@ -19,7 +19,8 @@ from django.utils import timezone
 
 from llmhub.accounts.models import User
 from llmhub.deployments.models import Deployment
-from llmhub.deployments.services import event_record, reconcile_soon
+from llmhub.deployments.timeline import event_record
+from llmhub.queue import reconcile_soon
 
 from .alerts import alert_deliveries_create
 from .failures import failure_record

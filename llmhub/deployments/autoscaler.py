@@ -25,9 +25,10 @@ from django.utils import timezone
 
 from llmhub.fleet import vllm
 from llmhub.fleet.models import Instance
+from llmhub.queue import reconcile_soon
 
 from .models import Deployment
-from .services import event_record, reconcile_soon
+from .timeline import event_record
 
 TARGET_UTILIZATION = 0.75
 MIN_WINDOW_SECONDS = 5.0  # > the gateway's publish interval (1 s) + an autoscaler tick (2 s): a wake's request is seen

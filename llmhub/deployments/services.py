@@ -8,35 +8,18 @@ from django.utils import timezone
 from llmhub import crypto
 from llmhub.accounts.models import User
 from llmhub.fleet.models import GpuType, Instance
-from llmhub.gateway.generation import routing_changed
+from llmhub.queue import reconcile_soon
 
 from .forms import bounds_error
-from .models import Deployment, DeploymentEvent
+from .models import Deployment
 from .selectors import model_name_taken
+from .timeline import event_record
 
 DEFAULT_COOLDOWN = 300  # seconds
 NAME_TAKEN = "You already have a deployment named '{name}'. Choose another name."
 # Statuses whose deployments count against the GPU quota (they hold or may hold GPUs); a deployment in any
 # other status counts too while one of its instances has not stopped (`gpus_reserved`).
 QUOTA_STATUSES = (Deployment.Status.DEPLOYING, Deployment.Status.RUNNING, Deployment.Status.SUSPENDED)
-
-
-def event_record(*, deployment: Deployment, kind: str, message: str) -> DeploymentEvent:
-    """Append one event (e.g. kind "ready", message "instance 7 ready on host gpu-1") to the timeline."""
-    return DeploymentEvent.objects.create(deployment=deployment, kind=kind, message=message)
-
-
-def reconcile_soon(deployment_id: int) -> None:
-    """Ask a worker to reconcile `deployment_id` once the current transaction commits, and tell the
-    gateway that routing may have changed (this is called on every change of desired state).
-
-    A broker that is down only logs an error (`robust`): the change is committed and the periodic
-    reconcile pass (beat, every RECONCILE_INTERVAL s) picks it up, so the request still succeeds.
-    """
-    from workers import tasks
-
-    transaction.on_commit(lambda: tasks.reconcile_deployment.delay(deployment_id), robust=True)
-    routing_changed()
 
 
 def gpus_reserved(user: User, *, excluding: Deployment | None = None) -> int:

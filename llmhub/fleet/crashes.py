@@ -25,7 +25,7 @@ from django.db.models import DateTimeField, ExpressionWrapper, F, Max, Q
 from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
-from llmhub.deployments.services import event_record
+from llmhub.deployments.timeline import event_record
 
 from . import engine, notices
 from .hosts import Observation

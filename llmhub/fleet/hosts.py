@@ -23,7 +23,7 @@ from django.db import transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
-from llmhub.deployments.services import event_record
+from llmhub.deployments.timeline import event_record
 
 from . import engine, notices
 from .models import Host, Instance

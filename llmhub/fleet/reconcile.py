@@ -27,7 +27,7 @@ from django.db import connection
 from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
-from llmhub.deployments.services import event_record
+from llmhub.deployments.timeline import event_record
 
 from . import engine, notices, vllm
 from .containers import container_spec

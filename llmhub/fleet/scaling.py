@@ -21,7 +21,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
-from llmhub.deployments.services import event_record
+from llmhub.deployments.timeline import event_record
 
 from . import engine, notices
 from .hosts import Observation

@@ -15,7 +15,8 @@ from django.utils import timezone
 
 from llmhub import crypto
 from llmhub.deployments.models import Deployment
-from llmhub.deployments.services import event_record, reconcile_soon
+from llmhub.deployments.timeline import event_record
+from llmhub.queue import reconcile_soon, task_send
 
 from . import engine, notices
 from .models import GpuType, Host, ImagePull, Instance, bind_address_validate
@@ -254,10 +255,7 @@ def image_pull_request(*, host: Host, image: str) -> tuple[ImagePull, bool]:
         pull.refresh_from_db()
         if not claimed:
             return pull, False
-    from workers import tasks
-
-    pull_id, attempt = pull.id, pull.attempt
-    transaction.on_commit(lambda: tasks.image_pull.delay(pull_id, attempt), robust=True)  # stale: taken over
+    task_send("workers.tasks.image_pull", pull.id, pull.attempt)  # a stale attempt's task: a no-op
     return pull, True
 
 

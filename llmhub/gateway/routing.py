@@ -3,7 +3,7 @@
 Caches: API token hash → owner (and, apart, hashes known to be invalid), both LRUs of
 GATEWAY_TOKEN_CACHE_SIZE entries so that random bearer values cannot grow a process; and (owner, model
 name) → deployment with its ready instances. All are dropped when the *routing generation* changes: a Redis
-counter that writers bump (`generation.routing_changed`) after instances become ready or stop, deployments
+counter that writers bump (`llmhub.routing_generation.routing_changed`) after instances become ready or stop, deployments
 change status or scale, or any user or token changes (`gateway.signals`). A process looks at the counter at
 most every `CHECK_INTERVAL` seconds, so a change reaches every gateway process within that time; entries
 also expire after `TTL`.
@@ -23,9 +23,9 @@ from llmhub.accounts.selectors import aapi_token_owner
 from llmhub.accounts.services import aapi_token_authenticate, token_hash
 from llmhub.deployments.models import Deployment
 from llmhub.fleet.models import Instance
+from llmhub.routing_generation import GENERATION_KEY
 
 from .clients import redis_async
-from .generation import GENERATION_KEY
 
 CHECK_INTERVAL = 0.25  # seconds between two looks at the generation counter
 TTL = 30.0  # seconds an entry lives at most

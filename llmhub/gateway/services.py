@@ -25,6 +25,8 @@ from django.http import HttpResponse, StreamingHttpResponse
 from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
+from llmhub.deployments.timeline import event_record
+from llmhub.queue import reconcile_soon
 
 from . import holding, load, metrics
 from .clients import http_client
@@ -218,8 +220,6 @@ async def wake(route: Route) -> bool:
 
 
 def _woken(deployment_id: int) -> None:
-    from llmhub.deployments.services import event_record, reconcile_soon
-
     deployment = Deployment.objects.get(id=deployment_id)
     event_record(deployment=deployment, kind="scaled", message="0 → 1 instance: a request is waiting (scale from zero)")
     reconcile_soon(deployment_id)

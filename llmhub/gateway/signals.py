@@ -11,8 +11,7 @@ from django.db.models.signals import post_delete, post_save
 
 from llmhub.accounts.models import BOOKKEEPING_FIELDS, ApiToken, User
 from llmhub.accounts.signals import credentials_changed
-
-from .generation import routing_changed
+from llmhub.routing_generation import routing_changed
 
 
 def _saved(sender, update_fields=None, **kwargs):

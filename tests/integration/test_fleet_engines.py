@@ -347,8 +347,8 @@ def test_a_worker_killed_between_creating_and_recording_a_container_leaves_no_do
 
 @pytest.mark.django_db(transaction=True)
 def test_a_host_without_the_engine_image_pulls_it_with_progress_in_the_events(fleet_engines, tmp_path, monkeypatch):
+    from llmhub import queue
     from llmhub.fleet import services
-    from workers import tasks
 
     registry = FakeRegistry(tmp_path / "registry")
     image = registry.add(fleet_engines.main, fleet_engines.image, name="llmhub/fake-engine", tag="pull-test")
@@ -362,11 +362,12 @@ def test_a_host_without_the_engine_image_pulls_it_with_progress_in_the_events(fl
         finally:
             connection.close()
 
-    def delay(pull_id, attempt):
+    def send_task(name, args):  # image_pull: reconcile_soon is stubbed below
+        pull_id, attempt = args
         workers.append(threading.Thread(target=worker, args=(pull_id, attempt)))
         workers[-1].start()
 
-    monkeypatch.setattr(tasks.image_pull, "delay", delay)
+    monkeypatch.setattr(queue.app, "send_task", send_task)
     monkeypatch.setattr(services, "reconcile_soon", lambda deployment_id: None)
     try:
         fresh.start()

@@ -94,15 +94,16 @@ class Worker:
 def publish_to(monkeypatch):
     """publish_to(redis): this test process enqueues reconciles on `redis` (as the web process would on the
     platform's broker), one connection per message, failing fast when it is down."""
-    from workers import tasks
-    from workers.celery import app
+    from llmhub import queue
+
+    send = queue.app.send_task
 
     def route(redis: Redis):
-        def delay(*args):
+        def send_task(name, args=(), **options):
             with kombu.Connection(redis.url, connect_timeout=2) as connection:
-                app.send_task(tasks.reconcile_deployment.name, args=args, connection=connection, retry=False)
+                return send(name, args=args, connection=connection, retry=False, **options)
 
-        monkeypatch.setattr(tasks.reconcile_deployment, "delay", delay)
+        monkeypatch.setattr(queue.app, "send_task", send_task)
 
     return route
 

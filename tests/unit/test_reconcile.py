@@ -168,12 +168,12 @@ def test_scaling_down_stops_extra_instances_and_keeps_the_others_running(fake, c
 def test_a_host_without_the_engine_image_pulls_it_in_a_task_with_progress(
     fake, cpu_host, django_capture_on_commit_callbacks, monkeypatch
 ):
+    from llmhub import queue
     from llmhub.fleet import services
-    from workers import tasks
 
     fake.images_everywhere.clear()
     enqueued = []
-    monkeypatch.setattr(tasks.image_pull, "delay", lambda *args: enqueued.append(args))
+    monkeypatch.setattr(queue.app, "send_task", lambda name, args: enqueued.append(args))  # image_pull only
     monkeypatch.setattr(services, "reconcile_soon", lambda deployment_id: None)
     deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
 
@@ -201,15 +201,15 @@ def test_a_host_without_the_engine_image_pulls_it_in_a_task_with_progress(
 def test_a_failed_pull_fails_the_start_and_in_the_end_the_deployment(
     fake, cpu_host, django_capture_on_commit_callbacks, monkeypatch, settings
 ):
+    from llmhub import queue
     from llmhub.fleet import services
-    from workers import tasks
 
     settings.INSTANCE_MAX_RESTARTS = 1
     monkeypatch.setattr(crashes, "restart_backoff", lambda n: 0)
     fake.images_everywhere.clear()
     fake.pull_error = "manifest for llmhub/vllm-cpu:test not found"
     enqueued = []
-    monkeypatch.setattr(tasks.image_pull, "delay", lambda *args: enqueued.append(args))
+    monkeypatch.setattr(queue.app, "send_task", lambda name, args: enqueued.append(args))  # image_pull only
     monkeypatch.setattr(services, "reconcile_soon", lambda deployment_id: None)
     deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
     with django_capture_on_commit_callbacks(execute=True):
@@ -248,12 +248,12 @@ def test_a_pull_whose_worker_died_is_taken_over_once_stale_and_a_failed_one_retr
 
     from django.utils import timezone
 
+    from llmhub import queue
     from llmhub.fleet import services
     from llmhub.fleet.models import ImagePull
-    from workers import tasks
 
     enqueued = []
-    monkeypatch.setattr(tasks.image_pull, "delay", lambda *args: enqueued.append(args))
+    monkeypatch.setattr(queue.app, "send_task", lambda name, args: enqueued.append(args))  # image_pull only
     with django_capture_on_commit_callbacks(execute=True):
         pull, started = services.image_pull_request(host=cpu_host, image="img:1")
         again, started_again = services.image_pull_request(host=cpu_host, image="img:1")

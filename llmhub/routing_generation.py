@@ -1,6 +1,6 @@
 """The routing generation: a Redis counter every gateway process watches to drop its cached routes.
 
-Kept free of model imports so that any service can call `routing_changed` without import cycles.
+On the ground floor (imports no app) so that any layer can call `routing_changed`; the gateway reads it.
 """
 
 import redis
