@@ -21,7 +21,7 @@ from decimal import Decimal
 
 from llmhub.fleet.models import Instance
 
-from .metering import SECONDS_PER_HOUR, usage_pieces
+from .metering import Metered, usage_pieces
 from .models import InvoiceInterval
 from .periods import WEEK, seconds_between, week_start
 
@@ -29,7 +29,7 @@ Span = tuple[datetime, datetime]
 
 
 @dataclass(frozen=True)
-class Entry:
+class Entry(Metered):
     """A stretch of one instance's time in one week at one rate that the invoices do not match yet:
     `sign` +1 to bill it, -1 to credit it."""
 
@@ -47,15 +47,6 @@ class Entry:
     @property
     def seconds(self) -> Decimal:
         return self.sign * seconds_between(self.start, self.end)
-
-    @property
-    def gpu_seconds(self) -> Decimal:
-        return self.seconds * self.num_gpus
-
-    @property
-    def cost(self) -> Decimal:
-        """USD, unrounded (negative for a credit)."""
-        return self.gpu_seconds * self.hourly_rate / SECONDS_PER_HOUR
 
 
 def normalize(spans: list[Span]) -> list[Span]:

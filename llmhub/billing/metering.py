@@ -32,8 +32,22 @@ from .periods import seconds_between
 SECONDS_PER_HOUR = Decimal(3600)
 
 
+class Metered:
+    """GPU-seconds and cost of a stretch of uptime: `seconds` (signed: negative for a credit) × `num_gpus`
+    GPUs at `hourly_rate` USD per GPU-hour. Subclasses give `seconds`, `num_gpus` and `hourly_rate`."""
+
+    @property
+    def gpu_seconds(self) -> Decimal:
+        return self.seconds * self.num_gpus
+
+    @property
+    def cost(self) -> Decimal:
+        """USD, unrounded (negative for a credit)."""
+        return self.gpu_seconds * self.hourly_rate / SECONDS_PER_HOUR
+
+
 @dataclass(frozen=True)
-class Piece:
+class Piece(Metered):
     """A stretch of one instance's uptime at one price, inside the window asked for."""
 
     instance_id: int
@@ -49,15 +63,6 @@ class Piece:
     @property
     def seconds(self) -> Decimal:
         return seconds_between(self.start, self.end)
-
-    @property
-    def gpu_seconds(self) -> Decimal:
-        return self.seconds * self.num_gpus
-
-    @property
-    def cost(self) -> Decimal:
-        """USD, unrounded."""
-        return self.gpu_seconds * self.hourly_rate / SECONDS_PER_HOUR
 
 
 class PriceBook:
