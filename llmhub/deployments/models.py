@@ -1,6 +1,7 @@
 """Desired state: what a user asked to run, and the timeline of what happened to it."""
 
 import secrets
+from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import models
@@ -14,7 +15,43 @@ def new_deploy_id() -> str:
     return "".join(secrets.choice(DEPLOY_ID_ALPHABET) for _ in range(12))
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine serves the model (``Deployment.engine_options``; fixed after create).
+
+    ``quantization``: None or a vLLM method (``awq``, ``gptq``, ``fp8``, ``bitsandbytes``); ``dtype``:
+    ``auto``/``bfloat16``/``float16``/``float32``; ``max_model_len``: tokens per sequence (None: the model's
+    own maximum); ``prefix_caching``: reuse the KV cache of shared prompt prefixes (vLLM's default, on);
+    ``kv_cache_dtype``: ``auto`` or ``fp8``; ``speculative``: None, ``{"method": "ngram",
+    "num_speculative_tokens": n}`` or ``{"model": "<draft repo>", "num_speculative_tokens": n}``.
+    """
+
+    quantization: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    speculative: dict | None = None
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter served as ``username/model-name:name`` (``Deployment.lora_adapters``)."""
+
+    name: str
+    repo: str
+    revision: str = ""
+
+
 class Deployment(models.Model):
+    class Task(models.TextChoices):
+        GENERATE = "generate"  # chat and completions
+        EMBED = "embed"  # vLLM's pooling runner: /v1/openai/embeddings
+
+    class Routing(models.TextChoices):
+        PREFIX = "prefix"  # requests sharing a prompt prefix go to the instance that holds it
+        LEAST_OUTSTANDING = "least_outstanding"
+
     class Status(models.TextChoices):
         DEPLOYING = "deploying"
         RUNNING = "running"
@@ -54,6 +91,26 @@ class Deployment(models.Model):
         help_text="The autoscaler's recommendations over the cooldown window, as [[unix time, instances], …] "
         "decreasing in instances (a sliding-window maximum).",
     )
+    # Serving options (fixed after create, except the adapters).
+    task = models.CharField(max_length=16, choices=Task.choices, default=Task.GENERATE)
+    engine_options = models.JSONField(
+        default=dict, blank=True, help_text="EngineOptions fields that differ from the defaults."
+    )
+    lora_adapters = models.JSONField(
+        default=list, blank=True, help_text='LoRA adapters: [{"name": ..., "repo": ..., "revision": ...}].'
+    )
+    # Settings the owner may change at any time.
+    routing = models.CharField(max_length=24, choices=Routing.choices, default=Routing.PREFIX)
+    response_cache_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Deterministic answers cached this long (null: off)."
+    )
+    request_logging = models.BooleanField(default=False, help_text="Keep prompts and responses (opt-in).")
+    idle_alert_hours = models.FloatField(
+        null=True, blank=True, default=2.0, help_text="Alert after this long running without a request (null: off)."
+    )
+    idle_stop_hours = models.FloatField(
+        null=True, blank=True, help_text="Scale to zero after this long without a request (null: never)."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     deleted_at = models.DateTimeField(null=True, blank=True)
@@ -76,6 +133,16 @@ class Deployment(models.Model):
     def full_name(self) -> str:
         """The served model name, ``username/model_name``."""
         return f"{self.user.username}/{self.model_name}"
+
+    @property
+    def engine(self) -> EngineOptions:
+        """``engine_options`` with the defaults filled in."""
+        return EngineOptions(**self.engine_options)
+
+    @property
+    def adapters(self) -> tuple[LoraAdapter, ...]:
+        """The LoRA adapters, in the order given."""
+        return tuple(LoraAdapter(**adapter) for adapter in self.lora_adapters)
 
     @property
     def is_settled(self) -> bool:
