@@ -1,4 +1,5 @@
-"""Bake ``llmhub/tiny-random-llama`` into a Hugging Face hub cache (build step of the image).
+"""Bake ``llmhub/tiny-random-llama`` and its LoRA adapter ``llmhub/tiny-random-llama-lora`` into a
+Hugging Face hub cache (build step of the image).
 
 The model is a real Llama architecture with random weights (hidden 128, 2 layers, 2 heads,
 head_dim 64 -- vLLM's CPU attention rejects head_dim 16) and a byte-level BPE tokenizer
@@ -12,12 +13,15 @@ Layout written (what ``huggingface_hub`` resolves offline for ``llmhub/tiny-rand
         refs/main                      -> "<rev>" (40 hex chars, sha1 over the snapshot files)
         snapshots/<rev>/config.json, generation_config.json, model.safetensors (bf16, ~3 MB),
                         tokenizer.json, tokenizer_config.json, chat_template.jinja
+    <cache>/hub/models--llmhub--tiny-random-llama-lora/
+        refs/main, snapshots/<rev>/adapter_config.json, adapter_model.safetensors (rank 8, ~130 KB)
 
 Usage: ``python make_tiny_llama.py [CACHE_DIR]`` (default ``$HF_HOME`` or
 ``/root/.cache/huggingface``).
 """
 
 import hashlib
+import json
 import os
 import random
 import shutil
@@ -30,6 +34,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 REPO_ID = "llmhub/tiny-random-llama"
+LORA_REPO_ID = "llmhub/tiny-random-llama-lora"
 SEED = 20240601
 VOCAB_SIZE = 4096
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
@@ -118,12 +123,40 @@ def build(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def main() -> None:
-    cache = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("HF_HOME", "/root/.cache/huggingface"))
-    repo_dir = cache / "hub" / ("models--" + REPO_ID.replace("/", "--"))
+def build_lora(out: Path) -> None:
+    """A rank-8 LoRA adapter for the tiny Llama (q/k/v/o projections of both layers), PEFT's layout.
+
+    Written with torch and safetensors alone (no peft needed): ``adapter_config.json`` plus
+    ``adapter_model.safetensors`` with keys ``base_model.model.model.layers.<i>.self_attn.<p>.lora_{A,B}.weight``
+    (A: rank × in_features, B: out_features × rank), the format vLLM's ``--lora-modules`` loads.
+    B is random rather than PEFT's zero initialisation, so the adapter visibly changes the output.
+    """
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(SEED + 1)
+    rank, hidden, modules = 8, 128, ("q_proj", "k_proj", "v_proj", "o_proj")
+    tensors = {}
+    for layer in range(2):
+        for module in modules:
+            key = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, hidden, generator=generator) * 0.05
+            tensors[f"{key}.lora_B.weight"] = torch.randn(hidden, rank, generator=generator) * 0.5
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": REPO_ID,
+        "r": rank, "lora_alpha": 16, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "target_modules": list(modules), "modules_to_save": None, "inference_mode": True,
+    }  # fmt: skip
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def bake(cache: Path, repo_id: str, build_into) -> None:
+    """Write what ``build_into(dir)`` makes as the ``main`` revision of ``repo_id`` in a hub cache."""
+    repo_dir = cache / "hub" / ("models--" + repo_id.replace("/", "--"))
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "snapshot"
-        build(staging)
+        build_into(staging)
         digest = hashlib.sha1()
         for path in sorted(staging.rglob("*")):
             if path.is_file():
@@ -136,7 +169,13 @@ def main() -> None:
     (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
     (repo_dir / "refs" / "main").write_text(rev)
     files = sorted(p.name for p in snapshot.iterdir())
-    print(f"{REPO_ID} rev {rev} vocab {VOCAB_SIZE}: {', '.join(files)}")
+    print(f"{repo_id} rev {rev}: {', '.join(files)}")
+
+
+def main() -> None:
+    cache = Path(sys.argv[1] if len(sys.argv) > 1 else os.environ.get("HF_HOME", "/root/.cache/huggingface"))
+    bake(cache, REPO_ID, build)
+    bake(cache, LORA_REPO_ID, build_lora)
 
 
 if __name__ == "__main__":
