@@ -1,5 +1,6 @@
-"""The container an instance runs in (`container_spec`): the vLLM arguments, the engine key, the owner's
-cache, the host's engine network and the limits; `engine_spec.run_kwargs` turns it into Docker's request."""
+"""The container an instance runs in (`container_spec`): the vLLM command line (built by `vllm_command`),
+the engine key, the owner's cache, the host's engine network and the limits; `engine_spec.run_kwargs`
+turns it into Docker's request."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from llmhub import crypto
 
 from . import engine
 from .models import Instance
+from .vllm_command import vllm_command
 
 GIB = 1024**3
 
@@ -16,9 +18,8 @@ GIB = 1024**3
 def container_spec(instance: Instance) -> engine.ContainerSpec:
     """The container for `instance` (host and GPU indexes already reserved; deployment and user loaded).
 
-    vLLM OpenAI server arguments: ``--model <hf repo> [--revision r] --served-model-name
-    <username/model_name> --max-num-seqs <max batch size> --tensor-parallel-size <num GPUs>``, plus
-    ``--middleware`` for the key guard (`engine_guard`, copied in as `spec.files`). Environment:
+    Arguments: `vllm_command` of the deployment's repo, revision, full name (the served model name), max
+    batch size and GPU count; it loads the key guard (`engine_guard`, copied in as `spec.files`). Environment:
     ``VLLM_API_KEY`` (the instance's key), ``HF_TOKEN`` when the deployment has one, ``PYTHONPATH`` for
     the guard. GPU hosts get a device request for exactly the reserved indexes; CPU hosts none. The
     port is published on the host's bind address; the cache volume is the owner's; the memory limit is
@@ -26,17 +27,13 @@ def container_spec(instance: Instance) -> engine.ContainerSpec:
     """
     deployment = instance.deployment
     host = instance.host
-    args = ["--model", deployment.hf_repo]
-    if deployment.hf_revision:
-        args += ["--revision", deployment.hf_revision]
-    args += [
-        "--served-model-name", deployment.full_name,
-        "--max-num-seqs", str(deployment.max_batch_size),
-        "--tensor-parallel-size", str(deployment.num_gpus),
-        "--host", "0.0.0.0",  # inside the container; published on the host's bind address only
-        "--port", str(engine.ENGINE_PORT),
-        "--middleware", engine.engine_spec.GUARD_MIDDLEWARE,
-    ]  # fmt: skip
+    args = vllm_command(
+        model=deployment.hf_repo,
+        revision=deployment.hf_revision,
+        served_model_name=deployment.full_name,
+        max_num_seqs=deployment.max_batch_size,
+        tensor_parallel_size=deployment.num_gpus,
+    )
     environment = {"VLLM_API_KEY": instance.engine_key, "PYTHONPATH": engine.engine_spec.GUARD_DIR}
     hf_token = crypto.decrypt(deployment.hf_token_encrypted)
     if hf_token:
