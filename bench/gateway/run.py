@@ -211,7 +211,8 @@ def main() -> None:
                 argv = gateway_argv(args.web_processes, ports["base"])
             elif args.web_processes > 1:
                 argv += ["--workers", str(args.web_processes)]
-            gateways["base"] = start(argv, env={**env, "PYTHONPATH": str(args.baseline)}, cwd=args.baseline,
+            gateways["base"] = start(argv, cwd=args.baseline,
+                                     env={"LLMHUB_STATE_DIR": str(ROOT / ".llmhub"), **env, "PYTHONPATH": str(args.baseline)},
                                      log=open(logs / "base.log", "wb"))  # fmt: skip
         procs += gateways.values()
         if not args.no_litellm:
