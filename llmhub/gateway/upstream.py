@@ -29,6 +29,7 @@ from django.conf import settings
 
 CONNECT_TIMEOUT = 5.0  # seconds
 MAX_IDLE_PER_ENGINE = 256  # idle keep-alive connections kept per (host, port) and event loop
+MAX_BUFFERED = 256 * 1024  # bytes of an answer held for a slow reader before the engine is read no further
 
 
 class UpstreamError(Exception):
@@ -57,6 +58,8 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.received = False  # any byte of this response yet
         self.pieces: collections.deque[bytes] = collections.deque()
+        self.buffered = 0  # bytes in `pieces`
+        self.paused = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future | None = None
 
@@ -93,6 +96,19 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.pieces.append(bytes(body))
+        self.buffered += len(body)
+        if self.buffered > MAX_BUFFERED and not self.paused and self.transport is not None:
+            self.paused = True  # backpressure: TCP holds the rest until the reader catches up
+            self.transport.pause_reading()
+
+    def take(self) -> bytes:
+        """The oldest body piece received (there must be one); reading resumes once the reader caught up."""
+        piece = self.pieces.popleft()
+        self.buffered -= len(piece)
+        if self.paused and self.buffered <= MAX_BUFFERED // 2 and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+        return piece
 
     def on_message_complete(self) -> None:
         self.complete = True
@@ -140,7 +156,7 @@ class Response:
             if conn is None:
                 raise StopAsyncIteration
             if conn.pieces:
-                return conn.pieces.popleft()
+                return conn.take()
             if conn.error is not None:
                 raise conn.error
             if conn.complete:

@@ -180,3 +180,22 @@ def test_the_usage_only_chunk_is_taken_and_dropped_unless_asked():
     assert usage == {"prompt_tokens": 4, "completion_tokens": 1}
     assert b'"choices": []' not in kept and kept.endswith(b"data: [DONE]\n\n") and b'"content": "a"' in kept
     assert messages.without_usage_event(events, keep=True) == (events, usage)
+
+
+def test_a_slow_reader_holds_back_the_engine_instead_of_buffering_its_answer(monkeypatch):
+    monkeypatch.setattr(upstream, "MAX_BUFFERED", 1024)
+    piece = b"data: " + b"x" * 500 + b"\n\n"
+
+    async def scenario():
+        async with RawEngine([chunked(*[piece] * 200)]) as engine:
+            response = await upstream.pool().post(engine.url, "/v1/chat/completions", b"{}", {})
+            await asyncio.sleep(0.5)  # the engine writes as fast as it can; nobody reads
+            held = response._conn.buffered
+            pieces = [p async for p in response]
+            await response.aclose()
+            return held, pieces
+
+    held, pieces = run(scenario())
+
+    assert held < 1024 + len(piece) + 64 * 1024  # the cap, one piece past it, and what one socket read brings
+    assert pieces == [piece] * 200
