@@ -15,4 +15,4 @@ COPY requirements.lock pyproject.toml ./
 RUN pip install -q -r requirements.lock
 COPY . .
 EXPOSE 8000
-CMD ["uvicorn", "llmhub.asgi:application", "--host", "127.0.0.1", "--port", "8000"]
+CMD ["python", "-m", "llmhub.web", "--host", "127.0.0.1", "--port", "8000"]

@@ -5,6 +5,8 @@ Used by `manage.py up` and by the end-to-end tests, so both run the platform the
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,13 +19,13 @@ BIN = Path(sys.executable).parent
 
 
 def platform_commands(*, port: int, schedule: Path, embedded_beat: bool = False) -> dict[str, list[str]]:
-    """argv per process: web (uvicorn on 127.0.0.1:`port`), worker (the default queue: reconcile, autoscale,
-    billing), outbound (a worker for the `<LLMHUB_QUEUE>-outbound` queue: alert webhooks and e-mail, so a
+    """argv per process: web (`llmhub.web`: uvicorn on 127.0.0.1:`port`, LLMHUB_WEB_PROCESSES processes),
+    worker (the default queue: reconcile, autoscale, billing), outbound (a worker for the `<LLMHUB_QUEUE>-outbound` queue: alert webhooks and e-mail, so a
     slow endpoint never delays reconcile), and beat (inside the worker when `embedded_beat`, as tests do;
     a process of its own otherwise). `schedule` is beat's state file."""
     celery = [str(BIN / "celery"), "-A", "workers", "worker", "-l", "info"]
     commands = {
-        "web": [str(BIN / "uvicorn"), "llmhub.asgi:application", "--host", "127.0.0.1", "--port", str(port)],
+        "web": [sys.executable, "-m", "llmhub.web", "--host", "127.0.0.1", "--port", str(port)],
         "worker": [*celery, "--concurrency", "2", "-Q", settings.CELERY_TASK_DEFAULT_QUEUE, "-n", "main@%h"],
         "outbound": [*celery, "--concurrency", "2", "-Q", settings.OUTBOUND_QUEUE, "-n", "outbound@%h"],
     }
@@ -70,5 +72,8 @@ def stop(children: list[subprocess.Popen], *, grace: float = 15.0) -> None:
     for child in children:
         try:
             child.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            child.kill()
+        except subprocess.TimeoutExpired:  # its whole process group: web's server processes too
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

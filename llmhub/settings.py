@@ -211,6 +211,13 @@ if MAX_BODY_BYTES <= 0 or BODY_READ_TIMEOUT <= 0 or GATEWAY_TOKEN_CACHE_SIZE <= 
     raise environ.ImproperlyConfigured(
         "LLMHUB_MAX_BODY_BYTES, LLMHUB_BODY_READ_TIMEOUT and LLMHUB_TOKEN_CACHE_SIZE must be more than 0"
     )
+# Web server processes (`python -m llmhub.web`: bin/up, Compose): one per core unless set.
+_web_processes = env.str("LLMHUB_WEB_PROCESSES", default="").strip()  # empty (Compose's default): one per core
+if _web_processes and (not _web_processes.isdigit() or int(_web_processes) < 1):
+    raise environ.ImproperlyConfigured(
+        f"LLMHUB_WEB_PROCESSES must be a whole number of 1 or more, not {_web_processes!r}"
+    )
+WEB_PROCESSES = int(_web_processes) if _web_processes else os.cpu_count() or 1
 # Seconds a request to a deployment with no ready instance (e.g. scaled to zero) is held before a 503.
 GATEWAY_HOLD_TIMEOUT = env.float("LLMHUB_HOLD_TIMEOUT", default=600.0)
 # Seconds between SSE keepalive comments while a stream waits for its first token.

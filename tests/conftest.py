@@ -18,8 +18,9 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 @pytest.fixture(autouse=True)
 def fresh_gateway_state():
     """The gateway's per-process caches and counters start empty in every test."""
-    from llmhub.gateway import load, routing
+    from llmhub.gateway import limits, load, routing
 
+    limits._leases.clear()
     routing.cache.clear()
     routing.cache.generation, routing.cache.checked_at = None, 0.0
     load.inflight.clear()

@@ -1,12 +1,18 @@
 """Gateway benchmark: direct to a paced upstream vs through the LLMHub gateway vs through LiteLLM's proxy.
 
-Measured in one run, interleaved round by round so that machine noise hits all three alike. For each
+Measured in one run, interleaved round by round so that machine noise hits all paths alike. For each
 path: added latency p50/p99 (over direct) at concurrency 1 and 32, requests/s at concurrency 32, time
-to first token added, and chunks received per stream.
+to first token added, and chunks received per stream; for the gateways, the CPU time their processes
+spent (from /proc) per non-streamed request and per relayed stream chunk.
 
 Needs: the project's .venv and services (bin/setup), and LiteLLM in bench/.venv-litellm:
     python3 -m venv bench/.venv-litellm && bench/.venv-litellm/bin/pip install 'litellm[proxy]'
-Run:   .venv/bin/python bench/gateway/run.py [--rounds 5]
+Run:   .venv/bin/python bench/gateway/run.py [--rounds 5] [--baseline DIR] [--web-processes N]
+           [--upstream-port PORT --model OWNER/NAME]
+--baseline DIR also runs the gateway of another revision exported there (`git archive main | tar -x -C DIR`)
+as the path "base", on the same database: before/after in one run. --upstream-port benchmarks a running engine
+on 127.0.0.1:PORT (e.g. a vLLM container started without an API key, serving OWNER/NAME) instead of the stand-in
+upstream.
 """
 
 from __future__ import annotations
@@ -48,8 +54,36 @@ def wait_http(url: str, timeout: float = 120) -> None:
     raise SystemExit(f"{url} did not come up")
 
 
-def start(argv, env=None, log=None):
-    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+def start(argv, env=None, log=None, cwd=ROOT):
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and all its descendants (from /proc), live ones only."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in parents.items() if pp == parent and p not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(times.get(p, 0.0) for p in tree)
+
+
+def gateway_argv(processes: int, port: int) -> list[str]:
+    """The gateway as the platform runs it (`llmhub.web`), with `processes` web processes."""
+    return [sys.executable, "-m", "llmhub.web", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
 
 
 def gateway_env(db_url: str) -> dict:
@@ -57,7 +91,7 @@ def gateway_env(db_url: str) -> dict:
             "LLMHUB_QUEUE": "llmhub-bench", "LLMHUB_CONTAINER_PREFIX": "llmhub-bench"}  # fmt: skip
 
 
-def prepare_gateway(upstream_port: int) -> tuple[dict, str]:
+def prepare_gateway(upstream_port: int, model: str = "bench/model") -> tuple[dict, str]:
     """A fresh bench database with a user, token, and a running deployment whose one ready instance is the
     upstream. Returns (env for the gateway process, API token)."""
     with psycopg.connect("postgresql://llmhub:llmhub@127.0.0.1:5432/postgres", autocommit=True) as conn:
@@ -66,18 +100,18 @@ def prepare_gateway(upstream_port: int) -> tuple[dict, str]:
     env = gateway_env(f"postgres://llmhub:llmhub@127.0.0.1:5432/{BENCH_DB}")
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     script = f"""
-from llmhub.accounts.models import User
+from llmhub.accounts.models import User  # the deployment's owner is named like the served model's first part
 from llmhub.accounts.services import api_token_create
 from llmhub.deployments.models import Deployment
 from llmhub.fleet.models import Host, Instance
 from llmhub.fleet.services import gpu_type_ensure
-user = User.objects.create(username="bench")
+user = User.objects.create(username={model.split("/", 1)[0]!r})
 gpu = gpu_type_ensure(name="CPU", uses_devices=False)
 # a host row with no engine behind it (host_register refuses those): the gateway only dials address:port
 host = Host.objects.create(name="bench", docker_url="unix:///nonexistent", address="127.0.0.1", gpu_type=gpu,
                            gpu_count=1, engine_image="none")
-d = Deployment.objects.create(user=user, model_name="model", gpu_type=gpu, num_gpus=1, max_batch_size=256,
-                              hf_repo="bench/model", status="running", target_instances=1)
+d = Deployment.objects.create(user=user, model_name={model.split("/", 1)[1]!r}, gpu_type=gpu, num_gpus=1,
+                              max_batch_size=256, hf_repo="bench/model", status="running", target_instances=1)
 Instance.objects.create(deployment=d, host=host, state="ready", port={upstream_port})
 print(api_token_create(user=user, name="bench")[1])
 """
@@ -100,23 +134,45 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict, model: str) ->
     return time.perf_counter() - start, (first or time.perf_counter()) - start, events
 
 
-async def batch(target: dict, concurrency: int, requests: int) -> dict:
-    """`requests` streams with `concurrency` at once; latencies (s), TTFTs (s), chunks, requests/s."""
+async def one_whole(client: httpx.AsyncClient, url: str, headers: dict, model: str) -> tuple[float, float, int]:
+    """One non-streamed chat completion: (seconds, seconds, 0)."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": CHUNKS}
+    start = time.perf_counter()
+    response = await client.post(url, json=body, headers=headers)
+    response.raise_for_status()
+    return time.perf_counter() - start, time.perf_counter() - start, 0
+
+
+async def batch(target: dict, concurrency: int, requests: int, *, stream: bool = True) -> dict:
+    """`requests` streams (or whole answers) with `concurrency` at once; latencies (s), TTFTs (s), chunks,
+    requests/s."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+    request = one if stream else one_whole
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         queue = list(range(requests))
         results = []
 
         async def worker():
             while queue:
                 queue.pop()
-                results.append(await one(client, target["url"], target["headers"], target["model"]))
+                results.append(await request(client, target["url"], target["headers"], target["model"]))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     return {"latency": [r[0] for r in results], "ttft": [r[1] for r in results],
             "chunks": [r[2] for r in results], "rps": len(results) / elapsed}  # fmt: skip
+
+
+def cpu_cost(target: dict, requests: int) -> dict:
+    """CPU of the target's processes: ms per non-streamed request, ms per stream, chunks per stream."""
+    before = cpu_seconds(target["pid"])
+    asyncio.run(batch(target, 8, requests, stream=False))
+    whole = (cpu_seconds(target["pid"]) - before) / requests * 1000
+    before = cpu_seconds(target["pid"])
+    streams = asyncio.run(batch(target, 8, requests // 2))
+    per_stream = (cpu_seconds(target["pid"]) - before) / (requests // 2) * 1000
+    return {"whole_ms": whole, "stream_ms": per_stream, "chunks": statistics.median(streams["chunks"])}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -127,44 +183,76 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--web-processes", type=int, default=os.cpu_count() or 1,
+                        help="gateway web processes (default: one per core, as the platform runs it)")  # fmt: skip
+    parser.add_argument("--baseline", type=Path, help="another revision's tree, run as the gateway 'base'")
+    parser.add_argument("--upstream-port", type=int, help="a running engine on 127.0.0.1 instead of upstream.py")
+    parser.add_argument("--model", default="bench/model", help="the engine's served model name (OWNER/NAME)")
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--cpu-requests", type=int, default=200)
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="llmhub-bench-"))
-    ports = {"upstream": free_port(), "gateway": free_port(), "litellm": free_port()}
-    procs = [start([sys.executable, "bench/gateway/upstream.py", str(ports["upstream"]), str(CHUNKS), str(PACE_MS)])]
+    ports = {"upstream": args.upstream_port or free_port(), "gateway": free_port(), "base": free_port(),
+             "litellm": free_port()}  # fmt: skip
+    procs = []
+    if not args.upstream_port:
+        procs.append(start([sys.executable, "bench/gateway/upstream.py", str(ports["upstream"]), str(CHUNKS),
+                            str(PACE_MS)]))  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{ports['upstream']}/health")
-        env, token = prepare_gateway(ports["upstream"])
-        procs.append(start([str(Path(sys.executable).parent / "uvicorn"), "llmhub.asgi:application", "--host",
-                            "127.0.0.1", "--port", str(ports["gateway"]), "--log-level", "warning"], env=env,
-                           log=open(logs / "gateway.log", "wb")))  # fmt: skip
-        config = logs / "litellm.yaml"
-        config.write_text(json.dumps({
-            "model_list": [{"model_name": "bench/model", "litellm_params": {
-                "model": "openai/bench/model", "api_base": f"http://127.0.0.1:{ports['upstream']}/v1", "api_key": "none"}}],
-            "general_settings": {"master_key": "sk-bench"},
-            "litellm_settings": {"drop_params": True},
-        }))  # fmt: skip
-        litellm = ROOT / "bench/.venv-litellm/bin/litellm"
-        procs.append(start([str(litellm), "--config", str(config), "--port", str(ports["litellm"]), "--num_workers", "1"],
-                           log=open(logs / "litellm.log", "wb")))  # fmt: skip
+        env, token = prepare_gateway(ports["upstream"], args.model)
+        env = {**env, "LLMHUB_WEB_PROCESSES": str(args.web_processes)}
+        gateways = {"llmhub": start(gateway_argv(args.web_processes, ports["gateway"]), env=env,
+                                    log=open(logs / "gateway.log", "wb"))}  # fmt: skip
+        if args.baseline:  # the other revision's own command (uvicorn, one process, before llmhub.web existed)
+            argv = [str(Path(sys.executable).parent / "uvicorn"), "llmhub.asgi:application", "--host", "127.0.0.1",
+                    "--port", str(ports["base"]), "--log-level", "warning"]  # fmt: skip
+            if (args.baseline / "llmhub/web.py").exists():
+                argv = gateway_argv(args.web_processes, ports["base"])
+            elif args.web_processes > 1:
+                argv += ["--workers", str(args.web_processes)]
+            gateways["base"] = start(argv, cwd=args.baseline,
+                                     env={"LLMHUB_STATE_DIR": str(ROOT / ".llmhub"), **env, "PYTHONPATH": str(args.baseline)},
+                                     log=open(logs / "base.log", "wb"))  # fmt: skip
+        procs += gateways.values()
+        if not args.no_litellm:
+            config = logs / "litellm.yaml"
+            config.write_text(json.dumps({
+                "model_list": [{"model_name": args.model, "litellm_params": {
+                    "model": f"openai/{args.model}", "api_base": f"http://127.0.0.1:{ports['upstream']}/v1",
+                    "api_key": "none"}}],
+                "general_settings": {"master_key": "sk-bench"},
+                "litellm_settings": {"drop_params": True},
+            }))  # fmt: skip
+            litellm = ROOT / "bench/.venv-litellm/bin/litellm"
+            procs.append(start([str(litellm), "--config", str(config), "--port", str(ports["litellm"]),
+                                "--num_workers", "1"], log=open(logs / "litellm.log", "wb")))  # fmt: skip
         wait_http(f"http://127.0.0.1:{ports['gateway']}/login/")
-        wait_http(f"http://127.0.0.1:{ports['litellm']}/health/liveliness", timeout=180)
-        targets = {
-            "direct": {"url": f"http://127.0.0.1:{ports['upstream']}/v1/chat/completions", "headers": {},
-                       "model": "bench/model"},
-            "llmhub": {"url": f"http://127.0.0.1:{ports['gateway']}/v1/openai/chat/completions",
-                       "headers": {"Authorization": f"Bearer {token}"}, "model": "bench/model"},
-            "litellm": {"url": f"http://127.0.0.1:{ports['litellm']}/v1/chat/completions",
-                        "headers": {"Authorization": "Bearer sk-bench"}, "model": "bench/model"},
-        }  # fmt: skip
+        if args.baseline:
+            wait_http(f"http://127.0.0.1:{ports['base']}/login/")
+        if not args.no_litellm:
+            wait_http(f"http://127.0.0.1:{ports['litellm']}/health/liveliness", timeout=180)
+        gateway_headers = {"Authorization": f"Bearer {token}"}
+        targets = {"direct": {"url": f"http://127.0.0.1:{ports['upstream']}/v1/chat/completions", "headers": {},
+                              "model": args.model}}  # fmt: skip
+        for name, proc in gateways.items():
+            targets[name] = {"url": f"http://127.0.0.1:{ports['gateway' if name == 'llmhub' else name]}"
+                             "/v1/openai/chat/completions", "headers": gateway_headers, "model": args.model,
+                             "pid": proc.pid}  # fmt: skip
+        if not args.no_litellm:
+            targets["litellm"] = {"url": f"http://127.0.0.1:{ports['litellm']}/v1/chat/completions",
+                                  "headers": {"Authorization": "Bearer sk-bench"}, "model": args.model}  # fmt: skip
         for target in targets.values():  # warm up connections and caches
             asyncio.run(batch(target, 4, 16))
         runs = {(name, c): [] for name in targets for c in (1, 32)}
+        cpu = {name: [] for name in gateways}
         for _ in range(args.rounds):
             for concurrency, requests in ((1, 20), (32, 128)):
                 for name, target in targets.items():
                     runs[(name, concurrency)].append(asyncio.run(batch(target, concurrency, requests)))
-        report(runs, args.rounds)
+            for name in gateways:
+                cpu[name].append(cpu_cost(targets[name], args.cpu_requests))
+        report(runs, cpu, args)
     finally:
         for proc in procs:
             proc.terminate()
@@ -172,18 +260,22 @@ def main() -> None:
             proc.wait(timeout=20)
 
 
-def report(runs: dict, rounds: int) -> None:
+def report(runs: dict, cpu: dict, args) -> None:
     def merged(name, c, key):
         return [v for run in runs[(name, c)] for v in run[key]]
 
-    print(f"Upstream: {CHUNKS} chunks, {PACE_MS:g} ms apart; {rounds} interleaved rounds; times in ms.\n")
-    print(
-        "| path | added p50 @1 | added p99 @1 | added p50 @32 | added p99 @32 | req/s @32 | TTFT added @1 | chunks/stream |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    names = sorted({name for name, _ in runs}, key=["direct", "llmhub", "base", "litellm"].index)
+    upstream = f"engine on port {args.upstream_port}" if args.upstream_port else \
+        f"upstream.py, {CHUNKS} chunks {PACE_MS:g} ms apart"  # fmt: skip
+    print(f"{upstream}; model {args.model}; gateway web processes: {args.web_processes}; {args.rounds} "
+          f"interleaved rounds; load average {os.getloadavg()[0]:.1f}; times in ms.\n")  # fmt: skip
+    print("| path | added p50 @1 | added p99 @1 | added p50 @32 | added p99 @32 | req/s @32 | × direct @32 "
+          "| TTFT added @1 | chunks/stream |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     base = {c: (pct(merged("direct", c, "latency"), 0.5), pct(merged("direct", c, "latency"), 0.99)) for c in (1, 32)}
     base_ttft = statistics.median(merged("direct", 1, "ttft"))
-    for name in ("direct", "llmhub", "litellm"):
+    base_rps = statistics.median(run["rps"] for run in runs[("direct", 32)])
+    for name in names:
         cells = []
         for c in (1, 32):
             lat = merged(name, c, "latency")
@@ -191,7 +283,20 @@ def report(runs: dict, rounds: int) -> None:
         rps = statistics.median(run["rps"] for run in runs[(name, 32)])
         ttft = (statistics.median(merged(name, 1, "ttft")) - base_ttft) * 1000
         chunks = sorted(set(merged(name, 1, "chunks") + merged(name, 32, "chunks")))
-        print(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {rps:.1f} | {ttft:+.2f} | {chunks} |")
+        print(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} | {rps:.1f} | {rps / base_rps:.2f} "
+              f"| {ttft:+.2f} | {chunks} |")  # fmt: skip
+    if ("litellm", 32) in runs:
+        ours = statistics.median(run["rps"] for run in runs[("llmhub", 32)])
+        theirs = statistics.median(run["rps"] for run in runs[("litellm", 32)])
+        print(f"\nllmhub / litellm req/s @32: {ours / theirs:.2f}")
+    print("\nGateway CPU (all its processes, from /proc; median of rounds):\n")
+    print("| path | ms per non-streamed request | ms per stream | µs per relayed chunk |")
+    print("|---|---|---|---|")
+    for name, costs in cpu.items():
+        whole = statistics.median(c["whole_ms"] for c in costs)
+        stream = statistics.median(c["stream_ms"] for c in costs)
+        chunks = statistics.median(c["chunks"] for c in costs) or 1
+        print(f"| {name} | {whole:.2f} | {stream:.2f} | {(stream - whole) / chunks * 1000:.0f} |")
 
 
 if __name__ == "__main__":

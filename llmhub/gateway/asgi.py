@@ -2,10 +2,10 @@
 
 `POST /v1/openai/chat/completions` and `/v1/openai/completions` skip Django's middleware stack (sessions,
 CSRF, auth, messages: none of which a Bearer-token API uses, and each would hop threads under ASGI) and
-call `services.handle` directly; everything else goes to Django. Request bodies are bounded here for the
+call `services.answer` directly; everything else goes to Django. Request bodies are bounded here for the
 whole site (`bodies`: LLMHUB_MAX_BODY_BYTES, LLMHUB_BODY_READ_TIMEOUT), and API callers are authenticated
-from their headers before their body is read. Responses are the same Django response
-objects, sent here as ASGI messages; a client disconnect cancels the stream (closing the upstream).
+from their headers before their body is read. Answers are sent here as ASGI messages; a client
+disconnect cancels the stream (closing the upstream).
 """
 
 from __future__ import annotations
@@ -57,25 +57,32 @@ async def serve(scope, receive, send) -> None:
             return await bodies.send_refusal(send, path, exc.status)
         except bodies.ClientGone:
             return
-        response = await services.handle(caller, ENDPOINTS[path], body)
+        answer = await services.answer(caller, ENDPOINTS[path], body)
     except GatewayError as exc:
-        response = exc.response()
+        return await send_response(exc.response(), send)
     except Exception:  # noqa: BLE001 - never a stack trace to the client
         log.exception("gateway request failed")
-        response = GatewayError(500, "The gateway failed; try again.", type="server_error", code="internal").response()
-    await send_response(response, receive, send)
+        error = GatewayError(500, "The gateway failed; try again.", type="server_error", code="internal")
+        return await send_response(error.response(), send)
+    await send_answer(answer, receive, send)
 
 
-async def send_response(response, receive, send) -> None:
-    """Send a Django response over ASGI; a streaming one chunk by chunk until done or the client leaves."""
+async def send_response(response, send) -> None:
+    """Send a whole Django response (an error) over ASGI."""
     headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
     await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    if not response.streaming:
-        await send({"type": "http.response.body", "body": response.content})
+    await send({"type": "http.response.body", "body": response.content})
+
+
+async def send_answer(answer: services.Answer, receive, send) -> None:
+    """Send the gateway's answer over ASGI; a stream piece by piece until done or the client leaves."""
+    await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers()})
+    if answer.events is None:
+        await send({"type": "http.response.body", "body": answer.body})
         return
 
     async def stream():
-        async for chunk in response:
+        async for chunk in answer.events:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 

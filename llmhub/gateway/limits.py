@@ -1,7 +1,10 @@
 """Limits per user at the gateway, counted in Redis so that they hold across every web process.
 
 - Requests per minute, all the user's API tokens together: a fixed window of 60 s
-  (`User.rate_limit_per_minute`, else GATEWAY_RATE_LIMIT_PER_MINUTE; 0: off).
+  (`User.rate_limit_per_minute`, else GATEWAY_RATE_LIMIT_PER_MINUTE; 0: off). Each web process takes its
+  user's requests from Redis in blocks of 1/LEASE_FRACTION of the limit (at least 1) and counts them down
+  in memory, so a request costs a Redis round trip only once per block: the user is never let past the
+  limit, and may be refused at most (web processes - 1) × block requests early (blocks taken, unused).
 - Requests held at once while a deployment has no ready instance (`User.max_held_requests`, else
   GATEWAY_MAX_HELD_PER_USER; 0: off): a sorted set per user whose members expire on their own, so a web
   process that dies holding requests frees its slots after the hold timeout.
@@ -22,7 +25,9 @@ from .errors import GatewayError
 from .routing import Caller
 
 HELD_RETRY_AFTER = 10  # seconds a client refused for too many held requests is told to wait
+LEASE_FRACTION = 1000  # a block of requests taken from Redis at once is the limit / this (at least 1)
 _PROCESS = f"{socket.gethostname()}:{os.getpid()}"
+_leases: dict[int, tuple[int, int]] = {}  # user id → (window, requests left in this process's block)
 
 
 async def rate_limit(caller: Caller) -> None:
@@ -34,16 +39,31 @@ async def rate_limit(caller: Caller) -> None:
         return
     now = time.time()
     window = int(now // 60)
-    key = f"{settings.REDIS_KEY_PREFIX}ratelimit:user:{caller.user_id}:{window}"
-    pipe = redis_async().pipeline()
-    pipe.incr(key)
+    leased_window, left = _leases.get(caller.user_id, (None, 0))
+    if leased_window != window or left <= 0:
+        left = await _lease(caller.user_id, window, limit)
+    if left > 0:
+        _leases[caller.user_id] = (window, left - 1)
+        return
+    retry = max(1, math.ceil((window + 1) * 60 - now))
+    raise GatewayError(429, f"Rate limit of {limit} requests per minute for your account (all its API tokens "
+                       f"together) reached; retry in {retry} s.", type="rate_limit_error",
+                       code="rate_limit_exceeded", retry_after=retry)  # fmt: skip
+
+
+async def _lease(user_id: int, window: int, limit: int) -> int:
+    """Take a block of the user's requests in `window` from Redis (shared by every web process); returns how
+    many of them are within `limit` (0: the limit is reached)."""
+    if len(_leases) > 100_000:  # users seen in earlier windows
+        for stale in [user for user, (at, _) in _leases.items() if at != window]:
+            del _leases[stale]
+    block = max(1, limit // LEASE_FRACTION)
+    key = f"{settings.REDIS_KEY_PREFIX}ratelimit:user:{user_id}:{window}"
+    pipe = redis_async().pipeline(transaction=False)
+    pipe.incrby(key, block)
     pipe.expire(key, 61)
-    count, _ = await pipe.execute()
-    if count > limit:
-        retry = max(1, math.ceil((window + 1) * 60 - now))
-        raise GatewayError(429, f"Rate limit of {limit} requests per minute for your account (all its API tokens "
-                           f"together) reached; retry in {retry} s.", type="rate_limit_error",
-                           code="rate_limit_exceeded", retry_after=retry)  # fmt: skip
+    total, _ = await pipe.execute()
+    return max(0, min(block, limit - (total - block)))
 
 
 class HeldSlot:

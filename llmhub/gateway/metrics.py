@@ -1,14 +1,18 @@
 """Prometheus metrics (prometheus-client). Gateway series are counted in the web process; fleet series
 (instances by state, pending instances, GPU-hours) are read from the database at scrape time.
 
-With several web processes, run prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR).
+With several web processes (`llmhub.web` sets PROMETHEUS_MULTIPROC_DIR for them) the gateway series are
+kept in prometheus-client's multiprocess mode and `registry()` sums every process's files; the in-flight
+gauge counts live processes only.
 """
 
 from __future__ import annotations
 
+import os
+
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Sum
 from django.db.models.functions import Coalesce, Now
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -24,7 +28,8 @@ time_to_first_token = Histogram(
     "llmhub_gateway_time_to_first_token_seconds", "Request received → first streamed event.", ["deployment"],
     buckets=LATENCY_BUCKETS,
 )  # fmt: skip
-inflight_requests = Gauge("llmhub_gateway_inflight_requests", "Requests in flight in this process.", ["deployment"])
+inflight_requests = Gauge("llmhub_gateway_inflight_requests", "Requests in flight.", ["deployment"],
+                          multiprocess_mode="livesum")  # fmt: skip
 
 
 class FleetCollector:
@@ -66,3 +71,14 @@ class FleetCollector:
 
 
 REGISTRY.register(FleetCollector())
+
+
+def registry() -> CollectorRegistry:
+    """What /metrics shows: this process's registry, or with several web processes (PROMETHEUS_MULTIPROC_DIR)
+    the sum over all of them plus the fleet series."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    combined = CollectorRegistry()
+    multiprocess.MultiProcessCollector(combined)
+    combined.register(FleetCollector())
+    return combined

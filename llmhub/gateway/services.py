@@ -12,52 +12,32 @@ wakes it and is held until an instance is ready (streams get SSE keepalive comme
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
 
-import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Q
-from django.http import HttpResponse, StreamingHttpResponse
+from django.http import HttpResponse
 from django.utils import timezone
 
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.timeline import event_record
 from llmhub.queue import reconcile_soon
 
-from . import holding, load, metrics
-from .clients import http_client
+from . import holding, load, messages, metrics, upstream
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
+from .messages import Answer, engine_payload, parse_body
 from .models import UsageRecord
 from .routing import Caller, Route, cache
 
-__all__ = ["GatewayError", "handle", "wake"]  # GatewayError re-exported for the views
+__all__ = ["Answer", "GatewayError", "answer", "handle", "wake"]  # GatewayError re-exported for the views
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE = b": keepalive\n\n"
-
-
-def parse_body(raw: bytes) -> dict:
-    """The JSON object of a request body. Raises GatewayError(400) saying what is wrong with it."""
-    try:
-        body = json.loads(raw or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        raise GatewayError(400, f"The request body is not valid JSON{where}.", code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise GatewayError(400, "The request body must be a JSON object.", code="invalid_json")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise GatewayError(400, "Missing 'model': give the deployment's name, e.g. 'username/model-name'.",
-                           code="missing_model")  # fmt: skip
-    if "stream_options" in body and not isinstance(body["stream_options"], dict):
-        raise GatewayError(400, "'stream_options' must be an object.", code="invalid_stream_options")
-    return body
 
 
 @dataclass
@@ -67,7 +47,8 @@ class Call:
     caller: Caller
     route: Route
     endpoint: str
-    body: dict
+    body: dict  # the request as parsed
+    payload: bytes  # the request as sent to the engine (`engine_payload`)
     stream: bool
     client_wants_usage: bool
     started: float
@@ -112,6 +93,11 @@ class Call:
 
 
 async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
+    """`answer` as a Django response (for Django views). Raises GatewayError like `answer`."""
+    return (await answer(caller, endpoint, raw)).django()
+
+
+async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
     """Serve one OpenAI request for `caller` at `endpoint` ("chat/completions" or "completions").
 
     Raises GatewayError: 400 bad body, 402 suspended by the spending limit, 404 unknown model, 429 rate
@@ -128,14 +114,15 @@ async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
     await check_servable(route)
     stream = bool(body.get("stream"))
     client_wants_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
-    if stream:  # always ask vLLM for usage; the extra final chunk is dropped unless the client asked
-        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    # Always ask vLLM for usage; the extra final chunk is dropped unless the client asked.
+    payload = engine_payload(raw, body, stream)
     held = None if route.instances else await held_slot_take(caller)  # 429 now, not inside a started stream
-    call = Call(caller, route, endpoint, body, stream, client_wants_usage, started=time.monotonic(), held=held)
+    call = Call(caller, route, endpoint, body, payload, stream, client_wants_usage, started=time.monotonic(),
+                held=held)  # fmt: skip
     load.inflight[route.deployment_id] += 1
     metrics.inflight_requests.labels(route.full_name).inc()
     if stream:
-        return _stream_response(relay_stream(call))
+        return Answer(200, "text/event-stream", events=relay_stream(call))
     try:
         return await forward_whole(call)
     except GatewayError as exc:
@@ -231,27 +218,26 @@ def pick_instance(route: Route, exclude: set[int]) -> tuple[int, str, str] | Non
     return min(candidates, key=lambda i: (load.outstanding[i[0]], i[0]), default=None)
 
 
-async def open_upstream(call: Call) -> tuple[int, httpx.Response]:
+async def open_upstream(call: Call) -> tuple[int, upstream.Response]:
     """Send the request to a ready instance, trying the others on a connect failure.
 
-    Returns (instance id, streaming response). Raises GatewayError 503/502.
+    Returns (instance id, the response, its body still to read). Raises GatewayError 503/502.
     """
     route = await ready_route(call)
     tried: set[int] = set()
     while (choice := pick_instance(route, tried)) is not None:
         instance_id, base_url, engine_key = choice
         tried.add(instance_id)
-        request = http_client().build_request(
-            "POST", f"{base_url}/v1/{call.endpoint}", json=call.body, headers={"Authorization": f"Bearer {engine_key}"}
-        )
         load.outstanding[instance_id] += 1
         try:
-            return instance_id, await http_client().send(request, stream=True)
-        except httpx.ConnectError:
+            return instance_id, await upstream.pool().post(
+                base_url, f"/v1/{call.endpoint}", call.payload, {"Authorization": f"Bearer {engine_key}"}
+            )
+        except upstream.ConnectFailed:
             load.outstanding[instance_id] -= 1
             cache.forget(call.caller, route.full_name)
             log.warning("instance %s refused a connection; trying another", instance_id)
-        except httpx.HTTPError as exc:
+        except upstream.UpstreamError as exc:
             load.outstanding[instance_id] -= 1
             log.warning("instance %s at %s failed to answer: %r", instance_id, base_url, exc)
             raise GatewayError(502, f"The engine failed to answer ({exc.__class__.__name__}); retry shortly.",
@@ -260,25 +246,22 @@ async def open_upstream(call: Call) -> tuple[int, httpx.Response]:
                        code="no_ready_instance", retry_after=5)  # fmt: skip
 
 
-async def forward_whole(call: Call) -> HttpResponse:
+async def forward_whole(call: Call) -> Answer:
     """A non-streamed request: the engine's answer whole, with its status; usage taken from it."""
-    instance_id, upstream = await open_upstream(call)
+    instance_id, response = await open_upstream(call)
     try:
-        content = await upstream.aread()
-    except httpx.HTTPError as exc:
+        content = await response.read()
+    except upstream.UpstreamError as exc:
         raise GatewayError(502, "The engine broke off its answer.", type="server_error", code="engine_error") from exc
     finally:
-        await upstream.aclose()
+        await response.aclose()
         load.outstanding[instance_id] -= 1
-    call.status = upstream.status_code
-    if upstream.status_code >= 500:
-        raise engine_failed(instance_id, upstream.status_code, content)
-    if upstream.status_code == 200:
-        try:
-            call.take_usage(json.loads(content).get("usage"))
-        except (ValueError, AttributeError):
-            pass
-    return HttpResponse(content, status=upstream.status_code, content_type=upstream.headers.get("content-type"))
+    call.status = response.status
+    if response.status >= 500:
+        raise engine_failed(instance_id, response.status, content)
+    if response.status == 200:
+        call.take_usage(messages.usage_of(content))
+    return Answer(response.status, response.headers.get("content-type", "application/json"), body=content)
 
 
 def engine_failed(instance_id: int, status: int, content: bytes) -> GatewayError:
@@ -287,13 +270,6 @@ def engine_failed(instance_id: int, status: int, content: bytes) -> GatewayError
     log.warning("instance %s answered HTTP %s: %s", instance_id, status, content[:2000])
     return GatewayError(502, f"The engine failed (HTTP {status}); retry shortly.", type="server_error",
                         code="engine_error")  # fmt: skip
-
-
-def _stream_response(events) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(events, content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["X-Accel-Buffering"] = "no"
-    return response
 
 
 async def _with_keepalives(awaitable, interval: float):
@@ -312,64 +288,69 @@ async def _with_keepalives(awaitable, interval: float):
 
 
 async def relay_stream(call: Call):
-    """Relay an SSE stream event by event as the engine makes it.
+    """Relay an SSE stream as the engine makes it, whole events at a time.
 
     Before the first event (while held for an instance, or while the engine computes the first
-    token) the client gets a KEEPALIVE comment every GATEWAY_KEEPALIVE_INTERVAL seconds. The usage
-    chunk vLLM sends last is read for the usage record and dropped unless the client asked for it.
-    A client that disconnects cancels this generator, which closes the upstream request.
+    token) the client gets a KEEPALIVE comment every GATEWAY_KEEPALIVE_INTERVAL seconds. The bytes that
+    arrive are passed on up to their last complete event, unparsed; only a piece that carries a usage
+    object is split into its events, so that the usage chunk vLLM sends last is read for the usage record
+    and dropped unless the client asked for it. A client that disconnects cancels this generator, which
+    closes the upstream request.
     """
     interval = settings.GATEWAY_KEEPALIVE_INTERVAL
-    instance_id, upstream = None, None
+    instance_id, response = None, None
     try:
         async for item in _with_keepalives(open_upstream(call), interval):
             if item is KEEPALIVE:
                 yield KEEPALIVE
             else:
-                instance_id, upstream = item
-        call.status = upstream.status_code
-        if upstream.status_code != 200:  # an engine error (e.g. prompt too long): pass it on as an event
-            content = await upstream.aread()
-            if upstream.status_code >= 500:
-                raise engine_failed(instance_id, upstream.status_code, content)
+                instance_id, response = item
+        call.status = response.status
+        if response.status != 200:  # an engine error (e.g. prompt too long): pass it on as an event
+            content = await response.read()
+            if response.status >= 500:
+                raise engine_failed(instance_id, response.status, content)
             yield b"data: " + content.replace(b"\n", b" ") + b"\n\n"
             return
-        chunks = upstream.aiter_raw().__aiter__()
         buffer = b""
         while True:
-            data = None
             if call.first_event is None:  # keepalives until the first token
-                async for item in _with_keepalives(_next_or_none(chunks), interval):
+                data = None
+                async for item in _with_keepalives(_next_or_none(response), interval):
                     if item is KEEPALIVE:
                         yield KEEPALIVE
                     else:
                         data = item
             else:
-                data = await _next_or_none(chunks)
+                data = await _next_or_none(response)
             if data is None:
                 break
             buffer += data
-            while b"\n\n" in buffer:
-                event, buffer = buffer.split(b"\n\n", 1)
-                if call.first_event is None:
-                    call.first_event = time.monotonic()
-                if _is_usage_event(event, call) and not call.client_wants_usage:
-                    continue
-                yield event + b"\n\n"
+            end = buffer.rfind(b"\n\n") + 2
+            if end < 2:
+                continue
+            events, buffer = buffer[:end], buffer[end:]
+            if call.first_event is None:
+                call.first_event = time.monotonic()
+            if messages.has_usage(events):
+                events, usage = messages.without_usage_event(events, keep=call.client_wants_usage)
+                call.take_usage(usage)
+            if events:
+                yield events
         if buffer:
             yield buffer
     except GatewayError as exc:
         call.status = exc.status
         yield exc.sse()
-    except httpx.HTTPError:
+    except upstream.UpstreamError:
         call.status = 502
         yield GatewayError(502, "The engine broke off the stream.", type="server_error", code="engine_error").sse()
     except asyncio.CancelledError:
         call.status = 499  # the client went away; closing upstream below aborts the engine's work
         raise
     finally:
-        if upstream is not None:
-            await upstream.aclose()
+        if response is not None:
+            await response.aclose()
         if instance_id is not None:
             load.outstanding[instance_id] -= 1
         call.finish()
@@ -380,15 +361,3 @@ async def _next_or_none(chunks):
         return await chunks.__anext__()
     except StopAsyncIteration:
         return None
-
-
-def _is_usage_event(event: bytes, call: Call) -> bool:
-    """True for vLLM's final usage-only chunk (`"choices": []` with `usage`); takes its token counts."""
-    if b'"usage"' not in event or b'"usage":null' in event or b'"usage": null' in event:
-        return False
-    try:
-        chunk = json.loads(event.split(b"data:", 1)[1])
-    except (IndexError, ValueError):
-        return False
-    call.take_usage(chunk.get("usage"))
-    return not chunk.get("choices")

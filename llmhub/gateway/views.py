@@ -74,4 +74,4 @@ def metrics_view(request):
         return HttpResponse(
             "Send Authorization: Bearer <LLMHUB_METRICS_TOKEN>.\n", status=401, content_type="text/plain"
         )
-    return HttpResponse(generate_latest(metrics.REGISTRY), content_type=CONTENT_TYPE_LATEST)
+    return HttpResponse(generate_latest(metrics.registry()), content_type=CONTENT_TYPE_LATEST)

@@ -5,6 +5,7 @@ vLLM are in tests/e2e.)"""
 import asyncio
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -18,13 +19,17 @@ from tests.factories import DeploymentFactory, HostFactory, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+COMPUTE = 0.05  # seconds an answer takes
+
 
 class Engine(BaseHTTPRequestHandler):
-    """A minimal OpenAI-compatible engine that answers every chat completion and counts them."""
+    """A minimal OpenAI-compatible engine that answers every chat completion and counts them, after
+    COMPUTE seconds (so that concurrent requests are in flight together, as on a real engine)."""
 
     def do_POST(self):  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.hits += 1
+        time.sleep(COMPUTE)
         answer = {
             "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],

@@ -1,0 +1,201 @@
+"""The gateway's HTTP/1.1 client to engines (`gateway.upstream`) against raw sockets the test controls, and
+the byte-level handling of bodies and usage (`gateway.messages`)."""
+
+import asyncio
+import json
+
+import pytest
+
+from llmhub.gateway import messages, upstream
+from llmhub.gateway.errors import GatewayError
+
+
+class RawEngine:
+    """A TCP server answering each request with the next canned bytes; records connections and requests."""
+
+    def __init__(self, answers):
+        self.answers, self.connections, self.requests, self.closed = list(answers), 0, [], asyncio.Event()
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+    async def serve(self, reader, writer):
+        self.connections += 1
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))  # fmt: skip
+                self.requests.append((head, await reader.readexactly(length)))
+                answer = self.answers.pop(0)
+                for piece in answer if isinstance(answer, list) else [answer]:
+                    if piece == "close":
+                        writer.close()
+                        return
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+            await reader.read()  # until the client closes
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed.set()
+            writer.close()
+
+
+WHOLE = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 12\r\n\r\n{"ok": true}'
+
+
+def chunked(*pieces: bytes) -> list[bytes]:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return [head, *(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces), b"0\r\n\r\n"]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_requests_reuse_one_keep_alive_connection_and_send_the_body_as_given():
+    async def scenario():
+        async with RawEngine([WHOLE, WHOLE, WHOLE]) as engine:
+            bodies = []
+            for i in range(3):
+                response = await upstream.pool().post(engine.url, "/v1/completions", b'{"n": %d}' % i,
+                                                      {"Authorization": "Bearer k"})  # fmt: skip
+                bodies.append((response.status, response.headers["content-type"], await response.read()))
+                await response.aclose()
+            return engine, bodies
+
+    engine, bodies = run(scenario())
+
+    assert bodies == [(200, "application/json", b'{"ok": true}')] * 3
+    assert engine.connections == 1
+    head, body = engine.requests[2]
+    assert head.startswith(b"POST /v1/completions HTTP/1.1\r\n") and b"\r\nAuthorization: Bearer k\r\n" in head
+    assert body == b'{"n": 2}'
+
+
+def test_a_chunked_stream_arrives_piece_by_piece_without_its_transfer_coding():
+    async def scenario():
+        async with RawEngine([chunked(b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n")]) as engine:
+            response = await upstream.pool().post(engine.url, "/v1/chat/completions", b"{}", {})
+            pieces = [piece async for piece in response]
+            await response.aclose()
+            return pieces
+
+    assert run(scenario()) == [b"data: 1\n\n", b"data: 2\n\n", b"data: [DONE]\n\n"]
+
+
+def test_a_connection_the_engine_closed_while_pooled_is_replaced():
+    async def scenario():
+        async with RawEngine([[WHOLE, "close"], WHOLE]) as engine:
+            first = await upstream.pool().post(engine.url, "/v1/completions", b"{}", {})
+            await first.read()
+            await first.aclose()
+            await asyncio.sleep(0.05)
+            second = await upstream.pool().post(engine.url, "/v1/completions", b"{}", {})
+            return await second.read(), engine.connections
+
+    assert run(scenario()) == (b'{"ok": true}', 2)
+
+
+def test_closing_a_response_before_its_end_closes_the_connection():
+    async def scenario():
+        async with RawEngine([chunked(b"data: 1\n\n", *[b"data: more\n\n"] * 50)]) as engine:
+            response = await upstream.pool().post(engine.url, "/v1/chat/completions", b"{}", {})
+            await response.__anext__()
+            await response.aclose()
+            await asyncio.wait_for(engine.closed.wait(), 5)  # the engine sees the client go
+            return upstream.pool().idle
+
+    assert all(not idle for idle in run(scenario()).values())
+
+
+def test_connect_failures_and_broken_answers_raise_distinct_errors(settings):
+    settings.GATEWAY_UPSTREAM_TIMEOUT = 0.3
+
+    async def connect_refused():
+        async with RawEngine([]) as engine:
+            url = engine.url
+        await upstream.pool().post(url, "/v1/completions", b"{}", {})
+
+    async def answer(canned):
+        async with RawEngine([canned]) as engine:
+            response = await upstream.pool().post(engine.url, "/v1/completions", b"{}", {})
+            return await response.read()
+
+    with pytest.raises(upstream.ConnectFailed):
+        run(connect_refused())
+    for canned in (b"SSH-2.0-OpenSSH\r\n\r\n", [WHOLE[:-4], "close"], [WHOLE[:-4]]):  # not HTTP, cut, silent
+        with pytest.raises(upstream.UpstreamError) as raised:
+            run(answer(canned))
+        assert not isinstance(raised.value, upstream.ConnectFailed)
+
+
+def test_the_engine_gets_the_clients_bytes_with_usage_asked_for_streams_only():
+    raw = b'{"model": "a/b",  "messages": [{"role": "user", "content": "\\u00e9t\\u00e9"}], "stream": true}\n'
+    body = messages.parse_body(raw)
+
+    patched = messages.engine_payload(raw, body, stream=True)
+
+    assert patched.startswith(raw.rstrip()[:-1]) and json.loads(patched)["stream_options"] == {"include_usage": True}
+    assert messages.engine_payload(raw, {**body, "stream": False}, stream=False) == raw
+    given = {**body, "stream_options": {"include_usage": False, "continuous_usage_stats": True}}
+    assert json.loads(messages.engine_payload(json.dumps(given).encode(), given, stream=True))["stream_options"] == {
+        "include_usage": True, "continuous_usage_stats": True}  # fmt: skip
+    utf16 = json.dumps(body).encode("utf-16")
+    assert json.loads(messages.engine_payload(utf16, body, stream=True))["stream_options"] == {"include_usage": True}
+    with pytest.raises(GatewayError):
+        messages.parse_body(b'{"model": "a/b", "stream_options": null}')
+
+
+@pytest.mark.parametrize(
+    "content, usage",
+    [
+        (b'{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}', {"prompt_tokens": 3,
+                                                                                   "completion_tokens": 2}),
+        (b'{"usage": {"prompt_tokens": 1}, "choices": [{"text": "\\"usage\\": {\\"x\\": 1}"}]}', {"prompt_tokens": 1}),
+        (b'{"choices": [{"text": "usage"}], "note": "usage"}', None),
+        (b'{"choices": []}', None),
+        (b"not json", None),
+    ],
+)  # fmt: skip
+def test_usage_is_read_from_a_whole_answer(content, usage):
+    assert messages.usage_of(content) == usage
+
+
+def test_the_usage_only_chunk_is_taken_and_dropped_unless_asked():
+    events = (b'data: {"choices": [{"delta": {"content": "a"}}], "usage": null}\n\n'
+              b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 1}}\n\n'
+              b"data: [DONE]\n\n")  # fmt: skip
+
+    assert messages.has_usage(events)
+    assert not messages.has_usage(events.split(b"\n\n")[0] + b"\n\n")
+    kept, usage = messages.without_usage_event(events, keep=False)
+    assert usage == {"prompt_tokens": 4, "completion_tokens": 1}
+    assert b'"choices": []' not in kept and kept.endswith(b"data: [DONE]\n\n") and b'"content": "a"' in kept
+    assert messages.without_usage_event(events, keep=True) == (events, usage)
+
+
+def test_a_slow_reader_holds_back_the_engine_instead_of_buffering_its_answer(monkeypatch):
+    monkeypatch.setattr(upstream, "MAX_BUFFERED", 1024)
+    piece = b"data: " + b"x" * 500 + b"\n\n"
+
+    async def scenario():
+        async with RawEngine([chunked(*[piece] * 200)]) as engine:
+            response = await upstream.pool().post(engine.url, "/v1/chat/completions", b"{}", {})
+            await asyncio.sleep(0.5)  # the engine writes as fast as it can; nobody reads
+            held = response._conn.buffered
+            pieces = [p async for p in response]
+            await response.aclose()
+            return held, pieces
+
+    held, pieces = run(scenario())
+
+    assert held < 1024 + len(piece) + 64 * 1024  # the cap, one piece past it, and what one socket read brings
+    assert pieces == [piece] * 200
