@@ -32,6 +32,7 @@ from . import holding, load, metrics
 from .clients import http_client
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
+from .prefix import prefix_key
 from .models import UsageRecord
 from .routing import Caller, Route, cache
 
@@ -225,20 +226,18 @@ def _woken(deployment_id: int) -> None:
     reconcile_soon(deployment_id)
 
 
-def pick_instance(route: Route, exclude: set[int]) -> tuple[int, str, str] | None:
-    """The ready instance with the fewest outstanding requests in this process (ties by id)."""
-    candidates = [i for i in route.instances if i[0] not in exclude]
-    return min(candidates, key=lambda i: (load.outstanding[i[0]], i[0]), default=None)
 
 
 async def open_upstream(call: Call) -> tuple[int, httpx.Response]:
-    """Send the request to a ready instance, trying the others on a connect failure.
+    """Send the request to a ready instance (the one holding its prompt's prefix, or the least loaded:
+    `load.instance_pick`), trying the others on a connect failure.
 
     Returns (instance id, streaming response). Raises GatewayError 503/502.
     """
     route = await ready_route(call)
     tried: set[int] = set()
-    while (choice := pick_instance(route, tried)) is not None:
+    key = prefix_key(call.endpoint, call.body) if len(route.instances) > 1 else None
+    while (choice := load.instance_pick(route, tried, key)) is not None:
         instance_id, base_url, engine_key = choice
         tried.add(instance_id)
         request = http_client().build_request(
