@@ -32,8 +32,8 @@ from . import holding, load, metrics
 from .clients import http_client
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
-from .prefix import prefix_key
 from .models import UsageRecord
+from .prefix import prefix_key
 from .routing import Caller, Route, cache
 
 __all__ = ["GatewayError", "handle", "wake"]  # GatewayError re-exported for the views
