@@ -59,7 +59,9 @@ def prompt_prefix(endpoint: str, body: dict) -> str:
             break
         content = message.get("content")
         if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+            content = "".join(
+                p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
         if not isinstance(content, str):
             content = ""
         piece = f"{message.get('role')}\0{content}\0"

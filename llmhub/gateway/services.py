@@ -226,8 +226,6 @@ def _woken(deployment_id: int) -> None:
     reconcile_soon(deployment_id)
 
 
-
-
 async def open_upstream(call: Call) -> tuple[int, httpx.Response]:
     """Send the request to a ready instance (the one holding its prompt's prefix, or the least loaded:
     `load.instance_pick`), trying the others on a connect failure.

@@ -49,7 +49,9 @@ def test_key_is_block_aligned_and_short_prompts_have_none():
     assert prefix.prefix_key("completions", {"prompt": long + "one"}) == prefix.prefix_key(
         "completions", {"prompt": long + "two"}
     )
-    assert prefix.prefix_key("completions", {"prompt": [long, "x"]}) == prefix.prefix_key("completions", {"prompt": long})
+    assert prefix.prefix_key("completions", {"prompt": [long, "x"]}) == prefix.prefix_key(
+        "completions", {"prompt": long}
+    )
 
 
 def test_chat_content_parts_and_odd_shapes():
