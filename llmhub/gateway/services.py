@@ -28,7 +28,7 @@ from llmhub.deployments.models import Deployment
 from llmhub.deployments.timeline import event_record
 from llmhub.queue import reconcile_soon
 
-from . import holding, load, metrics
+from . import holding, load, metrics, response_cache
 from .clients import http_client
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
@@ -77,6 +77,7 @@ class Call:
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache: str = ""  # the response cache: "hit", "miss" (cacheable, asked the engine) or "" (not cacheable)
 
     def finish(self) -> None:
         """Record usage (buffered) and metrics; release the in-flight count (and a held slot left over)."""
@@ -103,6 +104,7 @@ class Call:
                 completion_tokens=self.completion_tokens,
                 latency_ms=round((now - self.started) * 1000),
                 ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None,
+                cache=self.cache,
             )  # fmt: skip
         )
 
@@ -131,14 +133,24 @@ async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
     client_wants_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
     if stream:  # always ask vLLM for usage; the extra final chunk is dropped unless the client asked
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-    held = None if route.instances else await held_slot_take(caller)  # 429 now, not inside a started stream
+    cache_key = response_cache.cache_key(
+        route=route, user_id=caller.user_id, endpoint=endpoint, body=body, stream=stream
+    )
+    cached = await response_cache.cache_get(cache_key) if cache_key else None
+    held = None if route.instances or cached else await held_slot_take(caller)  # 429 now, not inside a stream
     call = Call(caller, route, endpoint, body, stream, client_wants_usage, started=time.monotonic(), held=held)
     load.inflight[route.deployment_id] += 1
     metrics.inflight_requests.labels(route.full_name).inc()
     if stream:
         return _stream_response(relay_stream(call))
     try:
-        return await forward_whole(call)
+        if cached is not None:  # answered from the response cache: no engine request
+            return response_cache.cached_response(call, cached)
+        response = await forward_whole(call)
+        if cache_key:
+            call.cache = "miss"
+            await response_cache.cache_keep(cache_key, response, route.response_cache_seconds)
+        return response
     except GatewayError as exc:
         call.status = exc.status
         raise
