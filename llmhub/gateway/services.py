@@ -246,7 +246,7 @@ async def open_upstream(call: Call) -> tuple[int, httpx.Response]:
     """
     route = await ready_route(call)
     tried: set[int] = set()
-    key = prefix_key(call.endpoint, call.body) if len(route.instances) > 1 else None
+    key = prefix_key(call.endpoint, call.body) if len(route.instances) > 1 and route.routing == "prefix" else None
     while (choice := load.instance_pick(route, tried, key)) is not None:
         instance_id, base_url, engine_key = choice
         tried.add(instance_id)
