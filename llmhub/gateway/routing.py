@@ -58,12 +58,12 @@ class Route:
     status: str
     fail_reason: str
     desired_instances: int
-    routing: str = "prefix"  # Deployment.routing: "prefix" or "least_outstanding"
-    response_cache_seconds: int | None = None  # Deployment.response_cache_seconds (None: no response cache)
-    serving_version: str = ""  # digest of what an answer depends on (model, adapters, engine options)
     # (instance id, base URL, engine key): the gateway authenticates to the engine with the instance's own
     # key (``Authorization: Bearer``), never with the caller's token.
     instances: list[tuple[int, str, str]] = field(default_factory=list, repr=False)
+    routing: str = "prefix"  # Deployment.routing: "prefix" or "least_outstanding"
+    response_cache_seconds: int | None = None  # Deployment.response_cache_seconds (None: no response cache)
+    serving_version: str = ""  # digest of what an answer depends on (model, adapters, engine options)
 
 
 class RoutingCache:
