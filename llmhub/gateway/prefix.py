@@ -9,9 +9,12 @@ KV cache (vLLM's automatic prefix caching), so that it is not computed again. As
   vLLM's 16-token KV block at about 4 characters per token. A prompt shorter than one block has no key;
 - each instance owns `REPLICAS` points on a hash ring; a key goes to the owner of the first point at or
   after it, walking on while that instance is past its share of the load: it may take the request when
-  ``outstanding + 1 ≤ ceil(LOAD_FACTOR × (total outstanding + 1) / instances)`` (Mirrokni, Thorup and
-  Zadimoghaddam, "Consistent Hashing with Bounded Loads", 2018). The least loaded instance always fits,
-  so the walk ends; least outstanding requests is the fallback all the same.
+  ``outstanding + 1 ≤ max(ceil(LOAD_FACTOR × (total outstanding + 1) / instances), floor)`` (Mirrokni,
+  Thorup and Zadimoghaddam, "Consistent Hashing with Bounded Loads", 2018). The floor is half the
+  deployment's max batch size (`FLOOR_OF_BATCH`): an engine running fewer requests than that has free
+  batch slots, so nothing waits there, and sending the request elsewhere would only lose its cached
+  prefix (at two or three requests in flight the plain bound would move every third one). The least
+  loaded instance always fits, so the walk ends; least outstanding requests is the fallback all the same.
 
 Adding or removing an instance moves only the keys of its own points. Nothing here re-serialises the
 request body: the text is read from the parsed JSON.
@@ -27,6 +30,7 @@ BLOCK_CHARS = 64  # 16 tokens (vLLM's KV block) × ~4 characters per token
 PREFIX_BLOCKS = 4  # blocks hashed: 256 characters, ~64 tokens
 REPLICAS = 128  # ring points per instance
 LOAD_FACTOR = 1.25  # an instance takes at most 1.25 × its even share of the outstanding requests
+FLOOR_OF_BATCH = 0.5  # ... unless it has fewer outstanding than this share of the max batch size
 _PREFIX_CHARS = BLOCK_CHARS * PREFIX_BLOCKS
 _RINGS_MAX = 1024  # rings kept (one per distinct set of ready instances)
 
@@ -93,27 +97,30 @@ def ring(instance_ids: tuple[int, ...]) -> tuple[list[int], list[int]]:
     return cached
 
 
-def fits(load: int, total: int, instances: int, factor: float = LOAD_FACTOR) -> bool:
-    """Whether an instance with `load` outstanding requests (out of `total` over `instances`) may take one
-    more: ``load + 1 ≤ ceil(factor × (total + 1) / instances)``."""
-    return load + 1 <= math.ceil(factor * (total + 1) / instances)
+def bound(total: int, instances: int, floor: int = 0, factor: float = LOAD_FACTOR) -> int:
+    """The most outstanding requests an instance may have after taking one more, when `total` are
+    outstanding over `instances`: ``max(ceil(factor × (total + 1) / instances), floor)``."""
+    return max(math.ceil(factor * (total + 1) / instances), floor)
 
 
-def pick(instance_ids: list[int], loads: dict[int, int], key: int, factor: float = LOAD_FACTOR) -> int:
+def pick(instance_ids: list[int], loads: dict[int, int], key: int, *, floor: int = 0,
+         factor: float = LOAD_FACTOR) -> int:  # fmt: skip
     """The instance (one of `instance_ids`, non-empty) for prefix `key` given outstanding `loads`
-    ({instance id: requests}; missing = 0): the key's owner on the ring, or the next one within the bound."""
+    ({instance id: requests}; missing = 0): the key's owner on the ring, or the next one within the bound
+    (`bound`; `floor`: outstanding requests below which an instance is never past its share)."""
     ids = tuple(sorted(instance_ids))
     if len(ids) == 1:
         return ids[0]
     hashes, owners = ring(ids)
     total = sum(loads.get(i, 0) for i in ids)
+    most = bound(total, len(ids), floor, factor)
     start = bisect_left(hashes, key)
     seen: set[int] = set()
     for n in range(len(hashes)):
         owner = owners[(start + n) % len(hashes)]
         if owner in seen:
             continue
-        if fits(loads.get(owner, 0), total, len(ids), factor):
+        if loads.get(owner, 0) + 1 <= most:
             return owner
         seen.add(owner)
         if len(seen) == len(ids):

@@ -64,6 +64,7 @@ class Route:
     routing: str = "prefix"  # Deployment.routing: "prefix" or "least_outstanding"
     response_cache_seconds: int | None = None  # Deployment.response_cache_seconds (None: no response cache)
     serving_version: str = ""  # digest of what an answer depends on (model, adapters, engine options)
+    max_batch_size: int = 0  # Deployment.max_batch_size: requests an engine runs at once
 
 
 class RoutingCache:
@@ -184,6 +185,7 @@ async def load_route(caller: Caller, model: str) -> Route | None:
         routing=deployment.routing,
         response_cache_seconds=deployment.response_cache_seconds,
         serving_version=serving_version(deployment),
+        max_batch_size=deployment.max_batch_size,
         instances=instances,
     )
 

@@ -17,8 +17,8 @@ def chat(system: str, user: str) -> dict:
     return {"model": "a/m", "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}
 
 
-def route(ids, routing="prefix") -> Route:
-    return Route(1, 1, "a/m", "running", "", len(ids), routing=routing,
+def route(ids, routing="prefix", max_batch_size=0) -> Route:
+    return Route(1, 1, "a/m", "running", "", len(ids), routing=routing, max_batch_size=max_batch_size,
                  instances=[(i, f"http://127.0.0.1:{9000 + i}", "k") for i in ids])  # fmt: skip
 
 
@@ -108,6 +108,18 @@ def test_preferred_instance_past_its_share_sends_the_request_elsewhere():
     assert load.instance_pick(r, set(), key)[0] == home
     load.outstanding.update({home: 4, away: 1})  # 4 + 1 > ceil(1.25 × 6 / 2) = 4: past it
     assert load.instance_pick(r, set(), key)[0] == away
+
+
+def test_an_instance_with_free_batch_slots_keeps_its_prefixes():
+    key = prefix.prefix_key("chat/completions", chat(system_prompt(5), "q"))
+    r = route([1, 2], max_batch_size=8)  # floor: 4 outstanding
+    home = load.instance_pick(r, set(), key)[0]
+    away = 1 if home == 2 else 2
+    load.outstanding.update({home: 3, away: 0})  # 4 > ceil(1.25 × 4 / 2) = 3, but 4 ≤ the floor
+    assert load.instance_pick(r, set(), key)[0] == home
+    load.outstanding.update({home: 4, away: 0})  # 5 > max(3, 4): past its share
+    assert load.instance_pick(r, set(), key)[0] == away
+    assert load.instance_pick(route([1, 2], max_batch_size=0), set(), key)[0] == away  # no floor
 
 
 def test_a_new_instance_takes_only_its_share_and_a_removed_one_gives_only_its_own():
