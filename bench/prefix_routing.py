@@ -233,9 +233,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--kv-share", type=float, default=0.5, help="share of all prefixes one engine's KV cache holds")
+    parser.add_argument("--first", choices=["least_outstanding", "prefix"], default="least_outstanding")
     args = parser.parse_args()
     image = engine_image()
     modes = {"least_outstanding": 1, "prefix": 2}  # routing → seed of its own system prompts
+    if args.first == "prefix":
+        modes = {"prefix": 2, "least_outstanding": 1}
     prompts = {mode: system_prompts(args.prefixes, args.system_chars, seed) for mode, seed in modes.items()}
     tokens = token_counts(image, [p for mode in modes for p in prompts[mode]])
     per_prefix_blocks = statistics.mean(t // BLOCK_SIZE for t in tokens)
@@ -283,7 +286,7 @@ def main() -> None:
         )
         print("| routing | prefix-cache hit rate | per engine | TTFT p50 ms | TTFT p90 ms | requests per engine | s |")
         print("|---|---|---|---|---|---|---|")
-        for mode, r in results.items():
+        for mode, r in sorted(results.items()):
             print(f"| {mode} | {r['hit_rate']:.1%} | {' / '.join(f'{x:.0%}' for x in r['per_engine'])} | "
                   f"{r['ttft_p50'] * 1000:.0f} | {r['ttft_p90'] * 1000:.0f} | {r['spread']} | {r['seconds']:.1f} |")  # fmt: skip
         lo, px = results["least_outstanding"], results["prefix"]
