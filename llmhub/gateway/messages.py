@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.http import HttpResponse, StreamingHttpResponse
 
@@ -120,19 +120,24 @@ class Answer:
     content_type: str
     body: bytes = b""
     events: AsyncIterator[bytes] | None = None
+    extra_headers: dict[str, str] = field(default_factory=dict)  # e.g. x-llmhub-cache
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """ASGI response headers: Content-Length for a whole body; no caching, no proxy buffering for a stream."""
         kind = (b"content-type", self.content_type.encode("latin-1"))
+        extra = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in self.extra_headers.items()]
         if self.events is None:
-            return [kind, (b"content-length", str(len(self.body)).encode())]
-        return [kind, (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+            return [kind, (b"content-length", str(len(self.body)).encode()), *extra]
+        return [kind, (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"), *extra]
 
     def django(self) -> HttpResponse:
         """The same answer as a Django response (for Django views)."""
         if self.events is None:
-            return HttpResponse(self.body, status=self.status, content_type=self.content_type)
-        response = StreamingHttpResponse(self.events, status=self.status, content_type=self.content_type)
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
+            response = HttpResponse(self.body, status=self.status, content_type=self.content_type)
+        else:
+            response = StreamingHttpResponse(self.events, status=self.status, content_type=self.content_type)
+            response["Cache-Control"] = "no-cache"
+            response["X-Accel-Buffering"] = "no"
+        for name, value in self.extra_headers.items():
+            response[name] = value
         return response

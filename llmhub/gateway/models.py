@@ -5,7 +5,8 @@ from django.db import models
 
 
 class UsageRecord(models.Model):
-    """One gateway request. Tokens come from the engine's `usage` (OpenAI Chat Completions API)."""
+    """One gateway request. Tokens come from the engine's `usage` (OpenAI Chat Completions API); for a
+    response cache hit, from the cached answer's (no engine was asked: billing counts instance uptime only)."""
 
     deployment = models.ForeignKey("deployments.Deployment", on_delete=models.CASCADE, related_name="usage")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="usage")
@@ -17,6 +18,12 @@ class UsageRecord(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.PositiveIntegerField(help_text="Request received → last byte sent, milliseconds.")
     ttft_ms = models.PositiveIntegerField(null=True, blank=True, help_text="Time to first token, milliseconds.")
+    cache = models.CharField(
+        max_length=4,
+        blank=True,
+        choices=[("hit", "hit"), ("miss", "miss")],
+        help_text="Response cache: hit (answered from the cache, no engine request), miss, or blank (not cacheable).",
+    )
 
     class Meta:
         indexes = [models.Index(fields=["deployment", "created_at"])]

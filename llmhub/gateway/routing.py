@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -60,6 +61,10 @@ class Route:
     # (instance id, base URL, engine key): the gateway authenticates to the engine with the instance's own
     # key (``Authorization: Bearer``), never with the caller's token.
     instances: list[tuple[int, str, str]] = field(default_factory=list, repr=False)
+    routing: str = "prefix"  # Deployment.routing: "prefix" or "least_outstanding"
+    response_cache_seconds: int | None = None  # Deployment.response_cache_seconds (None: no response cache)
+    serving_version: str = ""  # digest of what an answer depends on (model, adapters, engine options)
+    max_batch_size: int = 0  # Deployment.max_batch_size: requests an engine runs at once
 
 
 class RoutingCache:
@@ -177,8 +182,21 @@ async def load_route(caller: Caller, model: str) -> Route | None:
         status=deployment.status,
         fail_reason=deployment.fail_reason,
         desired_instances=deployment.desired_instances,
+        routing=deployment.routing,
+        response_cache_seconds=deployment.response_cache_seconds,
+        serving_version=serving_version(deployment),
+        max_batch_size=deployment.max_batch_size,
         instances=instances,
     )
+
+
+def serving_version(deployment: Deployment) -> str:
+    """A short digest of what a deployment's answers depend on: task, model repo and revision, engine options
+    and LoRA adapters. It is part of every response cache key, so that changing any of them drops the
+    deployment's cached answers (`response_cache`)."""
+    fields = [deployment.task, deployment.hf_repo, deployment.hf_revision, deployment.engine_options,
+              deployment.lora_adapters]  # fmt: skip
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 cache = RoutingCache()

@@ -26,11 +26,12 @@ from llmhub.deployments.models import Deployment
 from llmhub.deployments.timeline import event_record
 from llmhub.queue import reconcile_soon
 
-from . import holding, load, messages, metrics, upstream
+from . import holding, load, messages, metrics, response_cache, upstream
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
 from .messages import Answer, engine_payload, parse_body
 from .models import UsageRecord
+from .prefix import prefix_key
 from .routing import Caller, Route, cache
 
 __all__ = ["Answer", "GatewayError", "answer", "handle", "wake"]  # GatewayError re-exported for the views
@@ -57,6 +58,7 @@ class Call:
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cache: str = ""  # the response cache: "hit", "miss" (cacheable, asked the engine) or "" (not cacheable)
 
     def finish(self) -> None:
         """Record usage (buffered) and metrics; release the in-flight count (and a held slot left over)."""
@@ -83,6 +85,7 @@ class Call:
                 completion_tokens=self.completion_tokens,
                 latency_ms=round((now - self.started) * 1000),
                 ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None,
+                cache=self.cache,
             )  # fmt: skip
         )
 
@@ -116,7 +119,11 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
     client_wants_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
     # Always ask vLLM for usage; the extra final chunk is dropped unless the client asked.
     payload = engine_payload(raw, body, stream)
-    held = None if route.instances else await held_slot_take(caller)  # 429 now, not inside a started stream
+    cache_key = response_cache.cache_key(
+        route=route, user_id=caller.user_id, endpoint=endpoint, body=body, stream=stream
+    )
+    cached = await response_cache.cache_get(cache_key) if cache_key else None
+    held = None if route.instances or cached else await held_slot_take(caller)  # 429 now, not inside a stream
     call = Call(caller, route, endpoint, body, payload, stream, client_wants_usage, started=time.monotonic(),
                 held=held)  # fmt: skip
     load.inflight[route.deployment_id] += 1
@@ -124,7 +131,13 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
     if stream:
         return Answer(200, "text/event-stream", events=relay_stream(call))
     try:
-        return await forward_whole(call)
+        if cached is not None:  # answered from the response cache: no engine request
+            return response_cache.cached_response(call, cached)
+        whole = await forward_whole(call)
+        if cache_key:
+            call.cache = "miss"
+            whole = await response_cache.cache_keep(cache_key, whole, route.response_cache_seconds)
+        return whole
     except GatewayError as exc:
         call.status = exc.status
         raise
@@ -212,20 +225,16 @@ def _woken(deployment_id: int) -> None:
     reconcile_soon(deployment_id)
 
 
-def pick_instance(route: Route, exclude: set[int]) -> tuple[int, str, str] | None:
-    """The ready instance with the fewest outstanding requests in this process (ties by id)."""
-    candidates = [i for i in route.instances if i[0] not in exclude]
-    return min(candidates, key=lambda i: (load.outstanding[i[0]], i[0]), default=None)
-
-
 async def open_upstream(call: Call) -> tuple[int, upstream.Response]:
-    """Send the request to a ready instance, trying the others on a connect failure.
+    """Send the request to a ready instance (the one holding its prompt's prefix, or the least loaded:
+    `load.instance_pick`), trying the others on a connect failure.
 
     Returns (instance id, the response, its body still to read). Raises GatewayError 503/502.
     """
     route = await ready_route(call)
     tried: set[int] = set()
-    while (choice := pick_instance(route, tried)) is not None:
+    key = prefix_key(call.endpoint, call.body) if len(route.instances) > 1 and route.routing == "prefix" else None
+    while (choice := load.instance_pick(route, tried, key)) is not None:
         instance_id, base_url, engine_key = choice
         tried.add(instance_id)
         load.outstanding[instance_id] += 1
