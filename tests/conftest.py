@@ -91,7 +91,7 @@ def fleet_engines(tmp_path_factory):
     Yields SimpleNamespace(a, b, image, main) where `main` is a client of the machine's engine.
     """
     main = docker.from_env(timeout=600)
-    image = images.engine_image_ensure(client=main, recipe="fake-engine", progress=lambda line: None)
+    image = images.engine_image_ensure(recipe="fake-engine", progress=lambda line: None)
     base = tmp_path_factory.mktemp("fleet-engines")
     engines = [
         Dockerd("gpu-a", base=base / "a", index=1, address="127.0.0.2", gpus=4),

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def engine_image() -> str:
     """The CPU engine image tag (built by bin/test before pytest; cached by recipe hash)."""
-    return images.engine_image_ensure(client=docker.from_env(timeout=600), progress=lambda line: None)
+    return images.engine_image_ensure(progress=lambda line: None)
 
 
 def database_url() -> str:

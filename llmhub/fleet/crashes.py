@@ -106,7 +106,7 @@ def instance_end(
     deployment: Deployment,
     instance: Instance,
     reason: str,
-    observation: Observation | None,
+    observation: Observation,
     *,
     ended_at: datetime | None = None,
     crashed: bool = True,
@@ -122,7 +122,7 @@ def instance_end(
     be removed marks its host (`last_error`): its GPUs are not handed out again until it is gone.
     `reason` is shown to the user (events, fail_reason: see `notices`; the log tail with host facts
     redacted); `detail` (an engine's error: may name hosts and addresses) goes only to the instance's
-    last_error, for operators.
+    last_error, for operators. Freed GPUs clear the pass's capacity memo (`observation.gpus_freed`).
     """
     logs = ""
     if instance.host_id:
@@ -147,7 +147,7 @@ def instance_end(
         return
     for key, value in changes.items():
         setattr(instance, key, value)
-    if observation is not None and instance.gpu_indexes:
+    if instance.gpu_indexes:
         observation.gpus_freed()
     if not crashed:
         Instance.objects.create(deployment=deployment)

@@ -1,11 +1,15 @@
-"""The one seam to Docker Engine: every call LLMHub makes to a host's engine is in this module.
+"""The one seam to Docker Engine: every call LLMHub makes to a host's engine is in this module or its
+siblings, whose names it re-exports: `engine_endpoint` (addresses, TLS, the cached client, failures),
+`engine_spec` (what a container is started with), `engine_images` (image presence, pulls, builds and
+imports). No other module imports the docker SDK (import-linter contract "one-docker-seam").
 
 Follows the Docker SDK for Python (docker-py 7) documented API and the Docker Engine API it wraps:
 `containers.create` + `start` with `device_requests` (docker.types.DeviceRequest, driver "nvidia")
 for GPUs, `ports` to publish the engine's port, labels `llmhub.instance` / `llmhub.deployment` /
 `llmhub.installation` to find our containers; `GET /containers/json` (one call per host) to list
-them; `POST /images/create` streamed for pulls with progress; `GET /info` for the GPUs an engine
-advertises (``GenericResources``, dockerd ``--node-generic-resource NVIDIA-GPU=<id>``).
+them; `POST /images/create` streamed for pulls with progress and `POST /build` for builds
+(`engine_images`); `GET /info` for the GPUs an engine advertises (``GenericResources``, dockerd
+``--node-generic-resource NVIDIA-GPU=<id>``).
 
 An engine is addressed by an `Endpoint`: its URL (``unix:///path`` or ``tcp://host:port``) and, for
 ``tcp://``, the TLS client certificates Docker's ``--tlsverify`` mode asks for. Functions also accept
@@ -16,31 +20,39 @@ Tests may replace this module's functions; nothing else talks to Docker.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import re
 import tarfile
-import threading
-from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 import docker
-import docker.constants
-import requests
-from docker.errors import APIError, DockerException, NotFound
+from docker.errors import APIError, NotFound
 
 from . import engine_spec  # noqa: F401 - the guard and its paths
 from .engine_endpoint import (  # noqa: F401 - re-exported: the seam's names
+    CALL_TIMEOUT_S,
     DEFAULT_TLS_PORT,
     TLS_DIR_NAME,
     Endpoint,
     EngineError,
     EngineUnreachable,
     TlsCredentials,
+    client_for,
     endpoint_of,
+    local_engine,
     url_validate,
 )
-from .engine_endpoint import tls_config as _tls_config
+from .engine_endpoint import engine_call as _engine_call
+from .engine_endpoint import tls_config as _tls_config  # noqa: F401 - tests read it here
+from .engine_images import (  # noqa: F401 - re-exported: the seam's names
+    BUILD_TIMEOUT_S,
+    PULL_TIMEOUT_S,
+    ImageBuildError,
+    image_build,
+    image_import,
+    image_present,
+    image_pull,
+)
 from .engine_spec import (  # noqa: F401 - re-exported: the seam's names
     ENGINE_PORT,
     HF_CACHE_PATH,
@@ -59,70 +71,10 @@ from .engine_spec import (  # noqa: F401 - re-exported: the seam's names
     run_kwargs,
 )
 
-CALL_TIMEOUT_S = 15  # one API call: inspect, list, create, start, remove, logs
-PULL_TIMEOUT_S = 600  # the longest pause between two chunks of a pull's progress stream
 GPU_RESOURCE_KINDS = {"nvidia-gpu", "gpu", "nvidia.com/gpu"}  # GenericResources kinds counted as GPUs (any case)
 
 _NO_TIME = "0001-01-01T00:00:00Z"  # Docker's zero time: the container never started / never finished
 _STATUS_EXIT_RE = re.compile(r"^Exited \((-?\d+)\)")
-
-
-_clients: dict[tuple[str, str, int], docker.DockerClient] = {}
-_clients_lock = threading.Lock()
-
-
-def client_for(target: Endpoint | str, *, timeout: int = CALL_TIMEOUT_S) -> docker.DockerClient:
-    """A cached Docker client for `target` whose calls give up after `timeout` seconds.
-
-    Raises EngineUnreachable when the engine cannot be reached to agree on an API version, EngineError
-    when the TLS material is unusable.
-    """
-    endpoint = endpoint_of(target)
-    key = (endpoint.url, endpoint.tls.fingerprint() if endpoint.tls else "", timeout)
-    with _clients_lock:
-        client = _clients.get(key)
-    if client is not None:
-        return client
-    with _engine_call(f"connecting to Docker Engine at {endpoint.url}"):
-        try:
-            tls = _tls_config(endpoint.tls) if endpoint.tls else False
-        except EngineError:
-            raise
-        except (OSError, docker.errors.TLSParameterError) as exc:
-            raise EngineError(f"the TLS certificates for {endpoint.url} are unusable: {exc}") from exc
-        # The API version is the engine's own (as docker-py's "auto"), asked for by a session that does
-        # not trust the environment: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace the
-        # engine's CA on every request otherwise, and TLS to the engine fails on machines that set them.
-        probe = docker.APIClient(
-            base_url=endpoint.url, tls=tls, timeout=timeout, version=docker.constants.DEFAULT_DOCKER_API_VERSION
-        )
-        probe.trust_env = False
-        try:
-            api_version = probe.version(api_version=False)["ApiVersion"]
-        finally:
-            probe.close()
-        client = docker.DockerClient(base_url=endpoint.url, tls=tls, timeout=timeout, version=api_version)
-        client.api.trust_env = False
-    with _clients_lock:
-        _clients.setdefault(key, client)
-        return _clients[key]
-
-
-@contextlib.contextmanager
-def _engine_call(what: str) -> Iterator[None]:
-    """Turn docker-py and requests failures into EngineError / EngineUnreachable naming `what`."""
-    try:
-        yield
-    except EngineError:
-        raise
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError) as exc:
-        raise EngineUnreachable(f"{what}: the engine did not answer ({exc})") from exc
-    except APIError as exc:
-        raise EngineError(f"{what} failed: {exc.explanation or exc}") from exc
-    except (DockerException, requests.exceptions.RequestException, OSError) as exc:
-        if "connection" in str(exc).lower() or "timed out" in str(exc).lower():
-            raise EngineUnreachable(f"{what}: the engine did not answer ({exc})") from exc
-        raise EngineError(f"{what} failed: {exc}") from exc
 
 
 def _time(text: str | None) -> datetime | None:
@@ -320,64 +272,6 @@ def containers_list(target: Endpoint | str, *, installation: str) -> list[Contai
     with _engine_call(f"listing containers on {endpoint_of(target).url}"):
         items = client.api.containers(all=True, filters={"label": labels})
     return [_summary(item) for item in items]
-
-
-def image_present(target: Endpoint | str, image: str) -> bool:
-    """True when the host's engine has `image` (name:tag) locally. Raises EngineError, EngineUnreachable."""
-    client = client_for(target)
-    with _engine_call(f"inspecting image {image}"):
-        try:
-            client.api.inspect_image(image)
-            return True
-        except NotFound:
-            return False
-
-
-def image_pull(target: Endpoint | str, image: str, *, progress: Callable[[PullProgress], None] | None = None) -> None:
-    """Pull `image` (``[registry/]name[:tag]``, tag "latest" when absent) onto the host; blocks until done.
-
-    `progress` is called after every progress message of the engine's stream (`POST /images/create`)
-    with bytes downloaded so far over all layers. Raises EngineError when the registry or the engine
-    refuses (unknown image, no registry), EngineUnreachable.
-    """
-    repository, tag = _split_image(image)
-    client = client_for(target, timeout=PULL_TIMEOUT_S)
-    layers: dict[str, tuple[int, int]] = {}  # layer id → (done bytes, total bytes)
-    finished: set[str] = set()
-    with _engine_call(f"pulling {image}"):
-        for message in client.api.pull(repository, tag=tag, stream=True, decode=True):
-            if "error" in message:
-                detail = (message.get("errorDetail") or {}).get("message") or message["error"]
-                raise EngineError(f"pulling {image} failed: {detail}")
-            layer, status = message.get("id"), message.get("status", "")
-            if not layer or layer == tag:
-                continue
-            detail = message.get("progressDetail") or {}
-            done, total = layers.get(layer, (0, 0))
-            if status == "Downloading" and detail.get("total"):
-                done, total = detail.get("current", done), detail["total"]
-            elif status in ("Download complete", "Verifying Checksum", "Extracting", "Pull complete", "Already exists"):
-                done = total
-            layers[layer] = (done, total)
-            if status in ("Pull complete", "Already exists"):
-                finished.add(layer)
-            if progress is not None:
-                progress(
-                    PullProgress(
-                        done_bytes=sum(d for d, _ in layers.values()),
-                        total_bytes=sum(t for _, t in layers.values()),
-                        layers_done=len(finished),
-                        layers_total=len(layers),
-                    )
-                )
-
-
-def _split_image(image: str) -> tuple[str, str]:
-    """``registry:5000/name:tag`` → (``registry:5000/name``, ``tag``); the tag defaults to "latest"."""
-    name, _, tag = image.rpartition(":")
-    if not name or "/" in tag:
-        return image, "latest"
-    return name, tag
 
 
 def engine_facts(target: Endpoint | str) -> EngineFacts:

@@ -1,6 +1,8 @@
-"""Where a Docker Engine answers and how LLMHub authenticates to it (part of the engine seam; `engine`
-re-exports these names): `Endpoint` (``unix:///path`` or ``tcp://host:port`` + Docker's ``--tlsverify``
-client certificates), URL checks, and the private files docker-py reads TLS client material from.
+"""Where a Docker Engine answers and how LLMHub reaches it (part of the engine seam; `engine` re-exports
+these names): `Endpoint` (``unix:///path`` or ``tcp://host:port`` + Docker's ``--tlsverify`` client
+certificates), URL checks, the private files docker-py reads TLS client material from, the cached
+client of an engine (`client_for`) and `engine_call`, which turns docker-py's and requests' failures
+into `EngineError` / `EngineUnreachable`.
 """
 
 from __future__ import annotations
@@ -9,10 +11,18 @@ import contextlib
 import hashlib
 import os
 import stat
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import docker
+import docker.constants
 import docker.tls
+import requests
+from docker.errors import APIError, DockerException
+
+CALL_TIMEOUT_S = 15  # one API call: inspect, list, create, start, remove, logs
 
 DEFAULT_TLS_PORT = 2376  # Docker's registered port for its API over TLS
 TLS_DIR_NAME = "engine-tls"  # under settings.STATE_DIR: decrypted TLS client material, mode 0700
@@ -55,6 +65,12 @@ class Endpoint:
 def endpoint_of(target: Endpoint | str) -> Endpoint:
     """`target` as an Endpoint (a URL string means no TLS)."""
     return target if isinstance(target, Endpoint) else Endpoint(url=target)
+
+
+def local_engine() -> str:
+    """The URL of this machine's own Docker Engine, as the ``docker`` CLI finds it: ``$DOCKER_HOST``, else
+    ``unix:///var/run/docker.sock``."""
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
 def url_validate(url: str, *, tls: bool = False) -> str:
@@ -125,3 +141,61 @@ def tls_config(tls: TlsCredentials) -> docker.tls.TLSConfig:
             os.replace(path + ".tmp", path)
         paths[name] = path
     return docker.tls.TLSConfig(client_cert=(paths["cert.pem"], paths["key.pem"]), ca_cert=paths["ca.pem"], verify=True)
+
+
+_clients: dict[tuple[str, str, int], docker.DockerClient] = {}
+_clients_lock = threading.Lock()
+
+
+def client_for(target: Endpoint | str, *, timeout: int = CALL_TIMEOUT_S) -> docker.DockerClient:
+    """A cached Docker client for `target` whose calls give up after `timeout` seconds.
+
+    Raises EngineUnreachable when the engine cannot be reached to agree on an API version, EngineError
+    when the TLS material is unusable.
+    """
+    endpoint = endpoint_of(target)
+    key = (endpoint.url, endpoint.tls.fingerprint() if endpoint.tls else "", timeout)
+    with _clients_lock:
+        client = _clients.get(key)
+    if client is not None:
+        return client
+    with engine_call(f"connecting to Docker Engine at {endpoint.url}"):
+        try:
+            tls = tls_config(endpoint.tls) if endpoint.tls else False
+        except EngineError:
+            raise
+        except (OSError, docker.errors.TLSParameterError) as exc:
+            raise EngineError(f"the TLS certificates for {endpoint.url} are unusable: {exc}") from exc
+        # The API version is the engine's own (as docker-py's "auto"), asked for by a session that does
+        # not trust the environment: requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace the
+        # engine's CA on every request otherwise, and TLS to the engine fails on machines that set them.
+        probe = docker.APIClient(
+            base_url=endpoint.url, tls=tls, timeout=timeout, version=docker.constants.DEFAULT_DOCKER_API_VERSION
+        )
+        probe.trust_env = False
+        try:
+            api_version = probe.version(api_version=False)["ApiVersion"]
+        finally:
+            probe.close()
+        client = docker.DockerClient(base_url=endpoint.url, tls=tls, timeout=timeout, version=api_version)
+        client.api.trust_env = False
+    with _clients_lock:
+        _clients.setdefault(key, client)
+        return _clients[key]
+
+
+@contextlib.contextmanager
+def engine_call(what: str) -> Iterator[None]:
+    """Turn docker-py and requests failures into EngineError / EngineUnreachable naming `what`."""
+    try:
+        yield
+    except EngineError:
+        raise
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError, TimeoutError) as exc:
+        raise EngineUnreachable(f"{what}: the engine did not answer ({exc})") from exc
+    except APIError as exc:
+        raise EngineError(f"{what} failed: {exc.explanation or exc}") from exc
+    except (DockerException, requests.exceptions.RequestException, OSError) as exc:
+        if "connection" in str(exc).lower() or "timed out" in str(exc).lower():
+            raise EngineUnreachable(f"{what}: the engine did not answer ({exc})") from exc
+        raise EngineError(f"{what} failed: {exc}") from exc

@@ -39,21 +39,30 @@ class Observation:
 
     `containers`: {host id: {container name: info}} for hosts whose engine answered; `unreachable`:
     ids of hosts whose engine did not. `capacity_exhausted`: {GPU type id: the smallest GPU count no
-    host could place in this pass} (placements that need as many or more are not tried again until
-    `capacity_freed`); a pass-local memo, not a source of truth.
+    host could place in this pass} (`room_known_lacking`: placements that need as many or more are not
+    tried again until `gpus_freed`); a pass-local memo, not a source of truth. An empty observation
+    (nothing listed) knows no container and no silent host.
     """
 
     containers: dict[int, dict[str, engine.ContainerInfo]] = field(default_factory=dict)
     unreachable: set[int] = field(default_factory=set)
     capacity_exhausted: dict[int, int] = field(default_factory=dict)
-    capacity_freed: bool = False
 
     def container(self, host_id: int, name: str) -> engine.ContainerInfo | None:
+        """The container `name` as host `host_id`'s engine listed it; None when it was not listed there."""
         return self.containers.get(host_id, {}).get(name)
 
+    def room_known_lacking(self, gpu_type_id: int, num_gpus: int) -> bool:
+        """True when this pass already failed to place as many or fewer GPUs of this type."""
+        return num_gpus >= self.capacity_exhausted.get(gpu_type_id, num_gpus + 1)
+
+    def no_room(self, gpu_type_id: int, num_gpus: int) -> None:
+        """Remember that no host could place `num_gpus` GPUs of this type in this pass."""
+        self.capacity_exhausted[gpu_type_id] = min(num_gpus, self.capacity_exhausted.get(gpu_type_id, num_gpus))
+
     def gpus_freed(self) -> None:
+        """An instance gave its GPUs back during the pass: every placement may be tried again."""
         self.capacity_exhausted.clear()
-        self.capacity_freed = True
 
 
 def _list(host: Host) -> list[engine.ContainerInfo] | Exception:

@@ -23,7 +23,10 @@ A recipe whose Dockerfile starts ``FROM llmhub/debian-bookworm:minbase`` gets th
 locally when missing: ``debootstrap --variant=minbase bookworm`` then ``docker import``
 (about 35 s; needs root and the ``debootstrap`` program).
 
-This module imports only the standard library and the ``docker`` SDK (no Django), so it runs as
+Every Docker call (is the image there, build, import) goes through the engine seam (`engine`, see
+`engine_images`) to one engine: the machine's own (`engine.local_engine()`) unless a caller names
+another. This module keeps the recipes, their hashes, the build context and the progress lines. It
+needs no Django settings (the seam reads them only for engines reached over TLS), so it runs as
 ``python -m llmhub.fleet.images [--recipe vllm-cpu]``, which ensures the image and prints its tag
 as the last line of stdout.
 """
@@ -46,8 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import docker
-import docker.errors
+from . import engine
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RECIPES_DIR = PROJECT_ROOT / "workers" / "images"
@@ -57,7 +59,6 @@ BASE_SUITE = "bookworm"
 BASE_MIRROR = "http://deb.debian.org/debian"
 TORCH_WHEEL_GLOB = "torch-*+cpu-cp311-cp311-*.whl"
 CA_BUNDLE_NAME = "ca-certificates.crt"
-BUILD_TIMEOUT_S = 3600
 LOG_TAIL_LINES = 40
 
 _IGNORED_PARTS = {"__pycache__", ".pytest_cache"}
@@ -181,14 +182,6 @@ def recipe_tag(recipe: str = "vllm-cpu") -> str:
     return f"llmhub/{recipe}:{recipe_hash(recipe)}"
 
 
-def _image_exists(client: docker.DockerClient, ref: str) -> bool:
-    try:
-        client.images.get(ref)
-    except docker.errors.ImageNotFound:
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def _host_lock(name: str) -> Iterator[None]:
     """Serialise builds of one tag between processes on this machine (a flock in the temp dir)."""
@@ -201,17 +194,21 @@ def _host_lock(name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def base_image_ensure(*, client: docker.DockerClient, progress: Callable[[str], None] = print) -> str:
-    """Make ``llmhub/debian-bookworm:minbase`` unless it exists; returns that tag.
+def base_image_ensure(*, target: engine.Endpoint | str | None = None, progress: Callable[[str], None] = print) -> str:
+    """Make ``llmhub/debian-bookworm:minbase`` on engine `target` (default: this machine's) unless it
+    exists; returns that tag.
 
     ``debootstrap --variant=minbase bookworm DIR http://deb.debian.org/debian`` (needs root and
-    network access to the Debian mirror), then the directory is tarred and ``docker import``-ed.
-    Raises ``EngineImageError`` with the debootstrap log tail on failure.
+    network access to the Debian mirror), then the directory is tarred and imported
+    (`engine.image_import`, as ``docker import``). Raises ``EngineImageError`` with the debootstrap log
+    tail on failure, ``engine.EngineError`` / ``engine.EngineUnreachable`` when the engine refuses or
+    does not answer.
     """
-    if _image_exists(client, BASE_IMAGE):
+    target = target or engine.local_engine()
+    if engine.image_present(target, BASE_IMAGE):
         return BASE_IMAGE
     with _host_lock(BASE_IMAGE):
-        if _image_exists(client, BASE_IMAGE):
+        if engine.image_present(target, BASE_IMAGE):
             return BASE_IMAGE
         if shutil.which("debootstrap") is None:
             raise EngineImageError(f"{BASE_IMAGE} is missing and debootstrap is not installed")
@@ -240,12 +237,13 @@ def base_image_ensure(*, client: docker.DockerClient, progress: Callable[[str], 
             if proc.returncode != 0:
                 raise EngineImageError("tar of the base rootfs failed", proc.stdout.splitlines())
             progress(f"base: docker import -> {BASE_IMAGE}")
-            repository, tag = BASE_IMAGE.split(":")
             try:
-                client.api.import_image_from_file(tarball, repository=repository, tag=tag)
-            except docker.errors.APIError as exc:
+                engine.image_import(target, Path(tarball), image=BASE_IMAGE)
+            except engine.EngineUnreachable:
+                raise
+            except engine.EngineError as exc:
                 raise EngineImageError(f"docker import of {BASE_IMAGE} failed: {exc}") from exc
-        if not _image_exists(client, BASE_IMAGE):
+        if not engine.image_present(target, BASE_IMAGE):
             raise EngineImageError(f"docker import finished but {BASE_IMAGE} is not in the image store")
         progress(f"base: {BASE_IMAGE} ready in {time.monotonic() - started:.0f} s")
         return BASE_IMAGE
@@ -286,18 +284,19 @@ def _build_context(recipe: str, into: Path) -> None:
 
 def engine_image_ensure(
     *,
-    client: docker.DockerClient,
+    target: engine.Endpoint | str | None = None,
     recipe: str = "vllm-cpu",
     progress: Callable[[str], None] = print,
 ) -> str:
-    """Make sure the engine image for ``recipe`` is in ``client``'s image store; returns its tag.
+    """Make sure the image for ``recipe`` is in engine ``target``'s image store (default: this machine's
+    engine, `engine.local_engine()`); returns its tag.
 
-    The tag is ``llmhub/<recipe>:<recipe_hash(recipe)>``. When ``client.images.get(tag)`` finds
-    it, this returns at once (one Docker API call). Otherwise: the local base image is made if
-    the Dockerfile needs it and it is missing (see ``base_image_ensure``), a temporary build context
-    is assembled (recipe files + torch wheel + CA bundle) and the image is built with Docker's
-    legacy builder through ``client.api.build(decode=True)``, reusing Docker's layer cache from
-    earlier builds of the recipe. ``progress`` receives one line per Dockerfile step (``Step
+    The tag is ``llmhub/<recipe>:<recipe_hash(recipe)>``. When `engine.image_present` finds it, this
+    returns at once (one Docker API call). Otherwise: the local base image is made if the Dockerfile
+    needs it and it is missing (see ``base_image_ensure``), a temporary build context is assembled
+    (recipe files + torch wheel + CA bundle) and the image is built by the engine seam
+    (`engine.image_build`: Docker's legacy builder), reusing Docker's layer cache from earlier builds
+    of the recipe. ``progress`` receives one line per Dockerfile step (``Step
     3/12 : RUN ...``, ``(cached)`` when the layer cache answered it), not pip's output; the
     first build takes minutes (about 3 on 2 cores), a cached rebuild seconds.
 
@@ -305,61 +304,46 @@ def engine_image_ensure(
     the later one finds the image and returns.
 
     Raises ``EngineImageError`` (with the last build log lines) when the recipe, wheel or CA
-    bundle is missing, the base cannot be made, or the build fails; ``docker.errors.APIError`` /
-    ``requests`` errors when the Docker Engine cannot be reached.
+    bundle is missing, the base cannot be made, or the build fails; ``engine.EngineError`` when the
+    engine refuses, ``engine.EngineUnreachable`` when it does not answer.
     """
+    target = target or engine.local_engine()
     tag = recipe_tag(recipe)
-    if _image_exists(client, tag):
+    if engine.image_present(target, tag):
         return tag
     with _host_lock(tag):
-        if _image_exists(client, tag):
+        if engine.image_present(target, tag):
             return tag
         if _dockerfile_base(recipe) == BASE_IMAGE:
-            base_image_ensure(client=client, progress=progress)
+            base_image_ensure(target=target, progress=progress)
         started = time.monotonic()
         progress(f"building {tag} from {recipe_dir(recipe)}")
         tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        image_id = None
+        last_step = None
         with tempfile.TemporaryDirectory(prefix=f"llmhub-build-{recipe}-") as tmp:
             context = Path(tmp)
             _build_context(recipe, context)
-            stream = client.api.build(
-                path=str(context),
-                tag=tag,
-                rm=True,
-                forcerm=True,
-                pull=False,
-                decode=True,
-                timeout=BUILD_TIMEOUT_S,
-                labels={"llmhub.recipe": recipe, "llmhub.recipe.hash": tag.rsplit(":", 1)[1]},
-            )
-            last_step = None
-            for chunk in stream:
-                if "error" in chunk:
-                    detail = (chunk.get("errorDetail") or {}).get("message") or chunk["error"]
-                    tail.append(_ANSI_RE.sub("", str(detail)).rstrip())
-                    raise EngineImageError(
-                        f"build of {tag} failed at {last_step or 'start'}: {str(detail).strip()}",
-                        list(tail),
-                    )
-                if "aux" in chunk and isinstance(chunk["aux"], dict):
-                    image_id = chunk["aux"].get("ID") or image_id
-                text = chunk.get("stream")
-                if not text:
-                    continue
-                for line in _ANSI_RE.sub("", text).splitlines():
-                    line = line.rstrip()
-                    if not line:
-                        continue
-                    tail.append(line)
-                    if _STEP_RE.match(line):
-                        last_step = " ".join(line.split())
-                        shown = last_step if len(last_step) <= 160 else last_step[:157] + "..."
-                        progress(f"[{time.monotonic() - started:5.0f} s] {shown}")
-                    elif line.strip() == "---> Using cache":
-                        progress(f"[{time.monotonic() - started:5.0f} s]   (cached)")
-        if not _image_exists(client, tag):
-            raise EngineImageError(f"build of {tag} ended without an image (id {image_id})", list(tail))
+            labels = {"llmhub.recipe": recipe, "llmhub.recipe.hash": tag.rsplit(":", 1)[1]}
+            try:
+                for text in engine.image_build(target, context=context, tag=tag, labels=labels):
+                    for line in _ANSI_RE.sub("", text).splitlines():
+                        line = line.rstrip()
+                        if not line:
+                            continue
+                        tail.append(line)
+                        if _STEP_RE.match(line):
+                            last_step = " ".join(line.split())
+                            shown = last_step if len(last_step) <= 160 else last_step[:157] + "..."
+                            progress(f"[{time.monotonic() - started:5.0f} s] {shown}")
+                        elif line.strip() == "---> Using cache":
+                            progress(f"[{time.monotonic() - started:5.0f} s]   (cached)")
+            except engine.ImageBuildError as exc:
+                tail.append(_ANSI_RE.sub("", exc.detail).rstrip())
+                raise EngineImageError(
+                    f"build of {tag} failed at {last_step or 'start'}: {exc.detail.strip()}", list(tail)
+                ) from exc
+        if not engine.image_present(target, tag):
+            raise EngineImageError(f"build of {tag} ended without an image", list(tail))
         progress(f"built {tag} in {time.monotonic() - started:.0f} s")
         return tag
 
@@ -371,10 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--recipe", default="vllm-cpu", help="directory under workers/images/")
     args = parser.parse_args(argv)
-    client = docker.from_env()
     try:
-        tag = engine_image_ensure(client=client, recipe=args.recipe, progress=lambda line: print(line, flush=True))
-    except EngineImageError as exc:
+        tag = engine_image_ensure(recipe=args.recipe, progress=lambda line: print(line, flush=True))
+    except (EngineImageError, engine.EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(tag, flush=True)

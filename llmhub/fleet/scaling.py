@@ -111,15 +111,16 @@ def _draining(deployment: Deployment, instance: Instance) -> bool:
     return stopping_for < timedelta(seconds=DRAIN_MAX_SECONDS) and instance_inflight().get(instance.id, 0) > 0
 
 
-def instance_stop(deployment: Deployment, instance: Instance, observation: Observation | None) -> None:
+def instance_stop(deployment: Deployment, instance: Instance, observation: Observation) -> None:
     """Remove a stopping instance's container (once drained) and mark it stopped; retried next pass on
-    an engine error."""
+    an engine error, or when the pass's `observation` found the host's engine silent. Freed GPUs clear
+    the pass's capacity memo."""
     if instance.stopping_at is None:
         claim(instance, Instance.State.STOPPING, stopping_at=timezone.now())
     if _draining(deployment, instance):
         return
     if instance.host_id:
-        if observation is not None and instance.host_id in observation.unreachable:
+        if instance.host_id in observation.unreachable:
             return  # try again next pass; a lost host takes the instance with it
         try:
             engine.container_remove(instance.host.endpoint, instance.container_name)
@@ -130,6 +131,6 @@ def instance_stop(deployment: Deployment, instance: Instance, observation: Obser
     if claim(
         instance, Instance.State.STOPPING, state=Instance.State.STOPPED, stopped_at=now if instance.started_at else None
     ):
-        if observation is not None and instance.gpu_indexes:
+        if instance.gpu_indexes:
             observation.gpus_freed()
         event_record(deployment=deployment, kind="stopped", message=f"instance {instance.id} stopped")

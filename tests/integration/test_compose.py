@@ -55,7 +55,7 @@ def compose(tmp_path):
     torn down (containers, networks, volumes, engine containers, image tag) whatever happens."""
     client = docker.from_env(timeout=600)
     started = time.monotonic()
-    tags = {recipe: images.engine_image_ensure(client=client, recipe=recipe, progress=print) for recipe in RECIPES}
+    tags = {recipe: images.engine_image_ensure(recipe=recipe, progress=print) for recipe in RECIPES}
     images_s = round(time.monotonic() - started, 1)
     suffix = uuid.uuid4().hex[:8]
     web_port = free_port()

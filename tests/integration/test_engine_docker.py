@@ -1,8 +1,11 @@
 """The engine seam and the reconcile loop against the real Docker Engine (no vLLM: a plain Debian
 container stands in where the engine's behaviour is not what is tested)."""
 
+import re
 import time
+import uuid
 
+import docker
 import pytest
 from django.conf import settings
 
@@ -58,6 +61,35 @@ def test_image_presence_and_a_failed_pull():
     assert engine.image_present(DOCKER, "llmhub/nope:missing") is False
     with pytest.raises(engine.EngineError, match="pulling llmhub/nope:missing failed"):
         engine.image_pull(DOCKER, "llmhub/nope:missing")  # no registry answers here
+
+
+def test_an_image_is_built_and_a_failed_step_reported_through_the_seam(tmp_path, monkeypatch):
+    """images builds with the real engine through `engine.image_build`: the tag appears; a failing step
+    is an EngineImageError naming it, with the step's own output."""
+    monkeypatch.setattr(images, "RECIPES_DIR", tmp_path)
+    good, bad = f"seam-test-{uuid.uuid4().hex[:8]}", f"seam-test-{uuid.uuid4().hex[:8]}"
+    (tmp_path / good).mkdir()
+    (tmp_path / good / "Dockerfile").write_text(f"FROM {images.BASE_IMAGE}\nRUN echo built > /built\n")
+    (tmp_path / bad).mkdir()
+    (tmp_path / bad / "Dockerfile").write_text(f"FROM {images.BASE_IMAGE}\nRUN echo 'no wheel here' && exit 3\n")
+    lines = []
+    try:
+        tag = images.engine_image_ensure(target=DOCKER, recipe=good, progress=lines.append)
+
+        assert tag == images.recipe_tag(good) and engine.image_present(DOCKER, tag)
+        assert any(re.search(r"\] Step 2/\d : RUN echo built > /built$", line) for line in lines)  # one per step
+        with pytest.raises(images.EngineImageError, match=r"failed at Step 2/\d : RUN echo 'no wheel here'") as failure:
+            images.engine_image_ensure(target=DOCKER, recipe=bad, progress=lines.append)
+        assert "no wheel here" in failure.value.log_tail
+        assert "returned a non-zero code: 3" in str(failure.value)
+        assert not engine.image_present(DOCKER, images.recipe_tag(bad))
+    finally:
+        client = docker.from_env()
+        for recipe in (good, bad):
+            try:
+                client.images.remove(images.recipe_tag(recipe), force=True)
+            except docker.errors.ImageNotFound:
+                pass
 
 
 def test_a_crashing_engine_fails_the_deployment_with_its_log_tail(cleanup, monkeypatch, settings):

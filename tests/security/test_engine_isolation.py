@@ -28,7 +28,7 @@ def main():
 
 @pytest.fixture(scope="module")
 def fake_image(main):
-    return images.engine_image_ensure(client=main, recipe="fake-engine", progress=lambda line: None)
+    return images.engine_image_ensure(recipe="fake-engine", progress=lambda line: None)
 
 
 def _cleanup(main):

@@ -14,7 +14,6 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-import docker
 import httpx
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -87,9 +86,7 @@ class Command(BaseCommand):
 
     def engine_image(self) -> str:
         self.step("Engine image (vLLM CPU with the tiny demo model), built once per recipe hash")
-        return images.engine_image_ensure(
-            client=docker.from_env(timeout=600), progress=lambda line: self.stdout.write(f"    {line}")
-        )
+        return images.engine_image_ensure(progress=lambda line: self.stdout.write(f"    {line}"))
 
     def demo_account(self) -> tuple[User, str, str]:
         """The demo user (a superuser, for the admin) with the password and token kept in demo.env."""
