@@ -1,5 +1,10 @@
 """The real platform for end-to-end and browser tests: web (uvicorn) and worker + beat (Celery) as
-subprocesses on the test database, Redis and the local Docker Engine."""
+subprocesses on the test database, Redis and the local Docker Engine.
+
+`Platform` is started once per test session (the `running_platform` fixture in tests/conftest.py) and
+stopped after the last test that uses it; between tests `platform_clear` leaves it with no deployment and
+no container, so each test brings its own users and deployments.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,15 @@ from llmhub import processes
 from llmhub.fleet import engine, images
 
 DOCKER = "unix:///var/run/docker.sock"
+BILLING_CHECK_INTERVAL = 2  # seconds between the platform's spending checks (30 in production)
+# How the platform's processes run in tests: fast reconcile and autoscale passes, a short spending check, and
+# alert e-mails into the worker's log.
+PLATFORM_ENV = {
+    "LLMHUB_RECONCILE_INTERVAL": "1",
+    "LLMHUB_AUTOSCALE_INTERVAL": "1",
+    "LLMHUB_BILLING_CHECK_INTERVAL": str(BILLING_CHECK_INTERVAL),
+    "EMAIL_URL": "consolemail://",
+}
 
 
 def free_port() -> int:
@@ -44,9 +58,8 @@ def running_stack(log_dir: Path):
     port = free_port()
     env = {
         **os.environ,
+        **PLATFORM_ENV,
         "DATABASE_URL": database_url(),
-        "LLMHUB_RECONCILE_INTERVAL": "1",
-        "LLMHUB_AUTOSCALE_INTERVAL": "1",
         "LLMHUB_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "LLMHUB_QUEUE": settings.CELERY_TASK_DEFAULT_QUEUE,
         "LLMHUB_CONTAINER_PREFIX": settings.CONTAINER_PREFIX,
@@ -59,13 +72,50 @@ def running_stack(log_dir: Path):
         yield url
     finally:
         processes.stop(children, grace=20)
-        for info in engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX):
-            engine.container_remove(DOCKER, info.name)
+        containers_remove()
         client = docker.from_env(timeout=60)
         for volume in client.volumes.list(
             filters={"label": f"{engine.LABEL_INSTALLATION}={settings.CONTAINER_PREFIX}"}
         ):
             volume.remove(force=True)  # the owners' caches this run made
+
+
+def containers_remove() -> None:
+    """Remove every container of this test installation (LLMHUB_CONTAINER_PREFIX) from the local engine."""
+    for info in engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX):
+        engine.container_remove(DOCKER, info.name)
+
+
+class Platform:
+    """The platform of a test session, started on first use (`url()`) and stopped by `stop()` (again startable)."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self._running = None  # the running_stack context while started
+        self._url: str | None = None
+
+    def url(self) -> str:
+        """The web base URL, starting web, worker and beat first if they are not running."""
+        if self._running is None:
+            self._running = running_stack(self.log_dir)
+            self._url = self._running.__enter__()
+        return self._url
+
+    def stop(self) -> None:
+        if self._running is not None:
+            running, self._running = self._running, None
+            running.__exit__(None, None, None)
+
+
+def platform_clear() -> None:
+    """After a test on the shared platform: delete its deployments and remove their containers, so that the
+    next test (its rows flushed by pytest-django) starts with nothing running."""
+    from llmhub.deployments.models import Deployment
+    from llmhub.deployments.services import deployment_delete
+
+    for deployment in Deployment.objects.exclude(status__in=["deleting", "deleted"]):
+        deployment_delete(deployment=deployment)  # desired 0: the worker starts nothing more for them
+    containers_remove()
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 1.0, what: str = "condition"):
