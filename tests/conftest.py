@@ -5,9 +5,11 @@ from types import SimpleNamespace
 
 import docker
 import pytest
+import time_machine
 
 from llmhub.fleet import images
 from llmhub.fleet.services import gpu_type_ensure, host_register
+from tests.billing_support import at
 from tests.engines import GPU, Dockerd, containers, register
 from tests.factories import GpuTypeFactory, HostFactory, UserFactory, token_for
 from tests.fakes.engine import FakeEngine
@@ -26,6 +28,19 @@ def fresh_gateway_state():
     load.inflight.clear()
     load.outstanding.clear()
     load.usage_buffer.clear()
+
+
+@pytest.fixture
+def clock_start():
+    """Where `clock` stops time: Sunday 2026-03-01 00:00 UTC (a module overrides this fixture for another instant)."""
+    return at(1)
+
+
+@pytest.fixture
+def clock(clock_start):
+    """Time stands still at `clock_start` until the test moves it (`clock.shift(timedelta)`, `clock.move_to`)."""
+    with time_machine.travel(clock_start, tick=False) as traveller:
+        yield traveller
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import time_machine
 from django.core import mail
 
 from llmhub.billing import alerts, limits
@@ -25,12 +24,6 @@ from tests.gateway_support import assert_openai_error, chat
 from tests.stack import free_port
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def clock():
-    with time_machine.travel(at(1), tick=False) as traveller:
-        yield traveller
 
 
 @pytest.fixture
