@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from llmhub.fleet.models import Instance
-from tests.factories import DeploymentFactory, HostFactory, token_for
+from tests.factories import DeploymentFactory, HostFactory, InstanceFactory, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -112,7 +112,7 @@ def test_openai_client_errors(deployment, settings):
 def test_openai_client_rate_limit(deployment, settings):
     settings.GATEWAY_RATE_LIMIT_PER_MINUTE = 1
     server = engine_server()
-    Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready", port=server.server_address[1])
+    InstanceFactory(deployment=deployment, ready=True, port=server.server_address[1])
 
     async def twice(client):
         await chat(client, deployment.full_name)
@@ -155,9 +155,9 @@ def test_metrics_need_their_token_and_show_gateway_and_fleet_series(client, depl
 
     server = engine_server()
     two_hours_ago = timezone.now() - timedelta(hours=2)
-    Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready", port=server.server_address[1],
+    InstanceFactory(deployment=deployment, ready=True, port=server.server_address[1],
                             started_at=two_hours_ago)  # fmt: skip
-    Instance.objects.create(deployment=deployment, state="pending")
+    InstanceFactory(deployment=deployment)
     run(token_for(deployment.user), lambda c: chat(c, deployment.full_name))
     server.shutdown()
 

@@ -13,9 +13,8 @@ from django.utils import timezone
 
 from llmhub.accounts.models import ApiToken, User
 from llmhub.accounts.services import api_token_create, api_token_revoke
-from llmhub.fleet.models import Instance
 from tests.attacker import AdminSession
-from tests.factories import DeploymentFactory, HostFactory, UserFactory
+from tests.factories import DeploymentFactory, InstanceFactory, UserFactory
 from tests.stack import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -146,7 +145,7 @@ def test_a_held_request_whose_token_is_revoked_meanwhile_gets_401_not_the_comple
         wait_for(lambda: deployment.__class__.objects.get(id=deployment.id).target_instances == 1, timeout=10,
                  interval=0.1, what="the held request to wake the deployment")  # fmt: skip
         api_token_revoke(token=token)
-        Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready",
+        InstanceFactory(deployment=deployment, ready=True,
                                 port=engine.server_address[1])  # fmt: skip
         status, text = held.result(timeout=30)
     engine.shutdown()
