@@ -3,9 +3,6 @@ answers, plus load balancing over instances and the /metrics endpoint. (Successf
 vLLM are in tests/e2e.)"""
 
 import asyncio
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
@@ -15,37 +12,22 @@ from django.db import connections
 
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, HostFactory, InstanceFactory, token_for
+from tests.fakes.http import Handler, chat_completion, serve
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-class Engine(BaseHTTPRequestHandler):
+class Engine(Handler):
     """A minimal OpenAI-compatible engine that answers every chat completion and counts them."""
 
     def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         self.server.hits += 1
-        answer = {
-            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-        }  # fmt: skip
-        raw = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, chat_completion(body["model"], "hi"))
 
 
 def engine_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
-    server.hits = 0
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve(Engine, hits=0)
 
 
 async def with_client(token, work, **settings_overrides):

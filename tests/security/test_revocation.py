@@ -3,9 +3,7 @@ ORM from a shell, the dashboard) is refused by the running gateway processes wit
 held for a cold deployment re-checks its caller when it is released."""
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -15,6 +13,7 @@ from llmhub.accounts.models import ApiToken, User
 from llmhub.accounts.services import api_token_create, api_token_revoke
 from tests.attacker import AdminSession
 from tests.factories import DeploymentFactory, InstanceFactory, UserFactory
+from tests.fakes.http import Handler, chat_completion, serve
 from tests.stack import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -101,27 +100,17 @@ def test_changes_from_a_shell_or_the_dashboard_are_refused_at_once(web, victim_t
     refused_everywhere_within_a_second(web, secret)
 
 
-class Engine(BaseHTTPRequestHandler):
+class Engine(Handler):
     """Answers every chat completion (stream or not)."""
 
     def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         self.server.hits += 1
         if body.get("stream"):
             raw = b'data: {"choices": [{"index": 0, "delta": {"content": "secret answer"}}]}\n\ndata: [DONE]\n\n'
-            kind = "text/event-stream"
+            self.reply(200, raw, content_type="text/event-stream")
         else:
-            raw = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "secret answer"}}],
-                              "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()  # fmt: skip
-            kind = "application/json"
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
+            self.reply(200, chat_completion(body["model"], "secret answer", prompt_tokens=1, completion_tokens=2))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -129,9 +118,7 @@ def test_a_held_request_whose_token_is_revoked_meanwhile_gets_401_not_the_comple
     user, token, secret = victim_token
     deployment = DeploymentFactory(user=user, model_name="cold", status="running", min_instances=0,
                                    target_instances=0)  # fmt: skip
-    engine = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
-    engine.hits = 0
-    threading.Thread(target=engine.serve_forever, daemon=True).start()
+    engine = serve(Engine, hits=0)
 
     def ask():
         with httpx.Client(timeout=30) as client, client.stream(
