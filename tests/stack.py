@@ -127,3 +127,31 @@ def wait_for(predicate, *, timeout: float, interval: float = 1.0, what: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+TINY_LLAMA = "llmhub/tiny-random-llama"  # the small real model the engine image's tests serve (random weights)
+
+
+def deploy(api, *, model_name: str, max_batch_size: int = 4, **settings) -> str:
+    """POST /deploy/llm through `api` (an httpx.Client with the user's token) for the tiny Llama on one CPU
+    slot, with `settings` (min_instances, max_instances, cooldown_seconds; default 1 to 1); asserts it was
+    accepted and returns its deploy_id."""
+    created = api.post("/deploy/llm", json={
+        "model_name": model_name, "gpu": "CPU", "num_gpus": 1, "max_batch_size": max_batch_size,
+        "hf": {"repo": TINY_LLAMA}, "settings": {"min_instances": 1, "max_instances": 1, **settings},
+    })  # fmt: skip
+    assert created.status_code == 200, created.text
+    return created.json()["deploy_id"]
+
+
+def deploy_and_wait(api, *, model_name: str, timeout: float = 600, **fields) -> dict:
+    """`deploy(...)`, then wait until the deployment is `running` (it never leaves `deploying` for anything
+    else meanwhile: AssertionError naming its state); returns its GET /deploy/<id> JSON."""
+    deploy_id = deploy(api, model_name=model_name, **fields)
+
+    def running():
+        data = api.get(f"/deploy/{deploy_id}").json()
+        assert data["status"] in ("deploying", "running"), data
+        return data if data["status"] == "running" else None
+
+    return wait_for(running, timeout=timeout, interval=1, what=f"deployment {model_name} to run")
