@@ -38,16 +38,19 @@ def victim_token(db):
 
 
 @pytest.fixture
-def operator(web):
+def operator(fresh_web):
+    """An operator signed in to the admin of processes of the test's own: the admin's log rows name content
+    types, whose ids a shared process would keep cached across the flushes between tests."""
     UserFactory(username="operator", is_staff=True, is_superuser=True)
-    return AdminSession(web.urls[0], "operator", "pw-for-tests")
+    return AdminSession(fresh_web.urls[0], "operator", "pw-for-tests")
 
 
 def warm(web, secret):
     assert [status_of(url, secret) for url in web.urls] == [404, 404]  # each process has the caller cached
 
 
-def test_revoking_a_token_in_the_admin_is_refused_at_once(web, operator, victim_token):
+def test_revoking_a_token_in_the_admin_is_refused_at_once(fresh_web, operator, victim_token):
+    web = fresh_web
     user, token, secret = victim_token
     warm(web, secret)
     now = timezone.now()
@@ -59,7 +62,8 @@ def test_revoking_a_token_in_the_admin_is_refused_at_once(web, operator, victim_
     refused_everywhere_within_a_second(web, secret)
 
 
-def test_deactivating_a_user_in_the_admin_is_refused_at_once(web, operator, victim_token):
+def test_deactivating_a_user_in_the_admin_is_refused_at_once(fresh_web, operator, victim_token):
+    web = fresh_web
     user, token, secret = victim_token
     warm(web, secret)
 
@@ -70,7 +74,8 @@ def test_deactivating_a_user_in_the_admin_is_refused_at_once(web, operator, vict
 
 
 @pytest.mark.parametrize("what", ["apitoken", "user"])
-def test_deleting_in_the_admin_is_refused_at_once(web, operator, victim_token, what):
+def test_deleting_in_the_admin_is_refused_at_once(fresh_web, operator, victim_token, what):
+    web = fresh_web
     user, token, secret = victim_token
     warm(web, secret)
 
