@@ -80,10 +80,20 @@ def running_stack(log_dir: Path):
             volume.remove(force=True)  # the owners' caches this run made
 
 
-def containers_remove() -> None:
-    """Remove every container of this test installation (LLMHUB_CONTAINER_PREFIX) from the local engine."""
-    for info in engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX):
-        engine.container_remove(DOCKER, info.name)
+def containers_remove(timeout: float = 60) -> None:
+    """Remove every container of this test installation (LLMHUB_CONTAINER_PREFIX) from the local engine, also
+    while a running worker removes some of them itself (Docker then refuses a second removal for a moment)."""
+    deadline = time.monotonic() + timeout
+    while left := engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX):
+        for info in left:
+            try:
+                engine.container_remove(DOCKER, info.name)
+            except engine.EngineError:
+                if time.monotonic() > deadline:
+                    raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"containers of this installation keep coming back: {[c.name for c in left]}")
+        time.sleep(0.2)
 
 
 class Platform:
