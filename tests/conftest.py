@@ -1,16 +1,19 @@
 import threading
+from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
 
 import docker
 import pytest
+import time_machine
 
 from llmhub.fleet import images
 from llmhub.fleet.services import gpu_type_ensure, host_register
+from tests.billing_support import at
 from tests.engines import GPU, Dockerd, containers, register
 from tests.factories import GpuTypeFactory, HostFactory, UserFactory, token_for
 from tests.fakes.engine import FakeEngine
-from tests.stack import DOCKER, engine_image, running_stack
+from tests.stack import DOCKER, Platform, containers_remove, engine_image, platform_clear
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -26,6 +29,19 @@ def fresh_gateway_state():
     load.inflight.clear()
     load.outstanding.clear()
     load.usage_buffer.clear()
+
+
+@pytest.fixture
+def clock_start():
+    """Where `clock` stops time: Sunday 2026-03-01 00:00 UTC (a module overrides this fixture for another instant)."""
+    return at(1)
+
+
+@pytest.fixture
+def clock(clock_start):
+    """Time stands still at `clock_start` until the test moves it (`clock.shift(timedelta)`, `clock.move_to`)."""
+    with time_machine.travel(clock_start, tick=False) as traveller:
+        yield traveller
 
 
 @pytest.fixture
@@ -66,19 +82,68 @@ def auth(token):
     return {"HTTP_AUTHORIZATION": f"Bearer {token}"}
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests on the shared platform run one after another (where the first of them is), so that it runs only
+    while they do: other tiers' tests start workers of their own on the same queue and database."""
+    users = [
+        item for item in items
+        if "running_platform" in getattr(item, "fixturenames", ()) and "platform_stopped" not in item.fixturenames
+    ]  # fmt: skip
+    if users:
+        first = items.index(users[0])
+        rest = [item for item in items if item not in set(users)]
+        items[:] = rest[:first] + users + rest[first:]
+        config.stash[LAST_PLATFORM_TEST] = users[-1].nodeid
+
+
+LAST_PLATFORM_TEST = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="session")
+def running_platform(django_db_setup, tmp_path_factory):
+    """The real platform (web, worker, beat; tests/stack.py), started once per test session when a test first
+    needs it and stopped after the last test that uses it (see `pytest_collection_modifyitems`)."""
+    platform = Platform(tmp_path_factory.mktemp("stack-logs"))
+    try:
+        yield platform
+    finally:
+        platform.stop()
+
+
 @pytest.fixture
-def stack(transactional_db, tmp_path_factory):
-    """The real platform (web, worker, beat) with the local Docker Engine as a 2-slot CPU host.
+def cpu_hourly_price():
+    """The price per GPU-hour of the `stack` fixture's CPU host (override in a module)."""
+    return Decimal("0")
+
+
+@pytest.fixture
+def stack(running_platform, transactional_db, cpu_hourly_price, request):
+    """The real platform (web, worker, beat), shared by the session, with the local Docker Engine as a 2-slot
+    CPU host. Each test brings its own users and deployments; they are deleted and their containers removed
+    after it.
 
     Yields the web base URL. Tests using it must be `django_db(transaction=True)`: the platform's
     processes see only committed rows.
     """
+    containers_remove()  # anything a previous test's last reconcile pass started
     host_register(
         name="local", docker_url=DOCKER, address="127.0.0.1",
-        gpu_type=gpu_type_ensure(name="CPU", uses_devices=False), gpu_count=2, engine_image=engine_image(),
+        gpu_type=gpu_type_ensure(name="CPU", uses_devices=False, hourly_price=cpu_hourly_price), gpu_count=2,
+        engine_image=engine_image(),
     )  # fmt: skip
-    with running_stack(tmp_path_factory.mktemp("stack-logs")) as url:
-        yield url
+    try:
+        yield running_platform.url()
+    finally:
+        platform_clear()
+        if request.node.nodeid == request.config.stash.get(LAST_PLATFORM_TEST, None):
+            running_platform.stop()
+
+
+@pytest.fixture
+def platform_stopped(running_platform):
+    """For a test that runs the platform's processes itself (on the same queue and database): the shared
+    platform is not running meanwhile."""
+    running_platform.stop()
 
 
 @pytest.fixture(scope="session")

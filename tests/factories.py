@@ -7,7 +7,7 @@ import factory
 from llmhub.accounts.models import User
 from llmhub.accounts.services import api_token_create
 from llmhub.deployments.models import Deployment
-from llmhub.fleet.models import GpuType, Host
+from llmhub.fleet.models import GpuType, Host, Instance
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -54,6 +54,20 @@ class DeploymentFactory(factory.django.DjangoModelFactory):
     hf_repo = "llmhub/tiny-random-llama"
     min_instances = 1
     max_instances = 1
+
+
+class InstanceFactory(factory.django.DjangoModelFactory):
+    """An instance of a deployment: `pending` with no host by default. `InstanceFactory(ready=True, port=...)` is
+    a ready instance on a host of its own (127.0.0.1), as the gateway's stand-in engine tests need."""
+
+    class Meta:
+        model = Instance
+
+    deployment = factory.SubFactory(DeploymentFactory)
+    host = None
+
+    class Params:
+        ready = factory.Trait(state=Instance.State.READY, host=factory.SubFactory(HostFactory))
 
 
 def token_for(user: User) -> str:

@@ -1,13 +1,18 @@
 """A user in a real browser (Playwright driving Debian's Chromium) on the billing pages, served by Django's
 live server over GPU time recorded in the database: the usage page and its plots, a bad limit, the
 threshold banner, suspension at the limit and resumption, an invoice with its instance intervals and its
-print-ready view saved as a PDF. Screenshots go to test-artifacts/browser/."""
+print-ready view saved as a PDF. Screenshots go to test-artifacts/browser/.
+
+The clock is controlled: the test process (and so the live server's threads) runs from a Thursday noon UTC,
+so "three days ago" is always this week's Monday, after last week's invoice, whatever day the suite runs.
+"""
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+import time_machine
 from django.utils import timezone
 from playwright.sync_api import expect, sync_playwright
 
@@ -24,7 +29,15 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser]
 
 
 @pytest.fixture
-def history():
+def clock():
+    """Thursday 2026-03-12 12:00 UTC, then running (the browser's waits take real time): the live server reads
+    this clock, and this month started 11 days ago, last Monday 3 days ago."""
+    with time_machine.travel(datetime(2026, 3, 12, 12, tzinfo=UTC), tick=True) as traveller:
+        yield traveller
+
+
+@pytest.fixture
+def history(clock):
     """Carol's GPU time: a 2 × H100 model on for a day last week and this month's first days, a 1 × H100
     model running since 5 hours ago, and a deleted one that ran for 3 hours."""
     now = timezone.now()

@@ -12,7 +12,7 @@ from tests.browser_support import CHROMIUM_ARGS
 from tests.conftest import ARTIFACTS
 from tests.factories import UserFactory
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.vllm]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.vllm, pytest.mark.docker]
 
 def test_create_watch_chat_and_delete(stack):
     UserFactory(username="carol", password="carol-password-1")

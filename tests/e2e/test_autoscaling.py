@@ -12,7 +12,7 @@ import pytest
 from llmhub.deployments.models import Deployment
 from llmhub.fleet.models import Instance
 from tests.factories import UserFactory, token_for
-from tests.stack import wait_for
+from tests.stack import deploy, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.vllm, pytest.mark.docker]
 
@@ -21,13 +21,8 @@ def test_scale_to_zero_and_wake_with_held_requests(stack):
     user = UserFactory(username="scaler")
     token = token_for(user)
     api = httpx.Client(base_url=stack, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    created = api.post("/deploy/llm", json={
-        "model_name": "elastic", "gpu": "CPU", "num_gpus": 1, "max_batch_size": 8,
-        "hf": {"repo": "llmhub/tiny-random-llama"},
-        "settings": {"min_instances": 0, "max_instances": 2, "cooldown_seconds": 5},
-    })  # fmt: skip
-    assert created.status_code == 200, created.text
-    deploy_id = created.json()["deploy_id"]
+    deploy_id = deploy(api, model_name="elastic", max_batch_size=8, min_instances=0, max_instances=2,
+                       cooldown_seconds=5)  # fmt: skip
     deployment = Deployment.objects.get(deploy_id=deploy_id)
 
     def instances():
@@ -62,12 +57,8 @@ def test_load_scales_up(stack):
     user = UserFactory(username="loaded")
     token = token_for(user)
     api = httpx.Client(base_url=stack, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    created = api.post("/deploy/llm", json={
-        "model_name": "elastic", "gpu": "CPU", "num_gpus": 1, "max_batch_size": 8,
-        "hf": {"repo": "llmhub/tiny-random-llama"},
-        "settings": {"min_instances": 1, "max_instances": 2, "cooldown_seconds": 300},
-    })  # fmt: skip
-    deploy_id = created.json()["deploy_id"]
+    deploy_id = deploy(api, model_name="elastic", max_batch_size=8, min_instances=1, max_instances=2,
+                       cooldown_seconds=300)  # fmt: skip
     deployment = Deployment.objects.get(deploy_id=deploy_id)
     wait_for(lambda: api.get(f"/deploy/{deploy_id}").json()["instances"]["running"] == 1, timeout=600, interval=1,
              what="the first instance")  # fmt: skip

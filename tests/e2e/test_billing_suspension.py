@@ -21,26 +21,26 @@ from llmhub.billing.periods import WEEK, month_start, week_start
 from llmhub.deployments.models import Deployment
 from llmhub.deployments.services import deployment_create
 from llmhub.fleet import engine
-from llmhub.fleet.models import Instance
-from llmhub.fleet.services import gpu_type_ensure, host_register
+from llmhub.fleet.models import GpuType, Instance
 from tests.factories import UserFactory, token_for
-from tests.stack import DOCKER, engine_image, running_stack, wait_for
+from tests.stack import BILLING_CHECK_INTERVAL, DOCKER, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.docker, pytest.mark.vllm]
 
-CHECK_INTERVAL = 2  # seconds, for this test's platform
+CHECK_INTERVAL = BILLING_CHECK_INTERVAL  # seconds, for the tests' platform
 PRICE = Decimal("36")  # USD per GPU-hour: 0.01 USD a second, so the limit comes quickly
 
 
 @pytest.fixture
-def billing_stack(transactional_db, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LLMHUB_BILLING_CHECK_INTERVAL", str(CHECK_INTERVAL))
-    monkeypatch.setenv("EMAIL_URL", "consolemail://")  # the platform's alert e-mails go to its worker log
-    cpu = gpu_type_ensure(name="CPU", uses_devices=False, hourly_price=PRICE)
-    host_register(name="local", docker_url=DOCKER, address="127.0.0.1", gpu_type=cpu, gpu_count=2,
-                  engine_image=engine_image())  # fmt: skip
-    with running_stack(tmp_path_factory.mktemp("billing-stack-logs")) as url:
-        yield url, cpu
+def cpu_hourly_price():
+    return PRICE
+
+
+@pytest.fixture
+def billing_stack(stack):
+    """The shared platform (its spending check every CHECK_INTERVAL seconds, alert e-mails to its worker log),
+    its CPU host priced at PRICE; yields (web URL, the CPU GPU type)."""
+    return stack, GpuType.objects.get(name="CPU")
 
 
 def spent(user) -> Decimal:

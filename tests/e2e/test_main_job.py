@@ -1,5 +1,10 @@
 """End to end on the real stack: deploy API → worker → real vLLM container on the real Docker Engine
-→ OpenAI-compatible gateway (official `openai` client) → delete."""
+→ OpenAI-compatible gateway (official `openai` client) → crash → delete.
+
+One vLLM deployment serves every assertion (a cold start costs about a minute on 2 cores): after the chats,
+its container is killed behind LLMHub's back (an exit LLMHub did not ask for: a crash); the running worker
+replaces it after the backoff, the first is billed up to when it died, and the model answers through the
+gateway again; then the deployment is deleted."""
 
 import time
 
@@ -13,36 +18,18 @@ from llmhub.fleet import engine
 from llmhub.fleet.models import Instance
 from tests.factories import UserFactory, token_for
 from tests.security.attacks import ENGINE_PATHS, engine_call
-from tests.stack import DOCKER, wait_for
+from tests.stack import DOCKER, deploy_and_wait, wait_for
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.vllm, pytest.mark.docker]
 
 
-def test_deploy_chat_stream_and_delete(stack):
+def test_deploy_chat_stream_crash_and_delete(stack):
     user = UserFactory(username="e2e")
     token = token_for(user)
     api = httpx.Client(base_url=stack, headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
-    created = api.post(
-        "/deploy/llm",
-        json={
-            "model_name": "tiny",
-            "gpu": "CPU",
-            "num_gpus": 1,
-            "max_batch_size": 4,
-            "hf": {"repo": "llmhub/tiny-random-llama"},
-            "settings": {"min_instances": 1, "max_instances": 1},
-        },
-    )
-    assert created.status_code == 200, created.text
-    deploy_id = created.json()["deploy_id"]
-
-    def running():
-        data = api.get(f"/deploy/{deploy_id}").json()
-        assert data["status"] in ("deploying", "running"), data
-        return data if data["status"] == "running" else None
-
-    deployed = wait_for(running, timeout=600, interval=2, what="the deployment to run")
+    deployed = deploy_and_wait(api, model_name="tiny")
+    deploy_id = deployed["deploy_id"]
     assert deployed["instances"] == {"running": 1, "pending": 0}
     assert deployed["model_name"] == "e2e/tiny"
     [container] = engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX)
@@ -110,6 +97,27 @@ def test_deploy_chat_stream_and_delete(stack):
 
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="someone/else", messages=[{"role": "user", "content": "hi"}])
+
+    # The container killed behind LLMHub's back (SIGKILL: exit 137, not the OOM killer) is a crash: replaced
+    # after its backoff, the first billed up to when it died, and the model answers again.
+    first = instance
+    docker.from_env().containers.get(first.container_name).kill()
+
+    def replaced():
+        ready = list(Instance.objects.filter(deployment__deploy_id=deploy_id, state=Instance.State.READY))
+        return ready if ready and ready[0].id != first.id else None
+
+    [second] = wait_for(replaced, timeout=600, interval=2, what="a replacement to serve")
+    first.refresh_from_db()
+    assert first.state == Instance.State.STOPPED and "exited with code 137" in first.last_error
+    assert first.started_at < first.stopped_at < second.started_at
+    assert second.restarts == 1 and second.started_at >= second.next_attempt_at  # a crash, with its backoff
+    data = api.get(f"/deploy/{deploy_id}").json()
+    assert (data["status"], data["fail_reason"], data["instances"]) == ("running", None, {"running": 1, "pending": 0})
+    again = client.chat.completions.create(model="e2e/tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert again.choices[0].message.content
+    [container] = engine.containers_list(DOCKER, installation=settings.CONTAINER_PREFIX)
+    assert container.name == second.container_name and container.running
 
     assert api.delete(f"/deploy/{deploy_id}").json()["status"] == "deleting"
     wait_for(lambda: api.get(f"/deploy/{deploy_id}").status_code == 404, timeout=120, what="the deletion")

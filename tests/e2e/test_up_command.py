@@ -34,7 +34,7 @@ def read_until(lines: "queue.Queue[str]", marker: str, timeout: float) -> list[s
     raise AssertionError(f"'{marker}' never came; output so far:\n{''.join(seen)}")
 
 
-def test_up_serves_the_demo_and_stops_on_ctrl_c(tmp_path):
+def test_up_serves_the_demo_and_stops_on_ctrl_c(tmp_path, platform_stopped):
     port = free_port()
     env = {
         **os.environ,

@@ -20,10 +20,12 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 import httpx
+
+from tests.fakes.http import Handler, serve
 
 
 @dataclass
@@ -196,27 +198,13 @@ def start(api_key: str) -> tuple[FakeStripe, ThreadingHTTPServer]:
     """Start the fake on 127.0.0.1 at a free port in a daemon thread; returns (fake, server)."""
     fake = FakeStripe(api_key=api_key)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Stripe(Handler):
         def _answer(self):
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length) if length else b""
-            status, answer, extra = fake.handle(self.command, urlsplit(self.path).path, self.headers, body)
-            data = json.dumps(answer).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Request-Id", f"req_{next(fake._ids):06d}")
-            for name, value in extra.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(data)
+            status, answer, extra = fake.handle(self.command, urlsplit(self.path).path, self.headers, self.read_body())
+            self.reply(status, answer, headers={"Request-Id": f"req_{next(fake._ids):06d}", **extra})
 
         do_GET = do_POST = _answer
 
-        def log_message(self, *args):  # quiet
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = serve(Stripe)
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     return fake, server

@@ -3,10 +3,7 @@ answers, plus load balancing over instances and the /metrics endpoint. (Successf
 vLLM are in tests/e2e.)"""
 
 import asyncio
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
@@ -15,42 +12,27 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from llmhub.fleet.models import Instance
-from tests.factories import DeploymentFactory, HostFactory, token_for
+from tests.factories import DeploymentFactory, HostFactory, InstanceFactory, token_for
+from tests.fakes.http import Handler, chat_completion, serve
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 COMPUTE = 0.05  # seconds an answer takes
 
 
-class Engine(BaseHTTPRequestHandler):
+class Engine(Handler):
     """A minimal OpenAI-compatible engine that answers every chat completion and counts them, after
     COMPUTE seconds (so that concurrent requests are in flight together, as on a real engine)."""
 
     def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         self.server.hits += 1
         time.sleep(COMPUTE)
-        answer = {
-            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
-        }  # fmt: skip
-        raw = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, chat_completion(body["model"], "hi"))
 
 
 def engine_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
-    server.hits = 0
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve(Engine, hits=0)
 
 
 async def with_client(token, work, **settings_overrides):
@@ -117,7 +99,7 @@ def test_openai_client_errors(deployment, settings):
 def test_openai_client_rate_limit(deployment, settings):
     settings.GATEWAY_RATE_LIMIT_PER_MINUTE = 1
     server = engine_server()
-    Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready", port=server.server_address[1])
+    InstanceFactory(deployment=deployment, ready=True, port=server.server_address[1])
 
     async def twice(client):
         await chat(client, deployment.full_name)
@@ -160,9 +142,9 @@ def test_metrics_need_their_token_and_show_gateway_and_fleet_series(client, depl
 
     server = engine_server()
     two_hours_ago = timezone.now() - timedelta(hours=2)
-    Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready", port=server.server_address[1],
+    InstanceFactory(deployment=deployment, ready=True, port=server.server_address[1],
                             started_at=two_hours_ago)  # fmt: skip
-    Instance.objects.create(deployment=deployment, state="pending")
+    InstanceFactory(deployment=deployment)
     run(token_for(deployment.user), lambda c: chat(c, deployment.full_name))
     server.shutdown()
 

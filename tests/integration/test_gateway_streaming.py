@@ -14,10 +14,9 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 from django.db.backends import utils as db_utils
 
-from llmhub.fleet.models import Instance
 from llmhub.gateway import load
 from llmhub.gateway.models import UsageRecord
-from tests.factories import DeploymentFactory, HostFactory, token_for
+from tests.factories import DeploymentFactory, InstanceFactory, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -72,7 +71,7 @@ def upstream():
 def target(upstream):
     """A running deployment with one ready instance listening at the upstream; returns (model, headers)."""
     deployment = DeploymentFactory(status="running")
-    Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready", port=upstream.server_address[1])
+    InstanceFactory(deployment=deployment, ready=True, port=upstream.server_address[1])
     return deployment, {"authorization": f"Bearer {token_for(deployment.user)}"}
 
 

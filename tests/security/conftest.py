@@ -24,26 +24,52 @@ def web_env(**extra) -> dict:
     }  # fmt: skip
 
 
-@pytest.fixture
-def web(transactional_db, tmp_path):
-    """Two web processes (uvicorn, the platform's own command) on the test database, Redis and key prefix,
-    as a deployment with one process per core runs them; no worker. Tests using it must be
-    `django_db(transaction=True)`: the processes see only committed rows.
-
-    Yields SimpleNamespace(urls=[base URL of each], pids=[their process ids], logs=Path).
-    """
+def web_start(log_dir):
+    """Start two web processes (uvicorn, the platform's own command, one process each) on the test database,
+    Redis and key prefix, as a deployment with one process per core runs them; no worker. Returns
+    (namespace, children): SimpleNamespace(urls=[base URL of each], pids=[their process ids], logs=Path)."""
     env = web_env(LLMHUB_WEB_PROCESSES="1")
     ports = [free_port(), free_port()]
     commands = {
-        f"web{i}": processes.platform_commands(port=port, schedule=tmp_path / "unused")["web"]
+        f"web{i}": processes.platform_commands(port=port, schedule=log_dir / "unused")["web"]
         for i, port in enumerate(ports)
     }
-    children = processes.start(commands, log_dir=tmp_path, env=env)
+    children = processes.start(commands, log_dir=log_dir, env=env)
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    for url in urls:
+        if not processes.wait_for_web(url):
+            processes.stop(children, grace=10)
+            raise AssertionError(f"a web process did not start; see {log_dir}")
+    return SimpleNamespace(urls=urls, pids=[c.pid for c in children], logs=log_dir), children
+
+
+@pytest.fixture(scope="session")
+def web_processes(django_db_setup, tmp_path_factory):
+    """The tier's two web processes, started once per test session (when a test first needs them)."""
+    started, children = web_start(tmp_path_factory.mktemp("security-web"))
     try:
-        urls = [f"http://127.0.0.1:{port}" for port in ports]
-        for url in urls:
-            assert processes.wait_for_web(url), f"a web process did not start; see {tmp_path}"
-        yield SimpleNamespace(urls=urls, pids=[c.pid for c in children], logs=tmp_path)
+        yield started
+    finally:
+        processes.stop(children, grace=10)
+
+
+@pytest.fixture
+def web(web_processes, transactional_db):
+    """Two web processes (see `web_start`), shared by the tier's tests: each test brings its own users and
+    tokens. Tests using it must be `django_db(transaction=True)`: the processes see only committed rows.
+
+    Yields SimpleNamespace(urls=[base URL of each], pids=[their process ids], logs=Path).
+    """
+    return web_processes
+
+
+@pytest.fixture
+def fresh_web(transactional_db, tmp_path):
+    """Like `web`, but processes of the test's own (for measurements of a process's whole life, e.g. its
+    peak memory)."""
+    started, children = web_start(tmp_path)
+    try:
+        yield started
     finally:
         processes.stop(children, grace=10)
 

@@ -1,15 +1,13 @@
 """Gateway errors name no internal URL, address or host: a user of a failed deployment or of an engine
 that breaks sees what to do, operators find the detail in the logs."""
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, HostFactory, UserFactory, token_for
+from tests.fakes.http import Handler, serve
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -22,21 +20,13 @@ FAIL_REASON = (
 )
 
 
-class BrokenEngine(BaseHTTPRequestHandler):
+class BrokenEngine(Handler):
     """An engine that fails with its own addresses in the error, as a crashing server does."""
 
     def do_POST(self):  # noqa: N802
-        self.rfile.read(int(self.headers["Content-Length"]))
-        raw = json.dumps({"object": "error", "message": "Internal error at http://10.0.3.7:8000/v1 "
-                          "(worker 172.17.0.2 died)", "code": 500}).encode()  # fmt: skip
-        self.send_response(500)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
+        self.read_body()
+        self.reply(500, {"object": "error", "message": "Internal error at http://10.0.3.7:8000/v1 "
+                         "(worker 172.17.0.2 died)", "code": 500})  # fmt: skip
 
 
 def assert_no_internal_detail(text):
@@ -50,8 +40,7 @@ def test_gateway_errors_name_no_internal_address(web, stream):
     headers = {"Authorization": f"Bearer {token_for(user)}"}
     failed = DeploymentFactory(user=user, model_name="failed", status="failed", fail_reason=FAIL_REASON)
     broken = DeploymentFactory(user=user, model_name="broken", status="running")
-    engine = ThreadingHTTPServer(("127.0.0.1", 0), BrokenEngine)
-    threading.Thread(target=engine.serve_forever, daemon=True).start()
+    engine = serve(BrokenEngine)
     Instance.objects.create(deployment=broken, host=HostFactory(address="127.0.0.1"), state="ready",
                             port=engine.server_address[1])  # fmt: skip
     url = f"{web.urls[0]}/v1/openai/chat/completions"

@@ -11,8 +11,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
 
-from llmhub.fleet.models import Instance
-from tests.factories import DeploymentFactory, HostFactory, token_for
+from tests.factories import DeploymentFactory, InstanceFactory, token_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -43,7 +42,7 @@ def test_the_gateway_authenticates_to_the_engine_with_the_instance_key():
     server.seen = []
     threading.Thread(target=server.serve_forever, daemon=True).start()
     deployment = DeploymentFactory(status="running", model_name="m")
-    instance = Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready",
+    instance = InstanceFactory(deployment=deployment, ready=True,
                                        port=server.server_address[1])  # fmt: skip
     token = token_for(deployment.user)
 

@@ -17,7 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_manage(*args, **env):
-    environment = {**os.environ, "DEBUG": "0", "SECRET_KEY": secrets.token_urlsafe(50), **env}
+    environment = {
+        **os.environ, "DEBUG": "0", "SECRET_KEY": secrets.token_urlsafe(50),
+        "DJANGO_SETTINGS_MODULE": "llmhub.settings",  # production's settings, not the suite's (tests/settings.py)
+        **env,
+    }  # fmt: skip
     environment.pop("ALLOWED_HOSTS", None)
     return subprocess.run(
         [sys.executable, "manage.py", *args], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=120

@@ -3,9 +3,7 @@ ORM from a shell, the dashboard) is refused by the running gateway processes wit
 held for a cold deployment re-checks its caller when it is released."""
 
 import json
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -13,9 +11,9 @@ from django.utils import timezone
 
 from llmhub.accounts.models import ApiToken, User
 from llmhub.accounts.services import api_token_create, api_token_revoke
-from llmhub.fleet.models import Instance
 from tests.attacker import AdminSession
-from tests.factories import DeploymentFactory, HostFactory, UserFactory
+from tests.factories import DeploymentFactory, InstanceFactory, UserFactory
+from tests.fakes.http import Handler, chat_completion, serve
 from tests.stack import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -40,16 +38,19 @@ def victim_token(db):
 
 
 @pytest.fixture
-def operator(web):
+def operator(fresh_web):
+    """An operator signed in to the admin of processes of the test's own: the admin's log rows name content
+    types, whose ids a shared process would keep cached across the flushes between tests."""
     UserFactory(username="operator", is_staff=True, is_superuser=True)
-    return AdminSession(web.urls[0], "operator", "pw-for-tests")
+    return AdminSession(fresh_web.urls[0], "operator", "pw-for-tests")
 
 
 def warm(web, secret):
     assert [status_of(url, secret) for url in web.urls] == [404, 404]  # each process has the caller cached
 
 
-def test_revoking_a_token_in_the_admin_is_refused_at_once(web, operator, victim_token):
+def test_revoking_a_token_in_the_admin_is_refused_at_once(fresh_web, operator, victim_token):
+    web = fresh_web
     user, token, secret = victim_token
     warm(web, secret)
     now = timezone.now()
@@ -61,7 +62,8 @@ def test_revoking_a_token_in_the_admin_is_refused_at_once(web, operator, victim_
     refused_everywhere_within_a_second(web, secret)
 
 
-def test_deactivating_a_user_in_the_admin_is_refused_at_once(web, operator, victim_token):
+def test_deactivating_a_user_in_the_admin_is_refused_at_once(fresh_web, operator, victim_token):
+    web = fresh_web
     user, token, secret = victim_token
     warm(web, secret)
 
@@ -72,7 +74,8 @@ def test_deactivating_a_user_in_the_admin_is_refused_at_once(web, operator, vict
 
 
 @pytest.mark.parametrize("what", ["apitoken", "user"])
-def test_deleting_in_the_admin_is_refused_at_once(web, operator, victim_token, what):
+def test_deleting_in_the_admin_is_refused_at_once(fresh_web, operator, victim_token, what):
+    web = fresh_web
     user, token, secret = victim_token
     warm(web, secret)
 
@@ -102,27 +105,17 @@ def test_changes_from_a_shell_or_the_dashboard_are_refused_at_once(web, victim_t
     refused_everywhere_within_a_second(web, secret)
 
 
-class Engine(BaseHTTPRequestHandler):
+class Engine(Handler):
     """Answers every chat completion (stream or not)."""
 
     def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         self.server.hits += 1
         if body.get("stream"):
             raw = b'data: {"choices": [{"index": 0, "delta": {"content": "secret answer"}}]}\n\ndata: [DONE]\n\n'
-            kind = "text/event-stream"
+            self.reply(200, raw, content_type="text/event-stream")
         else:
-            raw = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": "secret answer"}}],
-                              "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()  # fmt: skip
-            kind = "application/json"
-        self.send_response(200)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
+            self.reply(200, chat_completion(body["model"], "secret answer", prompt_tokens=1, completion_tokens=2))
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -130,9 +123,7 @@ def test_a_held_request_whose_token_is_revoked_meanwhile_gets_401_not_the_comple
     user, token, secret = victim_token
     deployment = DeploymentFactory(user=user, model_name="cold", status="running", min_instances=0,
                                    target_instances=0)  # fmt: skip
-    engine = ThreadingHTTPServer(("127.0.0.1", 0), Engine)
-    engine.hits = 0
-    threading.Thread(target=engine.serve_forever, daemon=True).start()
+    engine = serve(Engine, hits=0)
 
     def ask():
         with httpx.Client(timeout=30) as client, client.stream(
@@ -146,7 +137,7 @@ def test_a_held_request_whose_token_is_revoked_meanwhile_gets_401_not_the_comple
         wait_for(lambda: deployment.__class__.objects.get(id=deployment.id).target_instances == 1, timeout=10,
                  interval=0.1, what="the held request to wake the deployment")  # fmt: skip
         api_token_revoke(token=token)
-        Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready",
+        InstanceFactory(deployment=deployment, ready=True,
                                 port=engine.server_address[1])  # fmt: skip
         status, text = held.result(timeout=30)
     engine.shutdown()

@@ -5,7 +5,6 @@ across accounts, a page that says when to retry (HTTP 429), X-Forwarded-For not 
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import time_machine
 
 from tests.factories import UserFactory
 
@@ -22,9 +21,9 @@ def fast_hashing(settings):
 
 
 @pytest.fixture
-def clock():
-    with time_machine.travel(T0, tick=False) as traveller:
-        yield traveller
+def clock_start():
+    """`clock` (tests/conftest.py) stops time at T0."""
+    return T0
 
 
 @pytest.fixture

@@ -7,10 +7,9 @@ from decimal import Decimal
 from zoneinfo import ZoneInfo
 
 import pytest
-import time_machine
 from django.core.exceptions import ValidationError
 
-from llmhub.billing import invoices, limits, periods, prices
+from llmhub.billing import invoices, periods, prices
 from llmhub.billing.metering import usage_pieces
 from llmhub.billing.models import GpuPrice, Invoice, InvoiceInterval, InvoiceLine
 from llmhub.deployments.models import Deployment
@@ -24,13 +23,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def clock():
-    """Time stands still at Sunday 2026-03-01 00:00 UTC until a test moves it."""
-    with time_machine.travel(at(1), tick=False) as traveller:
-        yield traveller
-
-
-@pytest.fixture
 def h100(clock):
     return GpuTypeFactory(name="H100", memory_gb=80, hourly_price=Decimal("2.00"), uses_devices=True)
 
@@ -38,11 +30,6 @@ def h100(clock):
 @pytest.fixture
 def gpu_host(h100):
     return HostFactory(name="gpu-1", gpu_type=h100, gpu_count=8)
-
-
-@pytest.fixture
-def account(user):
-    return limits.billing_account_get(user=user)
 
 
 def build(account, monday, now):

@@ -7,7 +7,6 @@ from io import StringIO
 from zoneinfo import ZoneInfo
 
 import pytest
-import time_machine
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from prometheus_client import REGISTRY
@@ -26,12 +25,6 @@ WEEK10, WEEK11, WEEK12 = MONDAY, at(9), at(16)
 
 
 @pytest.fixture
-def clock():
-    with time_machine.travel(at(1), tick=False) as traveller:
-        yield traveller
-
-
-@pytest.fixture
 def h100(clock):
     return GpuTypeFactory(name="H100", memory_gb=80, hourly_price=Decimal("2.00"), uses_devices=True)
 
@@ -39,11 +32,6 @@ def h100(clock):
 @pytest.fixture
 def gpu_host(h100):
     return HostFactory(name="gpu-1", gpu_type=h100, gpu_count=8)
-
-
-@pytest.fixture
-def account(user):
-    return limits.billing_account_get(user=user)
 
 
 def invoiced(account) -> Decimal:

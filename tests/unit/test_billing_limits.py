@@ -2,14 +2,10 @@
 spend, raising/removing the limit or a new month resumes, the overshoot is at most one check interval of
 the running cost, alerts are delivered from the outbox with retries, the gateway names the limit."""
 
-import json
-import threading
 from datetime import timedelta
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-import time_machine
 from django.core import mail
 
 from llmhub.billing import alerts, limits
@@ -21,16 +17,11 @@ from llmhub.fleet import reconcile
 from llmhub.fleet.models import Instance
 from tests.billing_support import at, run
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
+from tests.fakes.http import Handler, serve
 from tests.gateway_support import assert_openai_error, chat
 from tests.stack import free_port
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def clock():
-    with time_machine.travel(at(1), tick=False) as traveller:
-        yield traveller
 
 
 @pytest.fixture
@@ -176,18 +167,12 @@ def test_alerts_are_delivered_by_email_and_webhook_with_retries(clock, account, 
     settings.WEBHOOK_ALLOW_PRIVATE = True  # the receiver is on 127.0.0.1
     received, answers = [], [500, 500, 200]
 
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append((self.headers["Content-Type"], json.loads(body)))
-            self.send_response(answers.pop(0))
-            self.end_headers()
+    class Receiver(Handler):
+        def do_POST(self):  # noqa: N802
+            received.append((self.headers["Content-Type"], self.read_json()))
+            self.reply(answers.pop(0))
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(Receiver)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/hook"
         deployment = DeploymentFactory(user=user, gpu_type=a100, num_gpus=1, model_name="m", status="running")

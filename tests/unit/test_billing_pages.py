@@ -6,7 +6,6 @@ import re
 from decimal import Decimal
 
 import pytest
-import time_machine
 
 from llmhub.billing import invoices, limits
 from llmhub.billing.models import BillingAccount
@@ -14,12 +13,6 @@ from tests.billing_support import MONDAY, at, run
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def clock():
-    with time_machine.travel(at(1), tick=False) as traveller:
-        yield traveller
 
 
 @pytest.fixture

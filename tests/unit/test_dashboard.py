@@ -8,12 +8,6 @@ from tests.factories import DeploymentFactory
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def signed_in(client, user):
-    client.force_login(user)
-    return client
-
-
 def form_data(**overrides):
     data = {
         "model_name": "web-model", "gpu": "CPU", "num_gpus": 1, "max_batch_size": 8,

@@ -6,7 +6,6 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
-import time_machine
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
@@ -26,9 +25,9 @@ T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def clock():
-    with time_machine.travel(T0, tick=False) as traveller:
-        yield traveller
+def clock_start():
+    """`clock` (tests/conftest.py) stops time at T0."""
+    return T0
 
 
 @pytest.fixture

@@ -11,12 +11,6 @@ from llmhub.accounts.services import api_token_authenticate, api_token_create
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def signed_in(client, user):
-    client.force_login(user)
-    return client
-
-
 def shown_secret(page: str) -> str:
     match = re.search(r'<code id="new-token-secret"[^>]*>(lh-[A-Za-z0-9_-]+)</code>', page)
     assert match, "the new secret is not on the page"
