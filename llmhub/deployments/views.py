@@ -22,7 +22,6 @@ from . import selectors, services
 from .forms import DeploymentForm, ScaleForm
 from .models import Deployment
 
-
 # Statuses after which the live fragment stops polling (nothing more happens to the instances).
 LIVE_FINAL = (Deployment.Status.FAILED, Deployment.Status.DELETED)
 
@@ -138,7 +137,9 @@ def deployment_live(request, deploy_id):
 def deployment_charts(request, deploy_id):
     """The traffic charts fragment, refreshed on its own slower schedule (a minute, while the tab is visible)."""
     deployment = selectors.deployment_get(request.user, deploy_id)
-    return render(request, "deployments/detail.html#charts", {"deployment": deployment, "charts": usage_charts(deployment)})
+    return render(
+        request, "deployments/detail.html#charts", {"deployment": deployment, "charts": usage_charts(deployment)}
+    )
 
 
 @login_required

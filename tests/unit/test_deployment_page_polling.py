@@ -67,7 +67,7 @@ def test_charts_refresh_every_minute_only_while_the_tab_is_visible(signed_in, us
     page = signed_in.get(f"/deployments/{deployment.deploy_id}/").content.decode()
     slow = {url: tag for url, (seconds, tag) in pollers(page).items() if seconds >= 60}
 
-    (url, tag), = slow.items()
+    ((url, tag),) = slow.items()
     assert url.endswith("/charts") and "every 60s" in tag
     assert "[document.visibilityState" in tag and "visibilitychange" in tag
     with CaptureQueriesContext(connection) as queries:
