@@ -57,6 +57,7 @@ class Route:
     status: str
     fail_reason: str
     desired_instances: int
+    request_logging: bool = False  # keep each request's prompt and answer (`request_log`)
     # (instance id, base URL, engine key): the gateway authenticates to the engine with the instance's own
     # key (``Authorization: Bearer``), never with the caller's token.
     instances: list[tuple[int, str, str]] = field(default_factory=list, repr=False)
@@ -177,6 +178,7 @@ async def load_route(caller: Caller, model: str) -> Route | None:
         status=deployment.status,
         fail_reason=deployment.fail_reason,
         desired_instances=deployment.desired_instances,
+        request_logging=deployment.request_logging,
         instances=instances,
     )
 

@@ -28,7 +28,7 @@ from llmhub.deployments.models import Deployment
 from llmhub.deployments.timeline import event_record
 from llmhub.queue import reconcile_soon
 
-from . import holding, load, metrics
+from . import holding, load, metrics, request_log
 from .clients import http_client
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
@@ -76,6 +76,7 @@ class Call:
     status: int = 200
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    log: request_log.Capture | None = None  # the prompt and answer, when the deployment keeps request logs
 
     def finish(self) -> None:
         """Record usage (buffered) and metrics; release the in-flight count (and a held slot left over)."""
@@ -90,20 +91,21 @@ class Call:
         if self.first_event is not None:
             metrics.time_to_first_token.labels(name).observe(self.first_event - self.started)
         ttft = self.first_event if self.first_event is not None else (now if not self.stream else None)
-        load.usage_buffer.append(
-            UsageRecord(
-                deployment_id=self.route.deployment_id,
-                user_id=self.caller.user_id,
-                created_at=timezone.now(),
-                endpoint=self.endpoint,
-                stream=self.stream,
-                status=self.status,
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                latency_ms=round((now - self.started) * 1000),
-                ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None,
-            )  # fmt: skip
-        )
+        usage = UsageRecord(
+            deployment_id=self.route.deployment_id,
+            user_id=self.caller.user_id,
+            created_at=timezone.now(),
+            endpoint=self.endpoint,
+            stream=self.stream,
+            status=self.status,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            latency_ms=round((now - self.started) * 1000),
+            ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None,
+        )  # fmt: skip
+        load.usage_buffer.append(usage)
+        if self.log is not None:
+            request_log.record(self.log, usage=usage)
 
     def take_usage(self, usage: dict | None) -> None:
         if isinstance(usage, dict):
@@ -132,6 +134,8 @@ async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     held = None if route.instances else await held_slot_take(caller)  # 429 now, not inside a started stream
     call = Call(caller, route, endpoint, body, stream, client_wants_usage, started=time.monotonic(), held=held)
+    if route.request_logging:
+        call.log = request_log.Capture(body)
     load.inflight[route.deployment_id] += 1
     metrics.inflight_requests.labels(route.full_name).inc()
     if stream:
@@ -271,6 +275,8 @@ async def forward_whole(call: Call) -> HttpResponse:
         await upstream.aclose()
         load.outstanding[instance_id] -= 1
     call.status = upstream.status_code
+    if call.log is not None:
+        call.log.content = content
     if upstream.status_code >= 500:
         raise engine_failed(instance_id, upstream.status_code, content)
     if upstream.status_code == 200:
@@ -330,6 +336,8 @@ async def relay_stream(call: Call):
         call.status = upstream.status_code
         if upstream.status_code != 200:  # an engine error (e.g. prompt too long): pass it on as an event
             content = await upstream.aread()
+            if call.log is not None:
+                call.log.content = content
             if upstream.status_code >= 500:
                 raise engine_failed(instance_id, upstream.status_code, content)
             yield b"data: " + content.replace(b"\n", b" ") + b"\n\n"
@@ -353,6 +361,8 @@ async def relay_stream(call: Call):
                 event, buffer = buffer.split(b"\n\n", 1)
                 if call.first_event is None:
                     call.first_event = time.monotonic()
+                if call.log is not None:
+                    call.log.event(event)
                 if _is_usage_event(event, call) and not call.client_wants_usage:
                     continue
                 yield event + b"\n\n"
