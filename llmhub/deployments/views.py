@@ -168,6 +168,21 @@ def deployment_scale(request, deploy_id):
 
 
 @login_required
+@require_http_methods(["GET", "POST"])
+def deployment_scale_to_zero(request, deploy_id):
+    """One click from an idle alert: POST sets min instances to 0 and stops the instances (the deployment wakes
+    on its next request); GET (the e-mail's link) shows the button. Owner only (404), CSRF-protected."""
+    deployment = selectors.deployment_get(request.user, deploy_id)
+    if request.method == "GET":
+        return render(request, "deployments/scale_to_zero.html", {"deployment": deployment})
+    if services.deployment_scale_to_zero(deployment=deployment, reason="by the owner"):
+        messages.success(request, f"{deployment.full_name} scales to zero; its next request starts an instance.")
+    else:
+        messages.info(request, f"{deployment.full_name} is already at zero (or not running).")
+    return redirect("deployments:detail", deploy_id=deploy_id)
+
+
+@login_required
 @require_GET
 def model_page(request, username, model_name, tab="demo"):
     """`/<username>/<model_name>` (chat demo) and `/<username>/<model_name>/api` (code examples)."""
