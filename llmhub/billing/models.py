@@ -174,9 +174,9 @@ class IdleAlert(models.Model):
 
 
 def hours_minutes(seconds: float) -> str:
-    """A duration as "2 h 5 min" (whole minutes, rounded down)."""
+    """A duration as "2 h 5 min", or "31 min" under an hour (whole minutes, rounded down)."""
     minutes = int(seconds // 60)
-    return f"{minutes // 60} h {minutes % 60} min"
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
 
 
 class AlertDelivery(models.Model):
