@@ -125,7 +125,7 @@ def deployment_detail(request, deploy_id):
 def deployment_live(request, deploy_id):
     """The live fragment (instances, events), polled every few seconds; no chart SQL. HTTP 286 (htmx: stop
     polling) once the deployment is failed or deleted."""
-    deployment = selectors.deployment_get(request.user, deploy_id)
+    deployment = selectors.deployment_get(request.user, deploy_id, include_deleted=True)
     response = render(request, "deployments/detail.html#live", live_context(deployment))
     if deployment.status in LIVE_FINAL:
         return HttpResponseStopPolling(response.content)
@@ -204,8 +204,8 @@ def instance_logs(request, deploy_id, instance_id):
 @login_required
 @require_GET
 def deployment_status(request, deploy_id):
-    """The status badge fragment; HTTP 286 (htmx: stop polling) once the status is settled."""
-    deployment = selectors.deployment_get(request.user, deploy_id)
+    """The status badge fragment; HTTP 286 (htmx: stop polling) once the status is settled (deleted too)."""
+    deployment = selectors.deployment_get(request.user, deploy_id, include_deleted=True)
     counts = instance_counts([deployment.id])[deployment.id]
     response = render(request, "deployments/list.html#status-badge", {"deployment": deployment, "counts": counts})
     if deployment.is_settled:

@@ -98,3 +98,22 @@ def test_fragments_of_someone_elses_deployment_do_not_exist(signed_in, other_use
 def test_fragments_refuse_other_methods(signed_in, user, path):
     deployment = DeploymentFactory(user=user)
     assert signed_in.post(f"/deployments/{deployment.deploy_id}/{path}").status_code == 405
+
+
+def test_live_fragment_of_a_deployment_deleted_meanwhile_stops_polling(signed_in, user):
+    deployment = DeploymentFactory(user=user, status=Deployment.Status.DELETING)
+    assert signed_in.get(f"/deployments/{deployment.deploy_id}/live", HTTP_HX_REQUEST="true").status_code == 200
+
+    Deployment.objects.filter(id=deployment.id).update(status=Deployment.Status.DELETED)
+    response = signed_in.get(f"/deployments/{deployment.deploy_id}/live", HTTP_HX_REQUEST="true")
+
+    assert response.status_code == 286  # not a 404 that htmx would poll again every 3 s
+
+
+def test_status_badge_of_a_deployment_deleted_meanwhile_stops_polling(signed_in, user, other_user):
+    deployment = DeploymentFactory(user=user, status=Deployment.Status.DELETED)
+    theirs = DeploymentFactory(user=other_user, status=Deployment.Status.DELETED)
+
+    assert signed_in.get(f"/deployments/{deployment.deploy_id}/status").status_code == 286
+    assert signed_in.get(f"/deployments/{theirs.deploy_id}/status").status_code == 404
+    assert signed_in.get(f"/deployments/{theirs.deploy_id}/live").status_code == 404
