@@ -228,6 +228,15 @@ METRICS_TOKEN = env.str("LLMHUB_METRICS_TOKEN", default="")
 AUTOSCALE_INTERVAL = env.float("LLMHUB_AUTOSCALE_INTERVAL", default=2.0)
 # Seconds the gateway waits for an engine's response headers (the body streams without a limit).
 GATEWAY_UPSTREAM_TIMEOUT = env.float("LLMHUB_GATEWAY_UPSTREAM_TIMEOUT", default=300.0)
+# Days a deployment's request logs (prompts and answers, when its owner turned logging on) are kept.
+REQUEST_LOG_DAYS = env.int("LLMHUB_REQUEST_LOG_DAYS", default=7)
+if REQUEST_LOG_DAYS < 1:
+    raise environ.ImproperlyConfigured("LLMHUB_REQUEST_LOG_DAYS must be at least 1 (days)")
+# Seconds between two checks for idle deployments (beat; alerts after `idle_alert_hours`, stops after
+# `idle_stop_hours` without a request).
+IDLE_CHECK_INTERVAL = env.float("LLMHUB_IDLE_CHECK_INTERVAL", default=300.0)
+if IDLE_CHECK_INTERVAL <= 0:
+    raise environ.ImproperlyConfigured("LLMHUB_IDLE_CHECK_INTERVAL must be more than 0 seconds")
 
 # Billing. Stripe collects payment only when STRIPE_SECRET_KEY is set (also STRIPE_SECRET_KEY_FILE);
 # without it invoices are still built and shown. Secrets are never logged or shown.

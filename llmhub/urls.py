@@ -4,6 +4,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 
 from llmhub.deployments import views as deployment_views
+from llmhub.gateway import pages as gateway_pages
 from llmhub.gateway import views as gateway_views
 
 urlpatterns = [
@@ -12,6 +13,11 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("deploy/", include("llmhub.deployments.api_urls")),
+    # The deployment page's request log: the gateway's records, on a deployments URL.
+    path("deployments/<str:deploy_id>/requests/", gateway_pages.request_logs, name="request-logs"),
+    path(
+        "deployments/<str:deploy_id>/requests.jsonl", gateway_pages.request_logs_download, name="request-logs-download"
+    ),
     path("deployments/", include("llmhub.deployments.urls")),
     path("tokens/", include("llmhub.accounts.urls")),
     path("billing/", include("llmhub.billing.urls")),

@@ -25,4 +25,10 @@ def beat_schedule() -> dict:
         "billing-alerts-deliver": {"task": "workers.tasks.billing_alerts_deliver", "schedule": 15.0},
         # Hourly at minute 5 (an interval would wait an hour after every restart before its first run).
         "billing-invoices": {"task": "workers.tasks.billing_invoices", "schedule": crontab(minute="5")},
+        "idle-check": {
+            "task": "workers.tasks.idle_check",
+            "schedule": settings.IDLE_CHECK_INTERVAL,
+            "options": {"expires": settings.IDLE_CHECK_INTERVAL * 2},
+        },
+        "request-logs-purge": {"task": "workers.tasks.request_logs_purge", "schedule": crontab(minute="35")},
     }

@@ -68,6 +68,23 @@ def billing_invoice_push(invoice_id: int) -> None:
     invoice_push(invoice_id=invoice_id)
 
 
+@app.task(name="workers.tasks.idle_check")
+def idle_check() -> None:
+    """The idle-cost guard: alert on, or scale to zero, deployments running without requests (beat, every
+    LLMHUB_IDLE_CHECK_INTERVAL s)."""
+    from llmhub.gateway.idle import idle_check_all
+
+    idle_check_all()
+
+
+@app.task(name="workers.tasks.request_logs_purge")
+def request_logs_purge() -> None:
+    """Delete request logs older than LLMHUB_REQUEST_LOG_DAYS days (beat, hourly)."""
+    from llmhub.gateway.request_log import request_logs_purge as run
+
+    run()
+
+
 @app.task(name="workers.tasks.image_pull")
 def image_pull(pull_id: int, attempt: int) -> None:
     """Pull an engine image onto a host, with progress in the events (enqueued by a reconcile)."""

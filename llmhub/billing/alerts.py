@@ -1,6 +1,7 @@
-"""The alert outbox: deliveries of spending alerts by e-mail and webhook, each attempt recorded.
+"""The alert outbox: deliveries of spending alerts and idle alerts by e-mail and webhook, each attempt recorded.
 
-A threshold crossing writes one `SpendingAlert` and its `AlertDelivery` rows (see `limits.account_check`);
+A threshold crossing writes one `SpendingAlert` and its `AlertDelivery` rows (see `limits.account_check`), an
+idle spell one `IdleAlert` and its rows (see `idle.idle_alert_raise`);
 `alerts_deliver` sends due deliveries, each claimed with a conditional ``UPDATE … WHERE status = old``.
 """
 
@@ -14,12 +15,14 @@ from django.conf import settings
 from django.core.mail import send_mail
 from django.db.models import Q
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.utils import timezone
 
 from llmhub import outbound
+from llmhub.deployments.models import Deployment
 from llmhub.queue import task_send
 
-from .models import AlertDelivery, BillingAccount, SpendingAlert
+from .models import AlertDelivery, BillingAccount, IdleAlert, SpendingAlert
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ DELIVERY_BACKOFF_MAX_SECONDS = 3600.0
 DELIVERY_STALE_SECONDS = 300.0  # a claimed delivery whose worker died is retried after this
 
 
-def alert_deliveries_create(*, account: BillingAccount, alert: SpendingAlert, now: datetime) -> None:
+def alert_deliveries_create(*, account: BillingAccount, alert: SpendingAlert | IdleAlert, now: datetime) -> None:
     """Queue `alert` for the account's alert address and webhook (one pending delivery each, due `now`)
     and ask a worker to deliver them once the transaction commits."""
     targets = []
@@ -37,8 +40,9 @@ def alert_deliveries_create(*, account: BillingAccount, alert: SpendingAlert, no
         targets.append((AlertDelivery.Channel.EMAIL, account.alert_address))
     if account.alert_webhook_url:
         targets.append((AlertDelivery.Channel.WEBHOOK, account.alert_webhook_url))
+    which = {"idle_alert": alert} if isinstance(alert, IdleAlert) else {"alert": alert}
     for channel, target in targets:
-        AlertDelivery.objects.create(alert=alert, channel=channel, target=target, next_attempt_at=now)
+        AlertDelivery.objects.create(**which, channel=channel, target=target, next_attempt_at=now)
     if targets:
         task_send("workers.tasks.billing_alerts_deliver")
 
@@ -63,19 +67,47 @@ def alert_payload(alert: SpendingAlert) -> dict:
     }
 
 
+def scale_to_zero_url(deployment: Deployment) -> str:
+    """The absolute URL of the owner's "scale to zero" page (a button that POSTs, CSRF-protected)."""
+    path = reverse("deployments:scale-to-zero", kwargs={"deploy_id": deployment.deploy_id})
+    return f"{settings.PUBLIC_URL.rstrip('/')}{path}"
+
+
+def idle_alert_payload(alert: IdleAlert) -> dict:
+    """The webhook's JSON body for an idle alert (amounts as decimal strings, USD; times ISO 8601 UTC)."""
+    deployment = alert.deployment
+    return {
+        "type": "deployment.idle",
+        "account": deployment.user.username,
+        "deployment": deployment.full_name,
+        "deploy_id": deployment.deploy_id,
+        "idle_since": alert.idle_since.isoformat(),
+        "last_request_at": alert.last_request_at.isoformat() if alert.last_request_at else None,
+        "idle_hours": round(alert.idle_seconds / 3600, 2),
+        "instances": alert.instances,
+        "cost_since_last_request_usd": f"{alert.cost:.2f}",
+        "hourly_usd": f"{alert.hourly:.2f}",
+        "scale_to_zero_url": scale_to_zero_url(deployment),
+        "created_at": alert.created_at.isoformat(),
+    }
+
+
 def _send(delivery: AlertDelivery) -> None:
     """Send one alert; raises on failure (SMTP error, webhook non-2xx or unreachable)."""
-    alert = delivery.alert
+    alert = delivery.subject
+    idle = isinstance(alert, IdleAlert)
+    payload = idle_alert_payload(alert) if idle else alert_payload(alert)
     if delivery.channel == AlertDelivery.Channel.EMAIL:
-        context = {"alert": alert, "payload": alert_payload(alert)}
-        subject = render_to_string("billing/email/alert_subject.txt", context).strip()
-        body = render_to_string("billing/email/alert.txt", context)
+        context = {"alert": alert, "payload": payload}
+        template = "billing/email/idle_alert" if idle else "billing/email/alert"
+        subject = render_to_string(f"{template}_subject.txt", context).strip()
+        body = render_to_string(f"{template}.txt", context)
         send_mail(subject, body, settings.DEFAULT_FROM_EMAIL, [delivery.target])
         return
     # Through the outbound seam: internal addresses refused at connect time too, one total deadline.
     response = outbound.post_json(
         delivery.target,
-        content=json.dumps(alert_payload(alert)).encode(),
+        content=json.dumps(payload).encode(),
         headers={"User-Agent": "LLMHub-alerts"},
         deadline=settings.BILLING_WEBHOOK_TIMEOUT,
     )
@@ -101,7 +133,9 @@ def alerts_deliver(*, now: datetime | None = None, batch: int = 50) -> int:
             status=AlertDelivery.Status.SENDING, claimed_at=now
         ):
             continue  # another worker has it
-        delivery = AlertDelivery.objects.select_related("alert__account__user").get(id=delivery_id)
+        delivery = AlertDelivery.objects.select_related(
+            "alert__account__user", "idle_alert__deployment__user", "idle_alert__deployment__gpu_type"
+        ).get(id=delivery_id)
         attempts = delivery.attempts + 1
         try:
             _send(delivery)

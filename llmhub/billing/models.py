@@ -118,8 +118,70 @@ class SpendingAlert(models.Model):
         return f"{self.threshold} % of {self.limit} USD reached ({self.month:%Y-%m})"
 
 
+class IdleAlert(models.Model):
+    """A deployment that ran for its `idle_alert_hours` without a request: one per idle spell.
+
+    A spell starts at the deployment's last request, or when its running instances started if that is later
+    (`idle_since`); the unique constraint on (deployment, idle_since) is what makes concurrent checks alert
+    once. A new request ends the spell (`ended_at`), as does scaling to zero; the next spell can alert again.
+    Deliveries (e-mail, webhook) are `AlertDelivery` outbox rows; the banner shows open alerts.
+    """
+
+    account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="idle_alerts")
+    deployment = models.ForeignKey("deployments.Deployment", on_delete=models.CASCADE, related_name="idle_alerts")
+    idle_since = models.DateTimeField(help_text="Start of the spell: last request or start of the running instances.")
+    last_request_at = models.DateTimeField(null=True, blank=True, help_text="Null: never asked anything.")
+    instances = models.PositiveSmallIntegerField(help_text="Instances running when raised.")
+    cost = models.DecimalField(max_digits=12, decimal_places=2, help_text="USD accrued since the last request.")
+    hourly = models.DecimalField(max_digits=12, decimal_places=2, help_text="USD per hour at the scale when raised.")
+    created_at = models.DateTimeField()
+    ended_at = models.DateTimeField(null=True, blank=True, help_text="A request came, or nothing runs any more.")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["deployment", "idle_since"], name="idle_alert_once_per_spell"),
+        ]
+
+    def __str__(self):
+        return self.message
+
+    @property
+    def idle_seconds(self) -> float:
+        """Seconds without a request when raised (since the start of the running instances when never asked)."""
+        return (self.created_at - (self.last_request_at or self.idle_since)).total_seconds()
+
+    @property
+    def idle_for(self) -> str:
+        """`idle_seconds` in words, e.g. "2 h 30 min"."""
+        return hours_minutes(self.idle_seconds)
+
+    @property
+    def message(self) -> str:
+        """The alert in words (banner, e-mail), e.g. "alice/chat has had no request for 2 h 0 min (since
+        2026-03-02 09:30 UTC) while 1 instance runs (2 × H100): 10.00 USD since its last request, 5.00 USD per
+        hour."."""
+        d = self.deployment
+        if self.last_request_at is None:
+            quiet = f"no request since it started {self.idle_for} ago"
+        else:
+            quiet = f"no request for {self.idle_for} (since {self.last_request_at:%Y-%m-%d %H:%M} UTC)"
+        runs = f"{self.instances} instance{'s' if self.instances != 1 else ''} run{'s' if self.instances == 1 else ''}"
+        return (
+            f"{d.full_name} has had {quiet} while {runs} ({d.num_gpus} × {d.gpu_type.name}): "
+            f"{self.cost:,.2f} USD since its last request, {self.hourly:,.2f} USD per hour."
+        )
+
+
+def hours_minutes(seconds: float) -> str:
+    """A duration as "2 h 5 min", or "31 min" under an hour (whole minutes, rounded down)."""
+    minutes = int(seconds // 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{minutes} min"
+
+
 class AlertDelivery(models.Model):
-    """Outbox: one alert to one channel, delivered by a task that records every attempt."""
+    """Outbox: one alert (a spending alert or an idle alert) to one channel, delivered by a task that records
+    every attempt."""
 
     class Channel(models.TextChoices):
         EMAIL = "email"
@@ -131,7 +193,10 @@ class AlertDelivery(models.Model):
         SENT = "sent"
         FAILED = "failed"
 
-    alert = models.ForeignKey(SpendingAlert, on_delete=models.CASCADE, related_name="deliveries")
+    alert = models.ForeignKey(SpendingAlert, on_delete=models.CASCADE, related_name="deliveries", null=True, blank=True)
+    idle_alert = models.ForeignKey(
+        IdleAlert, on_delete=models.CASCADE, related_name="deliveries", null=True, blank=True
+    )
     channel = models.CharField(max_length=16, choices=Channel.choices)
     target = models.CharField(max_length=500, help_text="E-mail address or webhook URL.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
@@ -143,7 +208,20 @@ class AlertDelivery(models.Model):
 
     class Meta:
         ordering = ["id"]
-        constraints = [models.UniqueConstraint(fields=["alert", "channel"], name="alert_delivery_once_per_channel")]
+        constraints = [
+            models.UniqueConstraint(fields=["alert", "channel"], name="alert_delivery_once_per_channel"),
+            models.UniqueConstraint(fields=["idle_alert", "channel"], name="idle_alert_delivery_once_per_channel"),
+            models.CheckConstraint(
+                condition=Q(alert__isnull=False, idle_alert__isnull=True)
+                | Q(alert__isnull=True, idle_alert__isnull=False),
+                name="alert_delivery_one_alert",
+            ),
+        ]
+
+    @property
+    def subject(self) -> "SpendingAlert | IdleAlert":
+        """The alert this delivery carries."""
+        return self.alert if self.alert_id is not None else self.idle_alert
 
 
 class Invoice(models.Model):

@@ -18,7 +18,7 @@ from llmhub.deployments.models import Deployment
 
 from . import stripe
 from .metering import SECONDS_PER_HOUR, running_hourly_cost, usage_pieces
-from .models import BillingAccount, Invoice, SpendingAlert
+from .models import BillingAccount, IdleAlert, Invoice, SpendingAlert
 from .periods import day_starts, month_start, next_month, seconds_between, week_start
 
 
@@ -163,6 +163,22 @@ def banner_for(user: User, *, now: datetime | None = None) -> Banner | None:
         "warning",
         f"You have reached {alert.threshold} % of your monthly spending limit "
         f"({alert.spent:,.2f} of {alert.limit:,.2f} USD this month).",
+    )
+
+
+def idle_alerts_open(user: User) -> list[IdleAlert]:
+    """The user's idle alerts whose spell goes on (no request since, the deployment not set to scale to zero
+    meanwhile), newest first: the dashboard's idle banners."""
+    if not user.is_authenticated:
+        return []
+    return list(
+        IdleAlert.objects.filter(
+            account__user=user,
+            ended_at__isnull=True,
+            deployment__status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING],
+        )
+        .exclude(deployment__min_instances=0, deployment__target_instances=0)
+        .select_related("deployment__user", "deployment__gpu_type")
     )
 
 

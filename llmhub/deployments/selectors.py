@@ -29,9 +29,13 @@ def model_name_taken(user: User, model_name: str) -> bool:
     )
 
 
-def deployment_get(user: User, deploy_id: str) -> Deployment:
-    """The user's deployment `deploy_id`. Raises Http404 when missing, deleted or someone else's."""
-    deployment = deployments_visible(user).filter(deploy_id=deploy_id).first()
+def deployment_get(user: User, deploy_id: str, *, include_deleted: bool = False) -> Deployment:
+    """The user's deployment `deploy_id`. Raises Http404 when missing, someone else's, or deleted (unless
+    `include_deleted`: a page that polls it learns that it is gone)."""
+    deployments = Deployment.objects.filter(user=user).select_related("user", "gpu_type")
+    if not include_deleted:
+        deployments = deployments.exclude(status=Deployment.Status.DELETED)
+    deployment = deployments.filter(deploy_id=deploy_id).first()
     if deployment is None:
         raise Http404("No such deployment.")
     return deployment

@@ -152,3 +152,30 @@ def deployment_delete(*, deployment: Deployment) -> bool:
     event_record(deployment=deployment, kind="deleting", message="deletion requested")
     reconcile_soon(deployment.id)
     return True
+
+
+@transaction.atomic
+def deployment_scale_to_zero(*, deployment: Deployment, reason: str) -> bool:
+    """Set min instances to 0 and stop every instance now (target 0, the autoscaler's window cleared), keeping
+    max instances: the deployment wakes on its next request like any deployment at zero. For an idle
+    deployment's owner (one click from the idle alert) and the idle guard's `idle_stop_hours`.
+
+    `reason` ends the timeline event, e.g. "by the owner". Claimed with a conditional UPDATE; returns False
+    when it was already at zero or is not live (deploying or running), and then records nothing.
+    """
+    old_min = deployment.min_instances
+    claimed = (
+        Deployment.objects.filter(id=deployment.id, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING])
+        .exclude(min_instances=0, target_instances=0)
+        .update(min_instances=0, target_instances=0, load_peaks=[], updated_at=timezone.now())
+    )
+    if not claimed:
+        return False
+    deployment.min_instances, deployment.target_instances, deployment.load_peaks = 0, 0, []
+    event_record(
+        deployment=deployment,
+        kind="scaled",
+        message=f"{old_min}–{deployment.max_instances} → 0–{deployment.max_instances} instances, scaled to zero: {reason}",
+    )
+    reconcile_soon(deployment.id)
+    return True

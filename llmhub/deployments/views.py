@@ -20,6 +20,10 @@ from llmhub.gateway.services import GatewayError
 
 from . import selectors, services
 from .forms import DeploymentForm, ScaleForm
+from .models import Deployment
+
+# Statuses after which the live fragment stops polling (nothing more happens to the instances).
+LIVE_FINAL = (Deployment.Status.FAILED, Deployment.Status.DELETED)
 
 
 def scale_initial(deployment) -> dict:
@@ -94,19 +98,48 @@ def deployment_create(request):
     return render(request, "deployments/create.html", {"form": form}, status=400 if form.errors else 200)
 
 
+def live_context(deployment) -> dict:
+    """What the live fragment shows: instance counts, the 20 newest instances, the 50 newest events."""
+    return {
+        "deployment": deployment,
+        "counts": instance_counts([deployment.id])[deployment.id],
+        "instances": deployment.instances.select_related("host").order_by("-id")[:20],
+        "events": deployment.events.all()[:50],
+    }
+
+
 @login_required
 @require_GET
 def deployment_detail(request, deploy_id):
     deployment = selectors.deployment_get(request.user, deploy_id)
     context = {
-        "deployment": deployment,
-        "counts": instance_counts([deployment.id])[deployment.id],
-        "instances": deployment.instances.select_related("host").order_by("-id")[:20],
-        "events": deployment.events.all()[:50],
+        **live_context(deployment),
         "scale_form": ScaleForm(initial=scale_initial(deployment)),
         "charts": usage_charts(deployment),
     }
     return render(request, "deployments/detail.html", context)
+
+
+@login_required
+@require_GET
+def deployment_live(request, deploy_id):
+    """The live fragment (instances, events), polled every few seconds; no chart SQL. HTTP 286 (htmx: stop
+    polling) once the deployment is failed or deleted."""
+    deployment = selectors.deployment_get(request.user, deploy_id, include_deleted=True)
+    response = render(request, "deployments/detail.html#live", live_context(deployment))
+    if deployment.status in LIVE_FINAL:
+        return HttpResponseStopPolling(response.content)
+    return response
+
+
+@login_required
+@require_GET
+def deployment_charts(request, deploy_id):
+    """The traffic charts fragment, refreshed on its own slower schedule (a minute, while the tab is visible)."""
+    deployment = selectors.deployment_get(request.user, deploy_id)
+    return render(
+        request, "deployments/detail.html#charts", {"deployment": deployment, "charts": usage_charts(deployment)}
+    )
 
 
 @login_required
@@ -135,6 +168,21 @@ def deployment_scale(request, deploy_id):
 
 
 @login_required
+@require_http_methods(["GET", "POST"])
+def deployment_scale_to_zero(request, deploy_id):
+    """One click from an idle alert: POST sets min instances to 0 and stops the instances (the deployment wakes
+    on its next request); GET (the e-mail's link) shows the button. Owner only (404), CSRF-protected."""
+    deployment = selectors.deployment_get(request.user, deploy_id)
+    if request.method == "GET":
+        return render(request, "deployments/scale_to_zero.html", {"deployment": deployment})
+    if services.deployment_scale_to_zero(deployment=deployment, reason="by the owner"):
+        messages.success(request, f"{deployment.full_name} scales to zero; its next request starts an instance.")
+    else:
+        messages.info(request, f"{deployment.full_name} is already at zero (or not running).")
+    return redirect("deployments:detail", deploy_id=deploy_id)
+
+
+@login_required
 @require_GET
 def model_page(request, username, model_name, tab="demo"):
     """`/<username>/<model_name>` (chat demo) and `/<username>/<model_name>/api` (code examples)."""
@@ -156,8 +204,8 @@ def instance_logs(request, deploy_id, instance_id):
 @login_required
 @require_GET
 def deployment_status(request, deploy_id):
-    """The status badge fragment; HTTP 286 (htmx: stop polling) once the status is settled."""
-    deployment = selectors.deployment_get(request.user, deploy_id)
+    """The status badge fragment; HTTP 286 (htmx: stop polling) once the status is settled (deleted too)."""
+    deployment = selectors.deployment_get(request.user, deploy_id, include_deleted=True)
     counts = instance_counts([deployment.id])[deployment.id]
     response = render(request, "deployments/list.html#status-badge", {"deployment": deployment, "counts": counts})
     if deployment.is_settled:

@@ -24,7 +24,7 @@ from django.conf import settings
 
 from llmhub.fleet.scaling import INSTANCE_INFLIGHT_PREFIX
 
-from . import prefix
+from . import prefix, request_log
 from .clients import redis_async
 from .models import UsageRecord
 
@@ -56,6 +56,7 @@ async def _background():
         try:
             await publish_inflight()
             await flush_usage()
+            await request_log.flush()
         except Exception:  # noqa: BLE001 - never let the publisher die; the next round retries
             log.exception("gateway background round failed")
 

@@ -28,3 +28,28 @@ class UsageRecord(models.Model):
     class Meta:
         indexes = [models.Index(fields=["deployment", "created_at"])]
         ordering = ["-created_at"]
+
+
+class RequestLog(models.Model):
+    """One request's prompt and response with its usage, kept only for a deployment whose owner turned request
+    logging on (`Deployment.request_logging`), for `LLMHUB_REQUEST_LOG_DAYS` days (see `request_log`).
+
+    Streams are stored as the assembled text, never the raw Server-Sent Events.
+    """
+
+    deployment = models.ForeignKey("deployments.Deployment", on_delete=models.CASCADE, related_name="request_logs")
+    created_at = models.DateTimeField(db_index=True)  # the purge deletes by age across deployments
+    model = models.CharField(max_length=200, help_text="The model name the request asked for.")
+    endpoint = models.CharField(max_length=32)  # "chat/completions", "completions", …
+    stream = models.BooleanField(default=False)
+    status = models.PositiveSmallIntegerField()  # HTTP status; 499 when the client went away
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    latency_ms = models.PositiveIntegerField(help_text="Request received → last byte sent, milliseconds.")
+    messages = models.JSONField(null=True, blank=True, help_text="The chat messages as sent (chat requests).")
+    prompt = models.TextField(help_text="The prompt as text (chat messages one per line as 'role: content').")
+    response = models.TextField(blank=True, help_text="The answer's text (a stream's deltas assembled).")
+
+    class Meta:
+        indexes = [models.Index(fields=["deployment", "-created_at", "-id"], name="request_log_newest")]
+        ordering = ["-created_at", "-id"]

@@ -58,6 +58,7 @@ class Route:
     status: str
     fail_reason: str
     desired_instances: int
+    request_logging: bool = False  # keep each request's prompt and answer (`request_log`)
     # (instance id, base URL, engine key): the gateway authenticates to the engine with the instance's own
     # key (``Authorization: Bearer``), never with the caller's token.
     instances: list[tuple[int, str, str]] = field(default_factory=list, repr=False)
@@ -186,6 +187,7 @@ async def load_route(caller: Caller, model: str) -> Route | None:
         response_cache_seconds=deployment.response_cache_seconds,
         serving_version=serving_version(deployment),
         max_batch_size=deployment.max_batch_size,
+        request_logging=deployment.request_logging,
         instances=instances,
     )
 

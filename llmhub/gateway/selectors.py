@@ -42,3 +42,16 @@ def usage_series(
                               (requests, prompt, completion, p50, p95)):  # fmt: skip
             out[key].append(float(value or 0))
     return out
+
+
+def request_logs_search(deployment_id: int, query: str = ""):
+    """The deployment's request log entries, newest first; with `query`, those whose prompt or answer contains
+    it (case-insensitive)."""
+    from django.db.models import Q
+
+    from .models import RequestLog
+
+    entries = RequestLog.objects.filter(deployment_id=deployment_id)
+    if query:
+        entries = entries.filter(Q(prompt__icontains=query) | Q(response__icontains=query))
+    return entries.order_by("-created_at", "-id")

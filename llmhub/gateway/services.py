@@ -26,7 +26,7 @@ from llmhub.deployments.models import Deployment
 from llmhub.deployments.timeline import event_record
 from llmhub.queue import reconcile_soon
 
-from . import holding, load, messages, metrics, response_cache, upstream
+from . import holding, load, messages, metrics, request_log, response_cache, upstream
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
 from .messages import Answer, engine_payload, parse_body
@@ -59,6 +59,7 @@ class Call:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cache: str = ""  # the response cache: "hit", "miss" (cacheable, asked the engine) or "" (not cacheable)
+    log: request_log.Capture | None = None  # the prompt and answer, when the deployment keeps request logs
 
     def finish(self) -> None:
         """Record usage (buffered) and metrics; release the in-flight count (and a held slot left over)."""
@@ -73,21 +74,22 @@ class Call:
         if self.first_event is not None:
             metrics.time_to_first_token.labels(name).observe(self.first_event - self.started)
         ttft = self.first_event if self.first_event is not None else (now if not self.stream else None)
-        load.usage_buffer.append(
-            UsageRecord(
-                deployment_id=self.route.deployment_id,
-                user_id=self.caller.user_id,
-                created_at=timezone.now(),
-                endpoint=self.endpoint,
-                stream=self.stream,
-                status=self.status,
-                prompt_tokens=self.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                latency_ms=round((now - self.started) * 1000),
-                ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None,
-                cache=self.cache,
-            )  # fmt: skip
-        )
+        usage = UsageRecord(
+            deployment_id=self.route.deployment_id,
+            user_id=self.caller.user_id,
+            created_at=timezone.now(),
+            endpoint=self.endpoint,
+            stream=self.stream,
+            status=self.status,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            latency_ms=round((now - self.started) * 1000),
+            ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None,
+            cache=self.cache,
+        )  # fmt: skip
+        load.usage_buffer.append(usage)
+        if self.log is not None:
+            request_log.record(self.log, usage=usage)
 
     def take_usage(self, usage: dict | None) -> None:
         if isinstance(usage, dict):
@@ -126,6 +128,8 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
     held = None if route.instances or cached else await held_slot_take(caller)  # 429 now, not inside a stream
     call = Call(caller, route, endpoint, body, payload, stream, client_wants_usage, started=time.monotonic(),
                 held=held)  # fmt: skip
+    if route.request_logging:
+        call.log = request_log.Capture(body)
     load.inflight[route.deployment_id] += 1
     metrics.inflight_requests.labels(route.full_name).inc()
     if stream:
@@ -266,6 +270,8 @@ async def forward_whole(call: Call) -> Answer:
         await response.aclose()
         load.outstanding[instance_id] -= 1
     call.status = response.status
+    if call.log is not None:
+        call.log.content = content
     if response.status >= 500:
         raise engine_failed(instance_id, response.status, content)
     if response.status == 200:
@@ -317,6 +323,8 @@ async def relay_stream(call: Call):
         call.status = response.status
         if response.status != 200:  # an engine error (e.g. prompt too long): pass it on as an event
             content = await response.read()
+            if call.log is not None:
+                call.log.content = content
             if response.status >= 500:
                 raise engine_failed(instance_id, response.status, content)
             yield b"data: " + content.replace(b"\n", b" ") + b"\n\n"
@@ -341,6 +349,8 @@ async def relay_stream(call: Call):
             events, buffer = buffer[:end], buffer[end:]
             if call.first_event is None:
                 call.first_event = time.monotonic()
+            if call.log is not None:
+                call.log.event(events)
             if messages.has_usage(events):
                 events, usage = messages.without_usage_event(events, keep=call.client_wants_usage)
                 call.take_usage(usage)
