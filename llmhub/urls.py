@@ -4,6 +4,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 
 from llmhub.deployments import views as deployment_views
+from llmhub.deployments.api import api as deploy_api
 from llmhub.gateway import views as gateway_views
 
 urlpatterns = [
@@ -11,7 +12,7 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
-    path("deploy/", include("llmhub.deployments.api_urls")),
+    path("deploy/", deploy_api.urls),
     path("deployments/", include("llmhub.deployments.urls")),
     path("tokens/", include("llmhub.accounts.urls")),
     path("billing/", include("llmhub.billing.urls")),
