@@ -145,7 +145,7 @@ def deploy_json(deployment: Deployment, counts: dict[str, int]) -> dict:
         "engine": {
             "quantization": engine.quantization, "dtype": engine.dtype, "max_model_len": engine.max_model_len,
             "prefix_caching": engine.prefix_caching, "kv_cache_dtype": engine.kv_cache_dtype,
-            "speculative": engine.speculative,
+            "speculative": engine.speculative and {"method": None, "model": None, **engine.speculative},
         },  # fmt: skip
         "lora_adapters": [
             {"name": a.name, "repo": a.repo, "revision": a.revision or None} for a in deployment.adapters
@@ -190,14 +190,10 @@ def _form_data(payload: DeployIn) -> dict:
         data["speculative"] = "ngram" if speculative.method else "draft"
         data["speculative_model"] = blank(speculative.model)
         data["num_speculative_tokens"] = speculative.num_speculative_tokens
-    if not settings.request_logging:
-        data.pop("request_logging")  # an unchecked box sends nothing
-    if not engine.prefix_caching:
-        data.pop("prefix_caching")
     return data
 
 
-@api.post("/llm", response={200: DeployCreated, **ERRORS}, summary="Create a deployment")
+@api.post("/llm", response={200: DeployCreated, **ERRORS}, summary="Create a deployment", exclude_unset=True)
 def deploy_create(request, payload: DeployIn):
     """Create a deployment (status `deploying`); 200 with the deploy object and any `warnings`."""
     speculative = payload.engine.speculative
@@ -215,7 +211,10 @@ def deploy_create(request, payload: DeployIn):
         deployment = services.deployment_create(user=request.auth, **form.service_kwargs())
     except ValidationError as exc:
         raise invalid(form_errors(exc.error_dict)) from exc
-    return {**_one(deployment), "warnings": [form.fit_warning] if form.fit_warning else []}
+    body = _one(deployment)
+    if form.fit_warning:
+        body["warnings"] = [form.fit_warning]
+    return body
 
 
 @api.get("/list", response={200: list[DeployOut], **ERRORS}, summary="List deployments")

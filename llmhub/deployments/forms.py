@@ -61,6 +61,19 @@ class ScaleForm(forms.Form):
     request logging, idle guard. Rules of the newer settings are the deploy API's (`schemas.SettingsIn`)."""
 
     SCHEMA_FIELDS = ("routing", "response_cache_seconds", "request_logging", "idle_alert_hours", "idle_stop_hours")
+    # Fields a post may leave out (a client of an older page): absent keeps the initial value, while an empty
+    # value means off. Checkboxes are not among them (an unchecked box sends nothing).
+    DEFAULTED = ("routing", "response_cache_seconds", "idle_alert_hours", "idle_stop_hours")
+
+    def __init__(self, data=None, *args, **kwargs):
+        if data is not None:
+            data = data.copy()
+            initial = kwargs.get("initial") or {}
+            for name in self.DEFAULTED:
+                if name not in data:
+                    value = initial.get(name, self.base_fields[name].initial)
+                    data[name] = "" if value is None else value
+        super().__init__(data, *args, **kwargs)
 
     min_instances = forms.IntegerField(
         min_value=0, max_value=64, initial=1, help_text="Kept running even when idle (0: scale to zero)."
@@ -115,6 +128,10 @@ class DeploymentForm(ScaleForm):
         "min_instances", "max_instances", "cooldown_seconds", "hf_token",
     ]  # fmt: skip
     # The "Engine options" section of the create page (collapsed, defaults filled in): form field → body path.
+    DEFAULTED = ScaleForm.DEFAULTED + (
+        "task", "quantization", "dtype", "max_model_len", "prefix_caching", "kv_cache_dtype", "speculative",
+        "speculative_model", "num_speculative_tokens", "lora_adapters",
+    )  # fmt: skip
     ENGINE_FIELDS = {
         "task": "task", "quantization": "engine.quantization", "dtype": "engine.dtype",
         "max_model_len": "engine.max_model_len", "prefix_caching": "engine.prefix_caching",
@@ -156,8 +173,9 @@ class DeploymentForm(ScaleForm):
         help_text="Tokens per sequence (prompt and answer). Empty: the model's own maximum.",
     )  # fmt: skip
     prefix_caching = forms.BooleanField(
-        required=False, initial=True, help_text="Reuse the KV cache of prompts that share a prefix."
-    )
+        required=False, initial=True, widget=forms.Select(choices=[(True, "on"), (False, "off")]),
+        help_text="Reuse the KV cache of prompts that share a prefix.",
+    )  # fmt: skip
     kv_cache_dtype = forms.ChoiceField(label="KV cache dtype", choices=[(d, d) for d in KV_CACHE_DTYPES], initial="auto")
     speculative = forms.ChoiceField(
         label="Speculative decoding", required=False,
@@ -173,6 +191,19 @@ class DeploymentForm(ScaleForm):
     fit: Fit | None = None
     engine: EngineOptions = EngineOptions()
     adapters: tuple[LoraAdapter, ...] = ()
+
+    def main_fields(self) -> list:
+        """The bound fields shown first on the create page (all but the engine options)."""
+        return [self[name] for name in self.fields if name not in self.ENGINE_FIELDS]
+
+    def engine_fields(self) -> list:
+        """The bound fields of the collapsed "Engine options" section."""
+        return [self[name] for name in self.fields if name in self.ENGINE_FIELDS]
+
+    @property
+    def engine_errors(self) -> bool:
+        """Whether an engine option has an error (the section is then shown open)."""
+        return self.is_bound and any(name in self.errors for name in self.ENGINE_FIELDS)
 
     def clean_lora_adapters(self) -> list[dict]:
         """The adapters text as [{"name", "repo", "revision"}] (checked with the API's rules in `clean`)."""

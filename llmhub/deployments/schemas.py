@@ -228,7 +228,9 @@ class DeployOut(BaseModel):
 
 
 class DeployCreated(DeployOut):
-    warnings: list[str] = Field(default_factory=list, description="E.g. the model's size could not be read.")
+    warnings: list[str] = Field(
+        default_factory=list, description="Present when there is something to know, e.g. the model's size could not be read."
+    )
 
 
 class ErrorOut(BaseModel):
