@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, WithJsonSchema, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, WithJsonSchema, model_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
@@ -27,10 +27,26 @@ from .rules import (
     model_name_validator,
 )
 
-Int = Annotated[int, Strict()]  # JSON numbers only: "2", true and 2.5 are refused ("Enter a whole number.")
+
+def _json_number(error_type: str):
+    """Refuse what JSON Schema's "integer"/"number" do not allow but pydantic's lax mode would: strings and
+    booleans ("2", true). Whole floats (2.0) are integers in JSON Schema and are accepted."""
+
+    def check(value):
+        if isinstance(value, (str, bool)):
+            raise PydanticCustomError(error_type, MESSAGES[error_type])
+        return value
+
+    return BeforeValidator(check)
+
+
+def Int(ge: int, le: int):  # noqa: N802 - a type
+    """A whole number in ge..le (JSON Schema's minimum/maximum in the document)."""
+    return Annotated[int, Field(ge=ge, le=le), _json_number("int_type")]
+
 Str = Annotated[str, Strict()]
 Bool = Annotated[bool, Strict()]
-Hours = Annotated[float, Strict(False), Field(gt=0, le=24 * 365)]
+Hours = Annotated[float, Field(gt=0, le=24 * 365), _json_number("float_type")]
 
 
 RepoId = Annotated[
@@ -57,15 +73,15 @@ class HfIn(Body):
 
 
 class SettingsIn(Body):
-    min_instances: Annotated[Int, Field(ge=0, le=64)]
-    max_instances: Annotated[Int, Field(ge=1, le=64)]
-    cooldown_seconds: Annotated[Int, Field(ge=0, le=86400)] | None = Field(
+    min_instances: Int(0, 64)
+    max_instances: Int(1, 64)
+    cooldown_seconds: Int(0, 86400) | None = Field(
         None, description="Idle seconds before scaling down (default 300)."
     )
     routing: Literal["prefix", "least_outstanding"] = Field(
         "prefix", description="prefix: requests sharing a prompt prefix go to the instance that holds it."
     )
-    response_cache_seconds: Annotated[Int, Field(ge=1, le=MAX_RESPONSE_CACHE_SECONDS)] | None = Field(
+    response_cache_seconds: Int(1, MAX_RESPONSE_CACHE_SECONDS) | None = Field(
         None, description="Deterministic answers (temperature 0) cached this long; null: off."
     )
     request_logging: Bool = Field(False, description="Keep prompts and responses with usage (off by default).")
@@ -78,7 +94,7 @@ class SpeculativeIn(Body):
 
     method: Literal["ngram"] | None = None
     model: RepoId | None = None
-    num_speculative_tokens: Annotated[Int, Field(ge=1, le=8)]
+    num_speculative_tokens: Int(1, 8)
 
     @model_validator(mode="after")
     def one_kind(self):
@@ -94,7 +110,7 @@ class EngineIn(Body):
 
     quantization: Literal[QUANTIZATIONS] | None = None  # type: ignore[valid-type]
     dtype: Literal[DTYPES] = "auto"  # type: ignore[valid-type]
-    max_model_len: Annotated[Int, Field(ge=1, le=MAX_MODEL_LEN)] | None = Field(
+    max_model_len: Int(1, MAX_MODEL_LEN) | None = Field(
         None, description="Tokens per sequence (prompt + answer); null: the model's own maximum."
     )
     prefix_caching: Bool = True
@@ -128,8 +144,8 @@ class DeployIn(ServingIn):
         description="Served as username/model-name."
     )
     gpu: Str = Field(description="A GPU type some host offers, e.g. H100-80GB.")
-    num_gpus: Annotated[Int, Field(ge=1, le=8)]
-    max_batch_size: Annotated[Int, Field(ge=1, le=256)]
+    num_gpus: Int(1, 8)
+    max_batch_size: Int(1, 256)
     hf: HfIn
     settings: SettingsIn
 
