@@ -248,7 +248,8 @@ class DeploymentForm(ScaleForm):
             task=task, speculative=body["engine"]["speculative"], adapter_names=[a.name for a in adapters]
         )
         add_schema_errors(self, errors, paths)
-        self.engine = EngineOptions(**engine.model_dump())
+        spec = engine.speculative.model_dump(exclude_none=True) if engine.speculative else None
+        self.engine = EngineOptions(**{**engine.model_dump(), "speculative": spec})
         self.adapters = tuple(LoraAdapter(a.name, a.repo, a.revision or "") for a in adapters)
 
     def clean(self):
@@ -262,7 +263,10 @@ class DeploymentForm(ScaleForm):
                 f"most {largest} {gpu.name} GPUs. Use {largest} or fewer, or another GPU type.",
             )
             return cleaned
-        # The model's own maximum context (max_model_len ≤ it) needs the model's config: checked with the fit.
+        # The fit check's place. `self.engine` (EngineOptions) and `self.adapters` are set by now; the check that
+        # `self.engine.max_model_len` is at most the model's own maximum (it needs the model's config, read by
+        # fit.py) belongs here too, as an error on the form field "max_model_len" (the API names it
+        # `engine.max_model_len`).
         if gpu is not None and num_gpus and repo:
             self.fit = model_fit(
                 repo=repo, revision=cleaned.get("hf_revision", ""), token=cleaned.get("hf_token", ""),
