@@ -387,3 +387,15 @@ def test_numbers_are_json_numbers(client, auth, cpu_host, value, status):
     assert response.status_code == status, response.content
     if status == 400:
         assert response.json()["errors"]["num_gpus"] == ["Enter a whole number."]
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [("[]", "must be a JSON object"), ("null", "must be a JSON object"), ("[" * 100_000, "Cannot parse"),
+     (b"\xff\xfe{", "not UTF-8"), ('{"a": 1,}', "Malformed JSON at line 1 column 9")],
+)  # fmt: skip
+def test_bodies_that_are_not_a_json_object_are_a_400(client, auth, cpu_host, raw, words):
+    response = client.post("/deploy/llm", raw, content_type="application/json", **auth)
+
+    assert response.status_code == 400
+    assert words in response.json()["detail"]
