@@ -90,6 +90,13 @@ def form_errors(error_dict: dict) -> dict[str, list[str]]:
     return out
 
 
+@api.exception_handler(Exception)
+def _unexpected(request, exc):
+    """Anything else goes on to Django (its middleware, e.g. a database outage's 503, and its 500 handling),
+    also with DEBUG on, where django-ninja would answer a traceback itself."""
+    raise exc
+
+
 @api.exception_handler(ApiError)
 def _api_error(request, exc: ApiError):
     return exc.response()

@@ -399,3 +399,22 @@ def test_bodies_that_are_not_a_json_object_are_a_400(client, auth, cpu_host, raw
 
     assert response.status_code == 400
     assert words in response.json()["detail"]
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_unexpected_errors_go_on_to_django(client, auth, cpu_host, monkeypatch, settings, debug):
+    """A database outage is not the API's to answer (the site's middleware turns it into a 503): the error
+    reaches Django's handling, also with DEBUG on, where django-ninja would answer a traceback itself."""
+    from django.db import OperationalError
+
+    from llmhub.deployments import selectors
+
+    settings.DEBUG = debug
+
+    def down(user):
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(selectors, "deployments_visible", down)
+
+    with pytest.raises(OperationalError):
+        client.get("/deploy/list", **auth)
