@@ -137,8 +137,8 @@ class ServingIn(Body):
     lora_adapters: Adapters = Field(default_factory=list)
 
 
-class DeployIn(ServingIn):
-    """POST /deploy/llm."""
+class DeployCore(Body):
+    """DeepInfra's fields of POST /deploy/llm."""
 
     model_name: Annotated[Str, Field(max_length=64, pattern=model_name_validator.regex.pattern)] = Field(
         description="Served as username/model-name."
@@ -148,6 +148,24 @@ class DeployIn(ServingIn):
     max_batch_size: Int(1, 256)
     hf: HfIn
     settings: SettingsIn
+
+
+class DeployIn(ServingIn, DeployCore):
+    """POST /deploy/llm: DeepInfra's fields, then how the model is served."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_name": "qwen3-8b", "gpu": "H100-80GB", "num_gpus": 1, "max_batch_size": 32,
+                    "hf": {"repo": "Qwen/Qwen3-8B"},
+                    "settings": {"min_instances": 0, "max_instances": 2, "cooldown_seconds": 300},
+                    "engine": {"max_model_len": 8192, "speculative": {"method": "ngram", "num_speculative_tokens": 3}},
+                    "lora_adapters": [{"name": "sql", "repo": "acme/qwen3-8b-sql-lora"}],
+                }
+            ]
+        }
+    )  # fmt: skip
 
 
 def partial(model: type[BaseModel], name: str, nested: dict[str, type[BaseModel]] | None = None) -> type[BaseModel]:
@@ -169,10 +187,15 @@ EngineUpdate = partial(EngineIn, "EngineUpdate")
 DeployUpdate = partial(
     DeployIn, "DeployUpdate", {"hf": HfUpdate, "settings": SettingsUpdate, "engine": EngineUpdate}
 )
+DeployUpdate.model_config["json_schema_extra"] = {
+    "examples": [{"settings": {"min_instances": 0, "max_instances": 3}, "lora_adapters": [{"name": "sql", "repo": "acme/sql-lora"}]}]
+}
 DeployUpdate.__doc__ = (
-    "PUT /deploy/{deploy_id}: `settings` and `lora_adapters` may change; every other field is fixed once "
-    "deployed (given with a different value: a 400 naming it)."
+    "PUT /deploy/{deploy_id}: `settings` and `lora_adapters` may change (running instances keep running). "
+    "The rest is fixed once deployed: `task` or an `engine` field given with a different value, or any of "
+    "DeepInfra's other fields given, is a 400 naming it."
 )
+DeployUpdate.model_rebuild(force=True)
 
 
 # --- Responses --------------------------------------------------------------------------------------------
