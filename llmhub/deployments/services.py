@@ -231,13 +231,18 @@ def deployment_update(
         for name, value in changed.items():
             setattr(deployment, name, value)
         deployment.save(update_fields=[*changed, "updated_at"])
-        described = ", ".join(f"{name.replace('_', ' ')} {'off' if v is None else v}" for name, v in changed.items())
+        described = ", ".join(f"{name.replace('_', ' ')} {_shown(value)}" for name, value in changed.items())
         event_record(deployment=deployment, kind="settings", message=f"{described} (set by owner)")
     if lora_adapters is not None and adapters_json(lora_adapters) != deployment.lora_adapters:
         deployment.lora_adapters = adapters_json(lora_adapters)
         deployment.save(update_fields=["lora_adapters", "updated_at"])
         deployment_adapters_changed(deployment)
     return deployment
+
+
+def _shown(value) -> str:
+    """A setting's value in an event: None and False are "off", True is "on"."""
+    return "off" if value is None or value is False else "on" if value is True else str(value)
 
 
 def deployment_adapters_changed(deployment: Deployment) -> None:

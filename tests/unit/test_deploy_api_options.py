@@ -240,7 +240,7 @@ def test_put_changes_settings_and_records_an_event(client, auth, deployed):
         "least_outstanding", True, 30)  # fmt: skip
     assert (shown["idle_alert_hours"], shown["idle_stop_hours"], shown["max_instances"]) == (2.0, 4.0, 1)
     deployment = Deployment.objects.get(deploy_id=deployed)
-    assert deployment.events.filter(kind="settings", message__contains="request logging True").exists()
+    assert deployment.events.filter(kind="settings", message__contains="request logging on").exists()
 
     off = put(client, auth, deployed, {"settings": {"response_cache_seconds": None, "idle_alert_hours": None}})
     assert off.json()["settings"]["response_cache_seconds"] is None
