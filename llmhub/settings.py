@@ -65,6 +65,7 @@ INSTALLED_APPS = [
     "django.contrib.postgres",
     "django_htmx",
     "template_partials",
+    "ninja",  # the deploy API's docs page (/deploy/docs) from its own static files, no CDN
     "llmhub.accounts",
     "llmhub.fleet",
     "llmhub.deployments",

@@ -4,6 +4,7 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 
 from llmhub.deployments import views as deployment_views
+from llmhub.deployments.api import api as deploy_api
 from llmhub.gateway import pages as gateway_pages
 from llmhub.gateway import views as gateway_views
 
@@ -12,7 +13,7 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
-    path("deploy/", include("llmhub.deployments.api_urls")),
+    path("deploy/", deploy_api.urls),
     # The deployment page's request log: the gateway's records, on a deployments URL.
     path("deployments/<str:deploy_id>/requests/", gateway_pages.request_logs, name="request-logs"),
     path(

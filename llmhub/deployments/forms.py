@@ -1,20 +1,24 @@
 """Validation of a new deployment, shared by the dashboard form and the deploy API."""
 
 from django import forms
-from django.core.validators import RegexValidator
+from pydantic import ValidationError as PydanticValidationError
 
 from llmhub.fleet.selectors import gpu_types_offered, largest_host_gpus
 
 from .fit import Fit, model_fit
+from .models import Deployment, EngineOptions, LoraAdapter
+from .rules import (
+    DTYPES,
+    KV_CACHE_DTYPES,
+    QUANTIZATIONS,
+    bounds_error,
+    hf_repo_validator,
+    model_name_validator,
+    serving_errors,
+)  # fmt: skip
+from .schemas import DeployIn, ServingIn, SettingsIn, SettingsUpdate, field_errors
 
-model_name_validator = RegexValidator(
-    r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
-    "Use letters, digits, '-', '_' or '.', starting with a letter or digit.",
-)
-hf_repo_validator = RegexValidator(
-    r"^([A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$",
-    "Give a Hugging Face repo id such as 'Qwen/Qwen3-8B'.",
-)
+__all__ = ["DeploymentForm", "ScaleForm", "bounds_error", "hf_repo_validator", "model_name_validator"]
 
 
 class GpuTypeField(forms.ModelChoiceField):
@@ -33,15 +37,43 @@ class GpuTypeField(forms.ModelChoiceField):
             ) from exc
 
 
-def bounds_error(min_instances: int, max_instances: int) -> str | None:
-    """The message when min instances exceed max instances, else None."""
-    if min_instances > max_instances:
-        return f"Min instances ({min_instances}) must not be more than max instances ({max_instances})."
-    return None
+def add_schema_errors(form: forms.Form, errors: dict[str, list[str]], fields: dict[str, str]) -> None:
+    """Put {dotted body path: [messages]} (the deploy API's rules, `schemas`) on the form's fields: a path's
+    field is `fields[path]` or its longest known prefix; list items are named ("Adapter 2: ...")."""
+    for path, messages in errors.items():
+        prefix = path
+        while prefix and prefix not in fields:
+            prefix = prefix.rpartition(".")[0]
+        field = fields.get(prefix)
+        if field is None or field not in form.fields:
+            field = None
+        rest = path[len(prefix) + 1 :] if prefix else path
+        note = ""
+        if rest:
+            index, _, sub = rest.partition(".")
+            note = f"Adapter {int(index) + 1}{f' ({sub})' if sub else ''}: " if index.isdigit() else f"{rest}: "
+        for text in messages:
+            form.add_error(field, note + text)
 
 
 class ScaleForm(forms.Form):
-    """Min and max instances: the part of a deployment its owner may change once it is deployed."""
+    """The settings of a deployment its owner may change at any time: scale, routing, response cache,
+    request logging, idle guard. Rules of the newer settings are the deploy API's (`schemas.SettingsIn`)."""
+
+    SCHEMA_FIELDS = ("routing", "response_cache_seconds", "request_logging", "idle_alert_hours", "idle_stop_hours")
+    # Fields a post may leave out (a client of an older page): absent keeps the initial value, while an empty
+    # value means off. Checkboxes are not among them (an unchecked box sends nothing).
+    DEFAULTED = ("routing", "response_cache_seconds", "idle_alert_hours", "idle_stop_hours")
+
+    def __init__(self, data=None, *args, **kwargs):
+        if data is not None:
+            data = data.copy()
+            initial = kwargs.get("initial") or {}
+            for name in self.DEFAULTED:
+                if name not in data:
+                    value = initial.get(name, self.base_fields[name].initial)
+                    data[name] = "" if value is None else value
+        super().__init__(data, *args, **kwargs)
 
     min_instances = forms.IntegerField(
         min_value=0, max_value=64, initial=1, help_text="Kept running even when idle (0: scale to zero)."
@@ -51,13 +83,43 @@ class ScaleForm(forms.Form):
         label="Cooldown (s)", min_value=0, max_value=86400, required=False, initial=300,
         help_text="Idle seconds before scaling down (and to zero when min is 0).",
     )  # fmt: skip
+    routing = forms.ChoiceField(
+        choices=Deployment.Routing.choices, initial=Deployment.Routing.PREFIX,
+        help_text="prefix: requests sharing a prompt prefix go to the instance that holds its KV cache.",
+    )  # fmt: skip
+    response_cache_seconds = forms.IntegerField(
+        label="Response cache (s)", required=False,
+        help_text="Identical deterministic requests (temperature 0) answered from a cache this long. Empty: off.",
+    )  # fmt: skip
+    request_logging = forms.BooleanField(
+        required=False, initial=False,
+        help_text="Off by default. When on, prompts and responses are kept with their token usage (for "
+        "LLMHUB_REQUEST_LOG_DAYS, 7 days by default), visible only to you on this page.",
+    )  # fmt: skip
+    idle_alert_hours = forms.FloatField(
+        label="Idle alert (hours)", required=False, initial=2,
+        help_text="Alert when instances run this long without a request. Empty: no alert.",
+    )  # fmt: skip
+    idle_stop_hours = forms.FloatField(
+        label="Idle stop (hours)", required=False,
+        help_text="Scale to zero after this long without a request. Empty: never.",
+    )  # fmt: skip
 
     def clean(self):
         cleaned = super().clean()
         low, high = cleaned.get("min_instances"), cleaned.get("max_instances")
         if low is not None and high is not None and (error := bounds_error(low, high)):
             self.add_error("min_instances", error)
+        given = {f: cleaned[f] for f in self.SCHEMA_FIELDS if f in cleaned}
+        try:
+            SettingsUpdate.model_validate(given)
+        except PydanticValidationError as exc:
+            add_schema_errors(self, field_errors(exc, SettingsIn), {f: f for f in self.SCHEMA_FIELDS})
         return cleaned
+
+    def settings_kwargs(self) -> dict:
+        """The cleaned settings as keyword arguments of `services.deployment_update` (after `is_valid()`)."""
+        return {f: self.cleaned_data.get(f) for f in self.base_fields if f in ScaleForm.base_fields}
 
 
 class DeploymentForm(ScaleForm):
@@ -65,6 +127,18 @@ class DeploymentForm(ScaleForm):
         "model_name", "gpu", "num_gpus", "max_batch_size", "hf_repo", "hf_revision",
         "min_instances", "max_instances", "cooldown_seconds", "hf_token",
     ]  # fmt: skip
+    # The "Engine options" section of the create page (collapsed, defaults filled in): form field → body path.
+    DEFAULTED = ScaleForm.DEFAULTED + (
+        "task", "quantization", "dtype", "max_model_len", "prefix_caching", "kv_cache_dtype", "speculative",
+        "speculative_model", "num_speculative_tokens", "lora_adapters",
+    )  # fmt: skip
+    ENGINE_FIELDS = {
+        "task": "task", "quantization": "engine.quantization", "dtype": "engine.dtype",
+        "max_model_len": "engine.max_model_len", "prefix_caching": "engine.prefix_caching",
+        "kv_cache_dtype": "engine.kv_cache_dtype", "speculative": "engine.speculative.method",
+        "speculative_model": "engine.speculative.model",
+        "num_speculative_tokens": "engine.speculative.num_speculative_tokens", "lora_adapters": "lora_adapters",
+    }  # fmt: skip
 
     model_name = forms.CharField(
         max_length=64, validators=[model_name_validator], help_text="Served as username/model-name."
@@ -86,10 +160,101 @@ class DeploymentForm(ScaleForm):
         help_text="For private or gated repos. Stored encrypted, never shown again.",
     )
 
+    task = forms.ChoiceField(
+        choices=[("generate", "generate (chat and completions)"), ("embed", "embed (embeddings)")], initial="generate"
+    )
+    quantization = forms.ChoiceField(
+        choices=[("", "none")] + [(q, q) for q in QUANTIZATIONS], required=False,
+        help_text="Only for checkpoints made for it (e.g. an AWQ repo for awq); fp8 and bitsandbytes quantize on load.",
+    )  # fmt: skip
+    dtype = forms.ChoiceField(choices=[(d, d) for d in DTYPES], initial="auto")
+    max_model_len = forms.IntegerField(
+        label="Max model length", required=False, min_value=1,
+        help_text="Tokens per sequence (prompt and answer). Empty: the model's own maximum.",
+    )  # fmt: skip
+    prefix_caching = forms.BooleanField(
+        required=False, initial=True, widget=forms.Select(choices=[(True, "on"), (False, "off")]),
+        help_text="Reuse the KV cache of prompts that share a prefix.",
+    )  # fmt: skip
+    kv_cache_dtype = forms.ChoiceField(label="KV cache dtype", choices=[(d, d) for d in KV_CACHE_DTYPES], initial="auto")
+    speculative = forms.ChoiceField(
+        label="Speculative decoding", required=False,
+        choices=[("", "off"), ("ngram", "n-gram (prompt lookup)"), ("draft", "draft model")],
+    )  # fmt: skip
+    speculative_model = forms.CharField(label="Draft model repo", required=False, max_length=200)
+    num_speculative_tokens = forms.IntegerField(label="Speculative tokens", required=False, initial=3)
+    lora_adapters = forms.CharField(
+        label="LoRA adapters", required=False, widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="One per line: name repo [revision]. Served as username/model-name:name (at most 8).",
+    )  # fmt: skip
+
     fit: Fit | None = None
+    engine: EngineOptions = EngineOptions()
+    adapters: tuple[LoraAdapter, ...] = ()
+
+    def main_fields(self) -> list:
+        """The bound fields shown first on the create page (all but the engine options)."""
+        return [self[name] for name in self.fields if name not in self.ENGINE_FIELDS]
+
+    def engine_fields(self) -> list:
+        """The bound fields of the collapsed "Engine options" section."""
+        return [self[name] for name in self.fields if name in self.ENGINE_FIELDS]
+
+    @property
+    def engine_errors(self) -> bool:
+        """Whether an engine option has an error (the section is then shown open)."""
+        return self.is_bound and any(name in self.errors for name in self.ENGINE_FIELDS)
+
+    def clean_lora_adapters(self) -> list[dict]:
+        """The adapters text as [{"name", "repo", "revision"}] (checked with the API's rules in `clean`)."""
+        adapters = []
+        for number, line in enumerate(self.cleaned_data.get("lora_adapters", "").splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) not in (2, 3):
+                raise forms.ValidationError(f"Line {number}: give 'name repo' or 'name repo revision'.")
+            adapters.append({"name": parts[0], "repo": parts[1], "revision": parts[2] if len(parts) == 3 else None})
+        return adapters
+
+    def _clean_serving(self, cleaned: dict) -> None:
+        """Task, engine options and adapters by the deploy API's rules (`schemas`, `rules.serving_errors`);
+        sets `self.engine` and `self.adapters`."""
+        kind = cleaned.get("speculative")
+        speculative = None
+        if kind:
+            speculative = {"num_speculative_tokens": cleaned.get("num_speculative_tokens")}
+            speculative["method" if kind == "ngram" else "model"] = "ngram" if kind == "ngram" else cleaned.get(
+                "speculative_model"
+            )
+        body = {
+            "task": cleaned.get("task") or "generate",
+            "engine": {
+                "quantization": cleaned.get("quantization") or None, "dtype": cleaned.get("dtype") or "auto",
+                "max_model_len": cleaned.get("max_model_len"), "prefix_caching": bool(cleaned.get("prefix_caching")),
+                "kv_cache_dtype": cleaned.get("kv_cache_dtype") or "auto", "speculative": speculative,
+            },
+            "lora_adapters": cleaned.get("lora_adapters") or [],
+        }  # fmt: skip
+        paths = {path: field for field, path in self.ENGINE_FIELDS.items()}
+        paths["engine.speculative"] = "speculative"
+        try:
+            serving = ServingIn.model_validate(body)
+        except PydanticValidationError as exc:
+            add_schema_errors(self, field_errors(exc, DeployIn), paths)
+            return
+        task, engine, adapters = serving.task, serving.engine, serving.lora_adapters
+        errors = serving_errors(
+            task=task, speculative=body["engine"]["speculative"], adapter_names=[a.name for a in adapters]
+        )
+        add_schema_errors(self, errors, paths)
+        spec = engine.speculative.model_dump(exclude_none=True) if engine.speculative else None
+        self.engine = EngineOptions(**{**engine.model_dump(), "speculative": spec})
+        self.adapters = tuple(LoraAdapter(a.name, a.repo, a.revision or "") for a in adapters)
 
     def clean(self):
         cleaned = super().clean()
+        self._clean_serving(cleaned)
         gpu, num_gpus, repo = cleaned.get("gpu"), cleaned.get("num_gpus"), cleaned.get("hf_repo")
         if gpu is not None and num_gpus and (largest := largest_host_gpus(gpu)) is not None and num_gpus > largest:
             self.add_error(
@@ -98,6 +263,10 @@ class DeploymentForm(ScaleForm):
                 f"most {largest} {gpu.name} GPUs. Use {largest} or fewer, or another GPU type.",
             )
             return cleaned
+        # The fit check's place. `self.engine` (EngineOptions) and `self.adapters` are set by now; the check that
+        # `self.engine.max_model_len` is at most the model's own maximum (it needs the model's config, read by
+        # fit.py) belongs here too, as an error on the form field "max_model_len" (the API names it
+        # `engine.max_model_len`).
         if gpu is not None and num_gpus and repo:
             self.fit = model_fit(
                 repo=repo, revision=cleaned.get("hf_revision", ""), token=cleaned.get("hf_token", ""),
@@ -124,6 +293,7 @@ class DeploymentForm(ScaleForm):
 
     def service_kwargs(self) -> dict:
         """The cleaned data as keyword arguments of `services.deployment_create` (after `is_valid()`)."""
-        data = dict(self.cleaned_data)
+        data = {f: self.cleaned_data.get(f) for f in self.base_fields if f not in self.ENGINE_FIELDS}
         data["gpu_type"] = data.pop("gpu")
+        data.update(task=self.cleaned_data.get("task") or "generate", engine=self.engine, lora_adapters=self.adapters)
         return data

@@ -1,5 +1,8 @@
 """Writes for deployments: create, delete, and the events timeline."""
 
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Exists, F, OuterRef, Q, Sum
@@ -10,12 +13,13 @@ from llmhub.accounts.models import User
 from llmhub.fleet.models import GpuType, Instance
 from llmhub.queue import reconcile_soon
 
-from .forms import bounds_error
-from .models import Deployment
+from .models import Deployment, EngineOptions, LoraAdapter
+from .rules import bounds_error
 from .selectors import model_name_taken
 from .timeline import event_record
 
 DEFAULT_COOLDOWN = 300  # seconds
+DEFAULT_ENGINE = EngineOptions()
 NAME_TAKEN = "You already have a deployment named '{name}'. Choose another name."
 # Statuses whose deployments count against the GPU quota (they hold or may hold GPUs); a deployment in any
 # other status counts too while one of its instances has not stopped (`gpus_reserved`).
@@ -46,6 +50,24 @@ def _check_quota(user: User, *, num_gpus: int, max_instances: int, excluding: De
         )
 
 
+def engine_options_json(engine: EngineOptions) -> dict:
+    """`Deployment.engine_options`: the fields of `engine` that differ from the defaults (speculative as
+    given, without null keys)."""
+    out = {
+        f.name: getattr(engine, f.name)
+        for f in fields(engine)
+        if getattr(engine, f.name) != getattr(DEFAULT_ENGINE, f.name)
+    }
+    if out.get("speculative"):
+        out["speculative"] = {k: v for k, v in out["speculative"].items() if v is not None}
+    return out
+
+
+def adapters_json(adapters: Sequence[LoraAdapter]) -> list[dict]:
+    """`Deployment.lora_adapters`: [{"name", "repo", "revision"}] in the order given."""
+    return [asdict(adapter) for adapter in adapters]
+
+
 @transaction.atomic
 def deployment_create(
     *,
@@ -60,8 +82,20 @@ def deployment_create(
     min_instances: int = 1,
     max_instances: int = 1,
     cooldown_seconds: int | None = None,
+    task: str = Deployment.Task.GENERATE,
+    engine: EngineOptions = DEFAULT_ENGINE,
+    lora_adapters: Sequence[LoraAdapter] = (),
+    routing: str = Deployment.Routing.PREFIX,
+    response_cache_seconds: int | None = None,
+    request_logging: bool = False,
+    idle_alert_hours: float | None = 2.0,
+    idle_stop_hours: float | None = None,
 ) -> Deployment:
     """Store a new deployment in status `deploying` and ask a worker to start its instances.
+
+    Serving options (`task`, `engine`, `lora_adapters`) and settings (`routing`, `response_cache_seconds`
+    in seconds or None for off, `request_logging`, `idle_alert_hours` and `idle_stop_hours` in hours or
+    None for off) were validated by the form (the deploy API's rules, `schemas`).
 
     Checks what needs the database (fields were validated by DeploymentForm): the name is free
     among the user's live deployments, and the user's GPU quota (Σ max_instances × num_gpus over
@@ -84,6 +118,14 @@ def deployment_create(
         min_instances=min_instances,
         max_instances=max_instances,
         cooldown_seconds=DEFAULT_COOLDOWN if cooldown_seconds is None else cooldown_seconds,
+        task=task,
+        engine_options=engine_options_json(engine),
+        lora_adapters=adapters_json(lora_adapters),
+        routing=routing,
+        response_cache_seconds=response_cache_seconds,
+        request_logging=request_logging,
+        idle_alert_hours=idle_alert_hours,
+        idle_stop_hours=idle_stop_hours,
         # Start warm even when min is 0: the autoscaler scales to zero after the cooldown if idle.
         target_instances=max(min_instances, 1),
         busy_at=timezone.now(),
@@ -179,3 +221,61 @@ def deployment_scale_to_zero(*, deployment: Deployment, reason: str) -> bool:
     )
     reconcile_soon(deployment.id)
     return True
+
+
+SETTINGS = ("routing", "response_cache_seconds", "request_logging", "idle_alert_hours", "idle_stop_hours")
+
+
+@transaction.atomic
+def deployment_update(
+    *,
+    deployment: Deployment,
+    min_instances: int,
+    max_instances: int,
+    cooldown_seconds: int | None = None,
+    routing: str,
+    response_cache_seconds: int | None,
+    request_logging: bool,
+    idle_alert_hours: float | None,
+    idle_stop_hours: float | None,
+    lora_adapters: Sequence[LoraAdapter] | None = None,
+) -> Deployment:
+    """Change what may change once deployed, in one transaction: the scale (`deployment_scale`), the
+    settings (routing, response cache in seconds, request logging, idle alert/stop in hours; None: off) and,
+    when given, the LoRA adapters (`deployment_adapters_changed` when they differ). Running instances keep
+    running. Raises ValidationError keyed by field name (`min_instances`, `max_instances`).
+    """
+    deployment_scale(
+        deployment=deployment, min_instances=min_instances, max_instances=max_instances,
+        cooldown_seconds=cooldown_seconds,
+    )  # fmt: skip
+    wanted = {
+        "routing": routing, "response_cache_seconds": response_cache_seconds, "request_logging": request_logging,
+        "idle_alert_hours": idle_alert_hours, "idle_stop_hours": idle_stop_hours,
+    }  # fmt: skip
+    changed = {name: value for name, value in wanted.items() if getattr(deployment, name) != value}
+    if changed:
+        for name, value in changed.items():
+            setattr(deployment, name, value)
+        deployment.save(update_fields=[*changed, "updated_at"])
+        described = ", ".join(f"{name.replace('_', ' ')} {_shown(value)}" for name, value in changed.items())
+        event_record(deployment=deployment, kind="settings", message=f"{described} (set by owner)")
+    if lora_adapters is not None and adapters_json(lora_adapters) != deployment.lora_adapters:
+        deployment.lora_adapters = adapters_json(lora_adapters)
+        deployment.save(update_fields=["lora_adapters", "updated_at"])
+        deployment_adapters_changed(deployment)
+    return deployment
+
+
+def _shown(value) -> str:
+    """A setting's value in an event: None and False are "off", True is "on"."""
+    return "off" if value is None or value is False else "on" if value is True else str(value)
+
+
+def deployment_adapters_changed(deployment: Deployment) -> None:
+    """Hook: the deployment's LoRA adapters (`Deployment.lora_adapters`) were changed by its owner. Records
+    an event and asks the reconciler to apply them to running instances (loaded at run time where the
+    engine allows it, else a make-before-break rolling restart: `fleet.reconcile`)."""
+    names = ", ".join(adapter.name for adapter in deployment.adapters) or "none"
+    event_record(deployment=deployment, kind="adapters", message=f"LoRA adapters now: {names} (set by owner)")
+    reconcile_soon(deployment.id)

@@ -145,12 +145,13 @@ def deployment_charts(request, deploy_id):
 @login_required
 @require_POST
 def deployment_scale(request, deploy_id):
-    """The scaling form (min/max instances): re-rendered in place with errors or the new values."""
+    """The settings form (min/max instances, cooldown, routing, response cache, request logging, idle guard):
+    re-rendered in place with errors or the new values."""
     deployment = selectors.deployment_get(request.user, deploy_id)
-    form = ScaleForm(request.POST)
+    form = ScaleForm(request.POST, initial=scale_initial(deployment))
     if form.is_valid():
         try:
-            services.deployment_scale(deployment=deployment, **form.cleaned_data)
+            services.deployment_update(deployment=deployment, **form.cleaned_data)
         except ValidationError as exc:
             for field, errors in exc.error_dict.items():
                 for error in errors:

@@ -9,6 +9,10 @@ from tests.factories import DeploymentFactory, GpuTypeFactory, token_for
 
 pytestmark = pytest.mark.django_db
 
+# The settings a deployment gets when the body gives only min and max instances (issue 10's new ones too).
+SETTINGS_DEFAULTS = {"routing": "prefix", "response_cache_seconds": None, "request_logging": False,
+                     "idle_alert_hours": 2.0, "idle_stop_hours": None}  # fmt: skip
+
 
 def body(**overrides):
     data = {
@@ -36,7 +40,7 @@ def test_create_returns_the_deploy_object(client, auth, cpu_host, user):
     assert data["model_name"] == "alice/my-model"
     assert data["status"] == "deploying"
     assert data["gpu"] == "CPU" and data["num_gpus"] == 1 and data["max_batch_size"] == 8
-    assert data["settings"] == {"min_instances": 1, "max_instances": 1, "cooldown_seconds": 300}
+    assert data["settings"] == {"min_instances": 1, "max_instances": 1, "cooldown_seconds": 300, **SETTINGS_DEFAULTS}
     assert data["instances"] == {"running": 0, "pending": 0}
     assert "hf_secret_value" not in response.content.decode()
     deployment = Deployment.objects.get(deploy_id=data["deploy_id"])
@@ -192,13 +196,15 @@ def test_put_changes_settings_and_records_an_event(client, auth, cpu_host):
     response = put(client, auth, deploy_id, {"settings": {"min_instances": 0, "max_instances": 3}})
 
     assert response.status_code == 200, response.content
-    assert response.json()["settings"] == {"min_instances": 0, "max_instances": 3, "cooldown_seconds": 300}
+    assert response.json()["settings"] == {"min_instances": 0, "max_instances": 3, "cooldown_seconds": 300,
+                                          **SETTINGS_DEFAULTS}  # fmt: skip
     deployment = Deployment.objects.get(deploy_id=deploy_id)
     assert (deployment.min_instances, deployment.max_instances) == (0, 3)
     assert deployment.events.filter(kind="scaled", message__contains="1–1 → 0–3").exists()
 
     cooled = put(client, auth, deploy_id, {"settings": {"cooldown_seconds": 60}})
-    assert cooled.json()["settings"] == {"min_instances": 0, "max_instances": 3, "cooldown_seconds": 60}
+    assert cooled.json()["settings"] == {"min_instances": 0, "max_instances": 3, "cooldown_seconds": 60,
+                                        **SETTINGS_DEFAULTS}  # fmt: skip
 
 
 def test_put_of_a_fixed_field_says_which_fields_are_fixed(client, auth, cpu_host):
