@@ -18,7 +18,7 @@ from .rules import (
 )  # fmt: skip
 from .schemas import DeployIn, ServingIn, SettingsIn, SettingsUpdate, field_errors
 
-__all__ = ["DeploymentForm", "ScaleForm", "bounds_error", "hf_repo_validator", "model_name_validator"]
+__all__ = ["AdaptersForm", "DeploymentForm", "ScaleForm", "bounds_error", "hf_repo_validator", "model_name_validator"]
 
 
 class GpuTypeField(forms.ModelChoiceField):
@@ -122,6 +122,67 @@ class ScaleForm(forms.Form):
         return {f: self.cleaned_data.get(f) for f in self.base_fields if f in ScaleForm.base_fields}
 
 
+class AdaptersField(forms.CharField):
+    """LoRA adapters as text, one per line ``name repo [revision]``; cleaned to [{"name", "repo", "revision"}]
+    (the deploy API's `lora_adapters` items, checked with its rules by the form)."""
+
+    widget = forms.Textarea(attrs={"rows": 3})
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("label", "LoRA adapters")
+        kwargs.setdefault(
+            "help_text", "One per line: name repo [revision]. Served as username/model-name:name (at most 8)."
+        )
+        super().__init__(required=False, **kwargs)
+
+    def clean(self, value) -> list[dict]:
+        adapters = []
+        for number, line in enumerate((super().clean(value) or "").splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) not in (2, 3):
+                raise forms.ValidationError(f"Line {number}: give 'name repo' or 'name repo revision'.")
+            adapters.append({"name": parts[0], "repo": parts[1], "revision": parts[2] if len(parts) == 3 else None})
+        return adapters
+
+
+def adapters_text(adapters) -> str:
+    """LoRA adapters (`LoraAdapter`s) as the form's text, one ``name repo [revision]`` a line."""
+    return "\n".join(" ".join(filter(None, (a.name, a.repo, a.revision))) for a in adapters)
+
+
+class AdaptersForm(forms.Form):
+    """The LoRA adapters of a running deployment (its page): the deploy API's rules for `lora_adapters`.
+    `deployment` gives the task (an embedding model serves no adapters)."""
+
+    lora_adapters = AdaptersField()
+
+    def __init__(self, *args, deployment: Deployment, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deployment = deployment
+        self.adapters: tuple[LoraAdapter, ...] = ()
+
+    def clean(self):
+        cleaned = super().clean()
+        if "lora_adapters" not in cleaned:
+            return cleaned
+        try:
+            serving = ServingIn.model_validate(
+                {"task": self.deployment.task, "lora_adapters": cleaned["lora_adapters"]}
+            )
+        except PydanticValidationError as exc:
+            add_schema_errors(self, field_errors(exc, DeployIn), {"lora_adapters": "lora_adapters"})
+            return cleaned
+        names = [a.name for a in serving.lora_adapters]
+        add_schema_errors(
+            self, serving_errors(task=self.deployment.task, speculative=None, adapter_names=names),
+            {"lora_adapters": "lora_adapters"},
+        )  # fmt: skip
+        self.adapters = tuple(LoraAdapter(a.name, a.repo, a.revision or "") for a in serving.lora_adapters)
+        return cleaned
+
+
 class DeploymentForm(ScaleForm):
     field_order = [
         "model_name", "gpu", "num_gpus", "max_batch_size", "hf_repo", "hf_revision",
@@ -176,17 +237,17 @@ class DeploymentForm(ScaleForm):
         required=False, initial=True, widget=forms.Select(choices=[(True, "on"), (False, "off")]),
         help_text="Reuse the KV cache of prompts that share a prefix.",
     )  # fmt: skip
-    kv_cache_dtype = forms.ChoiceField(label="KV cache dtype", choices=[(d, d) for d in KV_CACHE_DTYPES], initial="auto")
+    kv_cache_dtype = forms.ChoiceField(
+        label="KV cache dtype", choices=[(d, d) for d in KV_CACHE_DTYPES], initial="auto"
+    )
     speculative = forms.ChoiceField(
         label="Speculative decoding", required=False,
         choices=[("", "off"), ("ngram", "n-gram (prompt lookup)"), ("draft", "draft model")],
     )  # fmt: skip
     speculative_model = forms.CharField(label="Draft model repo", required=False, max_length=200)
     num_speculative_tokens = forms.IntegerField(label="Speculative tokens", required=False, initial=3)
-    lora_adapters = forms.CharField(
-        label="LoRA adapters", required=False, widget=forms.Textarea(attrs={"rows": 3}),
-        help_text="One per line: name repo [revision]. Served as username/model-name:name (at most 8).",
-    )  # fmt: skip
+
+    lora_adapters = AdaptersField()
 
     fit: Fit | None = None
     engine: EngineOptions = EngineOptions()
@@ -205,18 +266,6 @@ class DeploymentForm(ScaleForm):
         """Whether an engine option has an error (the section is then shown open)."""
         return self.is_bound and any(name in self.errors for name in self.ENGINE_FIELDS)
 
-    def clean_lora_adapters(self) -> list[dict]:
-        """The adapters text as [{"name", "repo", "revision"}] (checked with the API's rules in `clean`)."""
-        adapters = []
-        for number, line in enumerate(self.cleaned_data.get("lora_adapters", "").splitlines(), start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) not in (2, 3):
-                raise forms.ValidationError(f"Line {number}: give 'name repo' or 'name repo revision'.")
-            adapters.append({"name": parts[0], "repo": parts[1], "revision": parts[2] if len(parts) == 3 else None})
-        return adapters
-
     def _clean_serving(self, cleaned: dict) -> None:
         """Task, engine options and adapters by the deploy API's rules (`schemas`, `rules.serving_errors`);
         sets `self.engine` and `self.adapters`."""
@@ -224,8 +273,8 @@ class DeploymentForm(ScaleForm):
         speculative = None
         if kind:
             speculative = {"num_speculative_tokens": cleaned.get("num_speculative_tokens")}
-            speculative["method" if kind == "ngram" else "model"] = "ngram" if kind == "ngram" else cleaned.get(
-                "speculative_model"
+            speculative["method" if kind == "ngram" else "model"] = (
+                "ngram" if kind == "ngram" else cleaned.get("speculative_model")
             )
         body = {
             "task": cleaned.get("task") or "generate",

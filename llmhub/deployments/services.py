@@ -260,11 +260,21 @@ def deployment_update(
         deployment.save(update_fields=[*changed, "updated_at"])
         described = ", ".join(f"{name.replace('_', ' ')} {_shown(value)}" for name, value in changed.items())
         event_record(deployment=deployment, kind="settings", message=f"{described} (set by owner)")
-    if lora_adapters is not None and adapters_json(lora_adapters) != deployment.lora_adapters:
-        deployment.lora_adapters = adapters_json(lora_adapters)
-        deployment.save(update_fields=["lora_adapters", "updated_at"])
-        deployment_adapters_changed(deployment)
+    if lora_adapters is not None:
+        deployment_adapters_set(deployment=deployment, lora_adapters=lora_adapters)
     return deployment
+
+
+@transaction.atomic
+def deployment_adapters_set(*, deployment: Deployment, lora_adapters: Sequence[LoraAdapter]) -> bool:
+    """Give the deployment these LoRA adapters (validated by the caller: `forms.AdaptersForm`, the deploy API).
+    Returns whether they differ from before; when they do, `deployment_adapters_changed` applies them."""
+    if adapters_json(lora_adapters) == deployment.lora_adapters:
+        return False
+    deployment.lora_adapters = adapters_json(lora_adapters)
+    deployment.save(update_fields=["lora_adapters", "updated_at"])
+    deployment_adapters_changed(deployment)
+    return True
 
 
 def _shown(value) -> str:

@@ -12,6 +12,7 @@ urlpatterns = [
     path("<str:deploy_id>/live", views.deployment_live, name="live"),
     path("<str:deploy_id>/charts", views.deployment_charts, name="charts"),
     path("<str:deploy_id>/scale", views.deployment_scale, name="scale"),
+    path("<str:deploy_id>/adapters", views.deployment_adapters, name="adapters"),
     path("<str:deploy_id>/scale-to-zero", views.deployment_scale_to_zero, name="scale-to-zero"),
     path("<str:deploy_id>/instances/<int:instance_id>/logs", views.instance_logs, name="instance-logs"),
     path("<str:deploy_id>/delete", views.deployment_delete, name="delete"),

@@ -19,7 +19,7 @@ from llmhub.gateway.selectors import usage_series
 from llmhub.gateway.services import GatewayError
 
 from . import selectors, services
-from .forms import DeploymentForm, ScaleForm
+from .forms import AdaptersForm, DeploymentForm, ScaleForm, adapters_text
 from .models import Deployment
 
 # Statuses after which the live fragment stops polling (nothing more happens to the instances).
@@ -115,6 +115,7 @@ def deployment_detail(request, deploy_id):
     context = {
         **live_context(deployment),
         "scale_form": ScaleForm(initial=scale_initial(deployment)),
+        "adapters_form": adapters_form(deployment),
         "charts": usage_charts(deployment),
     }
     return render(request, "deployments/detail.html", context)
@@ -166,6 +167,28 @@ def deployment_scale(request, deploy_id):
         return redirect("deployments:detail", deploy_id=deploy_id)
     context = {"deployment": deployment, "scale_form": form}
     return render(request, "deployments/detail.html#scale-form", context, status=400 if form.errors else 200)
+
+
+@login_required
+@require_POST
+def deployment_adapters(request, deploy_id):
+    """The LoRA adapters form of the deployment page: re-rendered in place with errors or the new list."""
+    deployment = selectors.deployment_get(request.user, deploy_id)
+    form = AdaptersForm(request.POST, deployment=deployment)
+    if form.is_valid():
+        if services.deployment_adapters_set(deployment=deployment, lora_adapters=form.adapters):
+            names = ", ".join(a.name for a in deployment.adapters) or "none"
+            messages.success(request, f"LoRA adapters of {deployment.full_name}: {names}. Running instances load them.")
+        form = adapters_form(deployment)
+    if not request.htmx:
+        return redirect("deployments:detail", deploy_id=deploy_id)
+    context = {"deployment": deployment, "adapters_form": form}
+    return render(request, "deployments/detail.html#adapters-form", context, status=400 if form.errors else 200)
+
+
+def adapters_form(deployment) -> AdaptersForm:
+    """The adapters form filled with the deployment's adapters."""
+    return AdaptersForm(initial={"lora_adapters": adapters_text(deployment.adapters)}, deployment=deployment)
 
 
 @login_required
