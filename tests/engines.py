@@ -1,7 +1,8 @@
 """Several Docker Engines on one machine, as separate GPU hosts for the fleet tests.
 
 Each `Dockerd` is its own ``dockerd`` process with its own socket, data root, exec root, pid file,
-cgroup parent, containerd namespace and bridge (a /24 of 10.231.0.0/16; ``--iptables=false``, so it
+cgroup parent, containerd namespace, bridge (a /24 of 10.231.0.0/16) and address pool for the networks
+it makes (a /24 of 10.232.0.0/16, removed with it; ``--iptables=false``, so it
 leaves the machine's main engine's rules alone; published ports go through docker-proxy). A host may
 advertise GPUs (``--node-generic-resource NVIDIA-GPU=<id>``), as GPU hosts are set up for `host_add`,
 and accept NVIDIA device requests: dockerd registers its "nvidia" device driver when a program
@@ -201,6 +202,9 @@ class Dockerd:
             "--containerd-namespace", self.bridge,
             "--containerd-plugins-namespace", f"{self.bridge}p",
             "--shutdown-timeout", "5",
+            # Its own networks (the engines' bridge network) come from 10.232.<octet>.0/24, never from the
+            # 172.17-31/192.168 pools the machine's own engine and its other networks take.
+            "--default-address-pool", f"base=10.232.{self.subnet_octet}.0/24,size=28",
         ]  # fmt: skip
         for i in range(self.gpus):
             argv += ["--node-generic-resource", f"NVIDIA-GPU=GPU-{self.name}-{i}"]
@@ -267,6 +271,7 @@ class Dockerd:
                 client = self.client(timeout=30)
                 for container in client.containers.list(all=True):
                     container.remove(force=True)
+                client.networks.prune()  # their bridges live in the machine's namespace, past the data root
             except Exception:  # noqa: BLE001 - best effort before the stop
                 pass
         self.stop()
