@@ -132,3 +132,37 @@ def test_live_fragments_request_log_and_idle_banner(live_server, deployment, clo
 
     deployment.refresh_from_db()
     assert (deployment.min_instances, deployment.desired_instances) == (0, 0)
+
+
+def test_forms_show_their_errors_in_place_and_adapters_change(live_server, deployment, monkeypatch):
+    """A form answered 400 with its errors is swapped in (htmx 2 leaves 4xx answers out by default, so an
+    error used to show nothing); a valid adapters list replaces the listed adapters."""
+    monkeypatch.setattr("llmhub.deployments.services.reconcile_soon", lambda deployment_id: None)
+    shots = ARTIFACTS / "browser" / "deployment-page"
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.set_default_timeout(15_000)
+        page.goto(f"{live_server.url}/deployments/{deployment.deploy_id}/")
+        page.fill("input[name=username]", "dora")
+        page.fill("input[name=password]", "dora-password-1")
+        page.click("button[type=submit]")
+
+        page.fill("#scale-form input[name=min_instances]", "3")
+        page.click("#scale-form button[type=submit]")
+        expect(page.locator("#scale-form .error")).to_contain_text("must not be more than max instances (2)")
+
+        adapters = page.locator("#adapters-form")
+        adapters.locator("textarea").fill("sql llmhub/tiny-random-llama-lora\nBad_Name acme/x")
+        adapters.locator("button[type=submit]").click()
+        expect(page.locator("#adapters-form .error")).to_contain_text("Adapter 2 (name)")
+        page.locator("#adapters-form").screenshot(path=str(shots / "05-adapters-error.png"))
+
+        page.locator("#adapters-form textarea").fill("sql llmhub/tiny-random-llama-lora")
+        page.locator("#adapters-form button[type=submit]").click()
+        expect(page.locator("#adapters-form li")).to_have_text(["dora/assistant:sql llmhub/tiny-random-llama-lora"])
+        page.locator("#adapters-form").screenshot(path=str(shots / "06-adapters.png"))
+        browser.close()
+    deployment.refresh_from_db()
+    assert [a.name for a in deployment.adapters] == ["sql"]
