@@ -77,3 +77,29 @@ def test_engine_options_and_lora_adapters_on_the_real_engine(stack):
     assert removed.status_code == 200, removed.text
     wait_for(lambda: "opts/tiny:tiny" not in models(instance), timeout=60, interval=1, what="the adapter unloaded")
     assert set(models(instance)) == {"opts/tiny", "opts/tiny:second"}
+
+
+def test_an_embed_deployment_answers_embeddings_on_the_engine(stack):
+    user = UserFactory(username="embedder")
+    api = httpx.Client(base_url=stack, headers={"Authorization": f"Bearer {token_for(user)}"}, timeout=30)
+    created = api.post("/deploy/llm", json={
+        "model_name": "vectors", "gpu": "CPU", "num_gpus": 1, "max_batch_size": 4, "hf": {"repo": TINY_LLAMA},
+        "settings": {"min_instances": 1, "max_instances": 1}, "task": "embed",
+    })  # fmt: skip
+    assert created.status_code == 200, created.text
+    deploy_id = created.json()["deploy_id"]
+    wait_for(
+        lambda: api.get(f"/deploy/{deploy_id}").json()["status"] == "running", timeout=600, what="the embed deployment"
+    )
+    instance = Instance.objects.select_related("host").get(deployment__deploy_id=deploy_id, state="ready")
+
+    answer = httpx.post(
+        f"{instance.base_url}/v1/embeddings",
+        headers={"Authorization": f"Bearer {instance.engine_key}"},
+        json={"model": "embedder/vectors", "input": ["hello", "a longer sentence"]},
+        timeout=120,
+    )
+
+    assert answer.status_code == 200, answer.text
+    vectors = [item["embedding"] for item in answer.json()["data"]]
+    assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0 and vectors[0] != vectors[1]
