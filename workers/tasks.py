@@ -14,6 +14,18 @@ def reconcile_deployment(deployment_id: int) -> None:
         deployment_reconcile(deployment_id=deployment_id)
 
 
+@app.task(name="workers.tasks.deployment_adapters_apply")
+def deployment_adapters_apply(deployment_id: int) -> None:
+    """Give running instances the deployment's changed LoRA adapters (queued by the deployments hook);
+    instances marked for replacement are replaced by reconciling at once."""
+    from llmhub.fleet.adapters import instances_adapters_apply
+    from llmhub.fleet.reconcile import deployment_reconcile
+
+    if instances_adapters_apply(deployment_id=deployment_id).replaced:
+        with _routing_watch():
+            deployment_reconcile(deployment_id=deployment_id)
+
+
 @app.task(name="workers.tasks.reconcile_all")
 def reconcile_all() -> None:
     """Reconcile every deployment and sweep orphan containers (beat, every RECONCILE_INTERVAL s)."""

@@ -11,7 +11,7 @@ from django.utils import timezone
 from llmhub import crypto
 from llmhub.accounts.models import User
 from llmhub.fleet.models import GpuType, Instance
-from llmhub.queue import reconcile_soon
+from llmhub.queue import reconcile_soon, task_send
 
 from .models import Deployment, EngineOptions, LoraAdapter
 from .rules import bounds_error
@@ -284,8 +284,10 @@ def _shown(value) -> str:
 
 def deployment_adapters_changed(deployment: Deployment) -> None:
     """Hook: the deployment's LoRA adapters (`Deployment.lora_adapters`) were changed by its owner. Records
-    an event and asks the reconciler to apply them to running instances (loaded at run time where the
-    engine allows it, else a make-before-break rolling restart: `fleet.reconcile`)."""
+    an event and queues applying them to running instances (`fleet.adapters.instances_adapters_apply`:
+    loaded at run time where the engine allows it, else a make-before-break replacement), so the request
+    never waits on an engine."""
     names = ", ".join(adapter.name for adapter in deployment.adapters) or "none"
     event_record(deployment=deployment, kind="adapters", message=f"LoRA adapters now: {names} (set by owner)")
+    task_send("workers.tasks.deployment_adapters_apply", deployment.id)
     reconcile_soon(deployment.id)

@@ -10,7 +10,7 @@ from llmhub import crypto
 
 from . import engine
 from .models import Instance
-from .vllm_command import vllm_command
+from .vllm_command import LORA_RUNTIME_ENV, lora_served_name, vllm_command
 
 GIB = 1024**3
 
@@ -19,22 +19,34 @@ def container_spec(instance: Instance) -> engine.ContainerSpec:
     """The container for `instance` (host and GPU indexes already reserved; deployment and user loaded).
 
     Arguments: `vllm_command` of the deployment's repo, revision, full name (the served model name), max
-    batch size and GPU count; it loads the key guard (`engine_guard`, copied in as `spec.files`). Environment:
+    batch size and GPU count, task, engine options and LoRA adapters (served as
+    ``username/model-name:adapter``); it loads the key guard (`engine_guard`, copied in as `spec.files`). Environment:
     ``VLLM_API_KEY`` (the instance's key), ``HF_TOKEN`` when the deployment has one, ``PYTHONPATH`` for
-    the guard. GPU hosts get a device request for exactly the reserved indexes; CPU hosts none. The
+    the guard, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING`` when the deployment has adapters. GPU hosts get a device request for exactly the reserved indexes; CPU hosts none. The
     port is published on the host's bind address; the cache volume is the owner's; the memory limit is
     the GPU type's host memory per GPU (GB) × the GPU count, when the type says it.
     """
     deployment = instance.deployment
     host = instance.host
+    options = deployment.engine
     args = vllm_command(
         model=deployment.hf_repo,
         revision=deployment.hf_revision,
         served_model_name=deployment.full_name,
         max_num_seqs=deployment.max_batch_size,
         tensor_parallel_size=deployment.num_gpus,
+        task=deployment.task,
+        quantization=options.quantization,
+        dtype=options.dtype,
+        max_model_len=options.max_model_len,
+        prefix_caching=options.prefix_caching,
+        kv_cache_dtype=options.kv_cache_dtype,
+        speculative=options.speculative,
+        lora_modules={lora_served_name(deployment.full_name, a.name): a.repo for a in deployment.adapters},
     )
     environment = {"VLLM_API_KEY": instance.engine_key, "PYTHONPATH": engine.engine_spec.GUARD_DIR}
+    if deployment.adapters:
+        environment.update(LORA_RUNTIME_ENV)
     hf_token = crypto.decrypt(deployment.hf_token_encrypted)
     if hf_token:
         environment["HF_TOKEN"] = hf_token

@@ -239,6 +239,12 @@ class Instance(models.Model):
     crashed_at = models.DateTimeField(
         null=True, blank=True, help_text="When its container failed by itself (counts toward crash backoff)."
     )
+    replace_requested_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="Its container no longer matches the deployment (e.g. LoRA adapters it cannot load at run "
+        "time): a replacement starts, and it stops once the replacement is ready (make before break).",
+    )
 
     class Meta:
         ordering = ["id"]

@@ -33,6 +33,10 @@ def moved(instance_id: int) -> str:
     return f"instance {instance_id} leaves a host being drained: its replacement serves"
 
 
+def replaced(instance_id: int) -> str:
+    return f"instance {instance_id} replaced to serve the new LoRA adapters: its replacement serves"
+
+
 def host_lost(instance_id: int, last_seen: datetime) -> str:
     return (
         f"instance {instance_id} lost: its host has not answered since {last_seen:%H:%M:%S} UTC; "

@@ -68,6 +68,14 @@ def _on_draining_host(instance: Instance) -> bool:
     )
 
 
+def _being_replaced(instance: Instance) -> bool:
+    """On a draining host, or asked to be replaced (`Instance.replace_requested_at`): it serves until its
+    replacement does."""
+    return _on_draining_host(instance) or (
+        instance.state in (Instance.State.STARTING, Instance.State.READY) and instance.replace_requested_at is not None
+    )
+
+
 def _stop_order(instances: list[Instance]) -> list[Instance]:
     """Least advanced first; among ready ones the least loaded (gateway in-flight); newest on a tie."""
     loads = instance_inflight() if any(i.state == Instance.State.READY for i in instances) else {}
@@ -77,13 +85,14 @@ def _stop_order(instances: list[Instance]) -> list[Instance]:
 def instances_scale(deployment: Deployment, live: list[Instance]) -> None:
     """Add pending instances or mark extra ones stopping so that the live count matches the desired count.
 
-    Instances on a draining host do not count: each gets a replacement, and keeps serving until
-    enough replacements are ready (make before break); then it stops.
+    Instances on a draining host, or asked to be replaced (LoRA adapters they cannot load at run time),
+    do not count: each gets a replacement, and keeps serving until enough replacements are ready (make
+    before break); then it stops.
     """
     desired = deployment.desired_instances
     now = timezone.now()
-    moving = [i for i in live if _on_draining_host(i)]
-    active = [i for i in live if i.state != Instance.State.STOPPING and not _on_draining_host(i)]
+    moving = [i for i in live if _being_replaced(i)]
+    active = [i for i in live if i.state != Instance.State.STOPPING and not _being_replaced(i)]
     for _ in range(desired - len(active)):
         instance = Instance.objects.create(deployment=deployment)
         live.append(instance)
@@ -96,7 +105,10 @@ def instances_scale(deployment: Deployment, live: list[Instance]) -> None:
     if len(moving) > still_needed:
         for instance in _stop_order(moving)[: len(moving) - still_needed]:
             if claim(instance, instance.state, state=Instance.State.STOPPING, stopping_at=now):
-                event_record(deployment=deployment, kind="moved", message=notices.moved(instance.id))
+                if instance.replace_requested_at is not None:
+                    event_record(deployment=deployment, kind="replaced", message=notices.replaced(instance.id))
+                else:
+                    event_record(deployment=deployment, kind="moved", message=notices.moved(instance.id))
 
 
 def _draining(deployment: Deployment, instance: Instance) -> bool:

@@ -1,4 +1,4 @@
-"""The client for vLLM's own HTTP endpoints (health, models, metrics), used by the worker.
+"""The client for vLLM's own HTTP endpoints (health, models, metrics, LoRA adapters), used by the worker.
 
 Endpoints per vLLM's OpenAI-compatible server: `GET /health` answers 200 once the engine is
 loaded; `GET /v1/models` lists the served model name; `GET /metrics` is Prometheus text. Every call
@@ -50,3 +50,27 @@ def engine_load(base_url: str, *, key: str = "", timeout: float = 2.0) -> tuple[
             elif sample.name == "vllm:num_requests_waiting":
                 waiting += sample.value
     return running, waiting
+
+
+def lora_load(base_url: str, *, key: str, name: str, path: str, timeout: float = 30.0) -> bool:
+    """Load a LoRA adapter into a running engine: `POST {base_url}/v1/load_lora_adapter` with
+    ``{"lora_name": name, "lora_path": path}`` (`path`: a Hugging Face repo id or a local path). True when
+    the engine answers 200 within `timeout` seconds. vLLM opens this endpoint only when the server runs
+    with ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` (vLLM's "LoRA Adapters" page,
+    "Dynamically serving LoRA Adapters"); otherwise it answers 404 or 400: False, never an exception."""
+    return _post(f"{base_url}/v1/load_lora_adapter", key, {"lora_name": name, "lora_path": path}, timeout)
+
+
+def lora_unload(base_url: str, *, key: str, name: str, timeout: float = 30.0) -> bool:
+    """Unload a LoRA adapter from a running engine: `POST {base_url}/v1/unload_lora_adapter` with
+    ``{"lora_name": name}``. True on 200 within `timeout` seconds; False otherwise (see `lora_load`)."""
+    return _post(f"{base_url}/v1/unload_lora_adapter", key, {"lora_name": name}, timeout)
+
+
+def _post(url: str, key: str, body: dict, timeout: float) -> bool:
+    if timeout <= 0:
+        return False
+    try:
+        return httpx.post(url, headers=_headers(key), json=body, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False

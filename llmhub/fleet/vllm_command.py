@@ -14,10 +14,17 @@ every existing deployment stays the same) and one more line below.
 
 from __future__ import annotations
 
+import json
+
 from .engine_spec import ENGINE_PORT, GUARD_MIDDLEWARE
 
 # Inside the container: the engine port is published on the host's bind address only (`run_kwargs`).
 LISTEN_HOST = "0.0.0.0"
+# vLLM's default (``--max-lora-rank``, choices 1, 8, 16, 32, 64, ...): adapters of rank up to 16 load (the
+# baked test adapter is rank 8); a higher rank reserves more memory per adapter slot, so it is not raised.
+MAX_LORA_RANK = 16
+# The environment variable that opens vLLM's ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``.
+LORA_RUNTIME_ENV = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
 
 
 def vllm_command(
@@ -27,6 +34,14 @@ def vllm_command(
     max_num_seqs: int,
     tensor_parallel_size: int,
     revision: str = "",
+    task: str = "generate",
+    quantization: str | None = None,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    prefix_caching: bool = True,
+    kv_cache_dtype: str = "auto",
+    speculative: dict | None = None,
+    lora_modules: dict[str, str] | None = None,
 ) -> list[str]:
     """The arguments for vLLM's OpenAI server, one argv item per flag and per value (never split or
     parsed by a shell, so a value that looks like a flag stays a value).
@@ -44,6 +59,20 @@ def vllm_command(
     - ``--middleware llmhub_engine_guard.EngineKeyGuard``: the key guard (`engine_guard`), always: it
       closes every path but ``GET /health`` to callers without the instance's key.
 
+    Engine options (`deployments.models.EngineOptions`; each default adds no flag):
+
+    - ``task="embed"`` → ``--runner pooling --convert embed`` (vLLM 0.32's pooling runner, which serves
+      ``/v1/embeddings``; checked with ``--help=all`` on the CPU engine image);
+    - ``quantization`` → ``--quantization <method>``; ``dtype`` other than ``auto`` → ``--dtype <dtype>``;
+    - ``max_model_len`` (tokens) → ``--max-model-len <n>``;
+    - ``prefix_caching=False`` → ``--no-enable-prefix-caching`` (on is vLLM's default);
+    - ``kv_cache_dtype`` other than ``auto`` → ``--kv-cache-dtype <dtype>``;
+    - ``speculative`` (``{"method": "ngram", "num_speculative_tokens": n, "prompt_lookup_max": m}`` or
+      ``{"model": "<draft repo>", "num_speculative_tokens": n}``) → ``--speculative-config <json>``;
+    - ``lora_modules`` (served name ``username/model-name:adapter`` → adapter repo) → ``--enable-lora --max-lora-rank 16`` and one ``--lora-modules <name>=<repo>`` per adapter
+      (vLLM takes a repo id or path there, no revision). The container then also needs
+      `LORA_RUNTIME_ENV` so adapters can be loaded and unloaded while it runs.
+
     No secret is ever an argument (a command line is visible to anyone on the host in ``ps``): the
     engine key is ``VLLM_API_KEY`` and the Hugging Face token ``HF_TOKEN``, both in the environment.
     """
@@ -58,4 +87,28 @@ def vllm_command(
         "--port", str(ENGINE_PORT),
         "--middleware", GUARD_MIDDLEWARE,
     ]  # fmt: skip
+    if task == "embed":
+        command += ["--runner", "pooling", "--convert", "embed"]
+    if quantization:
+        command += ["--quantization", quantization]
+    if dtype and dtype != "auto":
+        command += ["--dtype", dtype]
+    if max_model_len:
+        command += ["--max-model-len", str(max_model_len)]
+    if not prefix_caching:
+        command.append("--no-enable-prefix-caching")
+    if kv_cache_dtype and kv_cache_dtype != "auto":
+        command += ["--kv-cache-dtype", kv_cache_dtype]
+    if speculative:
+        command += ["--speculative-config", json.dumps(speculative, sort_keys=True)]
+    if lora_modules:
+        command += ["--enable-lora", "--max-lora-rank", str(MAX_LORA_RANK)]
+        for name, repo in (lora_modules or {}).items():
+            command += ["--lora-modules", f"{name}={repo}"]
     return command
+
+
+def lora_served_name(full_name: str, adapter: str) -> str:
+    """The served model name of a deployment's LoRA adapter: ``username/model-name:adapter`` (what the
+    gateway sends as ``model`` for it)."""
+    return f"{full_name}:{adapter}"

@@ -186,8 +186,9 @@ def test_put_may_repeat_the_engine_unchanged(client, auth, deployed):
 
 
 def test_put_changes_adapters_and_calls_the_hook(client, auth, deployed, monkeypatch):
-    applied = []
+    applied, queued = [], []
     monkeypatch.setattr(services, "reconcile_soon", applied.append)
+    monkeypatch.setattr(services, "task_send", lambda name, *args: queued.append((name, args)))
 
     response = put(client, auth, deployed, {"lora_adapters": ADAPTERS})
 
@@ -197,6 +198,7 @@ def test_put_changes_adapters_and_calls_the_hook(client, auth, deployed, monkeyp
     assert [a.name for a in deployment.adapters] == ["sql", "chat-2"]
     assert deployment.events.filter(kind="adapters", message__contains="sql, chat-2").exists()
     assert applied == [deployment.id]
+    assert queued == [("workers.tasks.deployment_adapters_apply", (deployment.id,))]
 
     again = put(client, auth, deployed, {"lora_adapters": ADAPTERS})  # unchanged: no event, nothing to apply
     assert again.status_code == 200 and applied == [deployment.id]
