@@ -1,0 +1,102 @@
+"""Served model names beyond the base model: LoRA adapters (``username/model:adapter``), embeddings
+(/v1/openai/embeddings, only on deployments with task embed), /v1/openai/models and completions' suffix —
+with the official `openai` client against the gateway's ASGI application and a stand-in engine."""
+
+import asyncio
+
+import httpx
+import openai
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+
+from llmhub.gateway import load
+from llmhub.gateway.models import UsageRecord
+from tests.factories import DeploymentFactory, InstanceFactory, token_for
+from tests.fakes.http import Handler, chat_completion, serve
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class Engine(Handler):
+    """Answers chat, completions and embeddings; keeps every (path, body) it received."""
+
+    def do_POST(self):  # noqa: N802
+        body = self.read_json()
+        self.server.received.append((self.path, body))
+        if self.path == "/v1/embeddings":
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.25, float(i)]} for i in range(len(inputs))]
+            self.reply(200, {"object": "list", "model": body["model"], "data": data,
+                             "usage": {"prompt_tokens": 4 * len(inputs), "total_tokens": 4 * len(inputs)}})  # fmt: skip
+        elif self.path == "/v1/completions":
+            self.reply(200, {"id": "c", "object": "text_completion", "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, "text": "x", "finish_reason": "stop", "logprobs": None}],
+                             "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}})  # fmt: skip
+        else:
+            self.reply(200, chat_completion(body["model"], "hi"))
+
+
+def run(token, work):
+    async def go():
+        from llmhub.asgi import application
+
+        transport = httpx.ASGITransport(app=application)
+        client = openai.AsyncOpenAI(
+            base_url="http://testserver/v1/openai", api_key=token, max_retries=0,
+            http_client=httpx.AsyncClient(transport=transport, base_url="http://testserver"),
+        )  # fmt: skip
+        try:
+            result = await work(client)
+            await load.flush_usage()
+            return result
+        finally:
+            await sync_to_async(connections.close_all)()
+
+    return asyncio.run(go())
+
+
+async def status_of(call):
+    try:
+        await call
+    except openai.APIStatusError as exc:
+        return exc.status_code, exc.body.get("code"), exc.body.get("message")
+    return 200, None, None
+
+
+def chat(client, model):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.fixture
+def engine():
+    server = serve(Engine, received=[])
+    yield server
+    server.shutdown()
+
+
+ADAPTERS = [{"name": "sql", "repo": "org/sql-lora", "revision": "main"}]
+
+
+def test_adapter_model_name_routes_to_its_deployment_and_others_are_404(engine):
+    deployment = DeploymentFactory(status="running", model_name="m", lora_adapters=ADAPTERS)
+    InstanceFactory(deployment=deployment, ready=True, port=engine.server_address[1])
+    other = DeploymentFactory(status="running", model_name="theirs", lora_adapters=ADAPTERS)
+    name = deployment.full_name
+
+    async def calls(client):
+        answer = await chat(client, f"{name}:sql")
+        return answer.model, {
+            "unknown adapter": await status_of(chat(client, f"{name}:nope")),
+            "someone else's adapter": await status_of(chat(client, f"{other.full_name}:sql")),
+            "empty adapter": await status_of(chat(client, f"{name}:")),
+        }
+
+    model, errors = run(token_for(deployment.user), calls)
+    assert model == f"{name}:sql"
+    assert engine.received[0][1]["model"] == f"{name}:sql"  # forwarded unchanged: the engine's served name
+    assert len(engine.received) == 1
+    assert list(UsageRecord.objects.values_list("deployment_id", "prompt_tokens")) == [(deployment.id, 3)]
+    for label, (status, code, message) in errors.items():
+        assert (status, code) == (404, "model_not_found"), label
+        assert "does not exist or you do not have access to it" in message, label
