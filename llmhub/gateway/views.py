@@ -51,6 +51,13 @@ async def completions(request, caller):
     return await services.handle(caller, "completions", request.body)
 
 
+@require_POST
+@openai_api
+async def embeddings(request, caller):
+    """POST /v1/openai/embeddings (OpenAI Embeddings API), for deployments with task embed."""
+    return await services.handle(caller, "embeddings", request.body)
+
+
 @require_GET
 @openai_api
 async def models(request, caller):

@@ -100,3 +100,39 @@ def test_adapter_model_name_routes_to_its_deployment_and_others_are_404(engine):
     for label, (status, code, message) in errors.items():
         assert (status, code) == (404, "model_not_found"), label
         assert "does not exist or you do not have access to it" in message, label
+
+
+def test_embeddings_on_an_embed_deployment_and_400_across_tasks(engine):
+    embedder = DeploymentFactory(status="running", model_name="e5", task="embed")
+    InstanceFactory(deployment=embedder, ready=True, port=engine.server_address[1])
+    generator = DeploymentFactory(status="running", model_name="gen", user=embedder.user)
+    InstanceFactory(deployment=generator, ready=True, port=engine.server_address[1])
+    other = DeploymentFactory(status="running", model_name="theirs", task="embed")
+
+    async def calls(client):
+        answer = await client.embeddings.create(model=embedder.full_name, input=["a b", "c"])
+        return answer, {
+            "embeddings on a generate deployment": await status_of(
+                client.embeddings.create(model=generator.full_name, input="a")),
+            "chat on an embed deployment": await status_of(chat(client, embedder.full_name)),
+            "completions on an embed deployment": await status_of(
+                client.completions.create(model=embedder.full_name, prompt="a")),
+            "someone else's embed deployment": await status_of(
+                client.embeddings.create(model=other.full_name, input="a")),
+        }  # fmt: skip
+
+    answer, errors = run(token_for(embedder.user), calls)
+    assert [d.embedding for d in answer.data] == [[0.5, -0.25, 0.0], [0.5, -0.25, 1.0]]
+    assert [d.index for d in answer.data] == [0, 1]
+    assert answer.usage.prompt_tokens == 8 and answer.usage.total_tokens == 8
+    assert [path for path, _ in engine.received] == ["/v1/embeddings"]
+    assert engine.received[0][1]["input"] == ["a b", "c"]
+    assert list(UsageRecord.objects.values_list("deployment_id", "endpoint", "prompt_tokens", "completion_tokens")) == [
+        (embedder.id, "embeddings", 8, 0)
+    ]
+    assert errors["embeddings on a generate deployment"][:2] == (400, "model_not_embedding")
+    assert "does not serve embeddings" in errors["embeddings on a generate deployment"][2]
+    for label in ("chat on an embed deployment", "completions on an embed deployment"):
+        assert errors[label][:2] == (400, "model_is_embedding"), label
+        assert "serves embeddings only" in errors[label][2], label
+    assert errors["someone else's embed deployment"][:2] == (404, "model_not_found")
