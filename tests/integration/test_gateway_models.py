@@ -136,3 +136,23 @@ def test_embeddings_on_an_embed_deployment_and_400_across_tasks(engine):
         assert errors[label][:2] == (400, "model_is_embedding"), label
         assert "serves embeddings only" in errors[label][2], label
     assert errors["someone else's embed deployment"][:2] == (404, "model_not_found")
+
+
+def test_models_list_adapters_and_embedding_models_and_completions_pass_suffix(engine):
+    deployment = DeploymentFactory(status="running", model_name="m", lora_adapters=ADAPTERS)
+    InstanceFactory(deployment=deployment, ready=True, port=engine.server_address[1])
+    embedder = DeploymentFactory(status="running", model_name="e5", task="embed", user=deployment.user)
+    DeploymentFactory(status="running", model_name="theirs", lora_adapters=ADAPTERS)
+
+    async def calls(client):
+        listed = await client.models.list()
+        await client.completions.create(model=f"{deployment.full_name}:sql", prompt="def f(", suffix="\n    return x")
+        return [m.model_dump() for m in listed.data]
+
+    listed = run(token_for(deployment.user), calls)
+    by_id = {m["id"]: m for m in listed}
+    assert set(by_id) == {deployment.full_name, f"{deployment.full_name}:sql", embedder.full_name}
+    assert by_id[f"{deployment.full_name}:sql"]["parent"] == deployment.full_name
+    assert by_id[deployment.full_name].get("parent") is None
+    path, body = engine.received[-1]
+    assert path == "/v1/completions" and body["suffix"] == "\n    return x" and body["model"].endswith(":sql")
