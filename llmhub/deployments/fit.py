@@ -15,6 +15,8 @@ import hmac
 import json
 import logging
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -27,6 +29,9 @@ KV_CACHE_SHARE = 0.2  # of num_gpus × GPU memory, kept for the KV cache and act
 DTYPE_BYTES = {"float32": 4, "F32": 4, "float16": 2, "F16": 2, "bfloat16": 2, "BF16": 2, "F8_E4M3": 1, "I8": 1}
 CACHE_SECONDS = 3600
 UNKNOWN, UNKNOWN_CACHE_SECONDS = -1.0, 300  # "size unknown" is remembered briefly, so typing stays fast
+HUB_DEADLINE = 3.0  # seconds: all hub calls of one estimate together
+UNREACHABLE_KEY, UNREACHABLE_SECONDS = "fit:hub-unreachable", 60  # a hub that missed the deadline is skipped
+_hub_calls = ThreadPoolExecutor(max_workers=4, thread_name_prefix="llmhub-fit")
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,15 @@ def weights_bytes_from_config(config: dict) -> int | None:
     return None if params is None else params * DTYPE_BYTES.get(dtype, 2)
 
 
-def _config(repo: str, revision: str, token: str) -> dict | None:
+def _from_hub(repo: str, revision: str, token: str) -> int | None:
+    """Bytes of the weights from the hub (safetensors metadata, else config.json), or None."""
+    size = _safetensors_bytes(repo, revision, token)
+    if size is None and (config := _config(repo, revision, token)) is not None:
+        size = weights_bytes_from_config(config)
+    return size
+
+
+def _config(repo: str, revision: str, token: str, *, local_only: bool = False) -> dict | None:
     """The repo's config.json: from the local Hugging Face cache, else downloaded. The local cache is shared
     by every user's estimates, so only what anyone may read goes into it: a download made with a token
     (perhaps of a private repo) goes to a temporary directory, removed at once."""
@@ -92,7 +105,9 @@ def _config(repo: str, revision: str, token: str) -> dict | None:
         with open(path) as f:
             return json.load(f)
 
-    if (config := download(settings.HF_CACHE_DIR, True)) is not None or not token:
+    if (config := download(settings.HF_CACHE_DIR, True)) is not None or local_only:
+        return config
+    if not token:
         return config if config is not None else download(settings.HF_CACHE_DIR, False)
     with tempfile.TemporaryDirectory(prefix="llmhub-fit-") as private:
         return download(private, False)
@@ -121,17 +136,25 @@ def weights_gb(repo: str, revision: str = "", token: str = "") -> float | None:
 
     Cached per repo, revision and Hugging Face token, an hour when found and 5 minutes when unknown: a
     private repo's existence and size are learned only with a token that can read it. The key holds a
-    keyed hash of the token (`token_key`), never the token. Network calls time out after 3 s.
+    keyed hash of the token (`token_key`), never the token. All hub calls of one estimate share one deadline
+    of HUB_DEADLINE (3) seconds; a hub that misses it is not asked again for UNREACHABLE_SECONDS (60), and
+    with HF_HUB_OFFLINE it is never asked: only the local Hugging Face cache is read.
     """
     key = f"fit:weights:{token_key(token)}:{repo}@{revision or 'main'}"
     cached = cache.get(key)
     if cached is not None:
         return cached if cached >= 0 else None
     size = None
-    if not settings.HF_HUB_OFFLINE:
-        size = _safetensors_bytes(repo, revision, token)
-    if size is None and (config := _config(repo, revision, token)) is not None:
-        size = weights_bytes_from_config(config)
+    if settings.HF_HUB_OFFLINE or cache.get(UNREACHABLE_KEY):
+        config = _config(repo, revision, token, local_only=True)
+        size = weights_bytes_from_config(config) if config is not None else None
+    else:
+        try:
+            size = _hub_calls.submit(_from_hub, repo, revision, token).result(timeout=HUB_DEADLINE)
+        except FutureTimeout:  # the calls go on in their thread until their own timeouts; nobody waits
+            log.warning("the model hub did not answer within %.0f s; sizes unknown for %d s", HUB_DEADLINE,
+                        UNREACHABLE_SECONDS)  # fmt: skip
+            cache.set(UNREACHABLE_KEY, True, UNREACHABLE_SECONDS)
     if size is None:
         cache.set(key, UNKNOWN, UNKNOWN_CACHE_SECONDS)
         return None

@@ -21,7 +21,8 @@ from .services import GatewayError
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = {"/v1/openai/chat/completions": "chat/completions", "/v1/openai/completions": "completions"}
+ENDPOINTS = {"/v1/openai/chat/completions": "chat/completions", "/v1/openai/completions": "completions",
+             "/v1/openai/embeddings": "embeddings"}  # fmt: skip
 
 
 def wrap(django_app):

@@ -66,6 +66,8 @@ class Route:
     response_cache_seconds: int | None = None  # Deployment.response_cache_seconds (None: no response cache)
     serving_version: str = ""  # digest of what an answer depends on (model, adapters, engine options)
     max_batch_size: int = 0  # Deployment.max_batch_size: requests an engine runs at once
+    task: str = "generate"  # Deployment.task: "generate" (chat, completions) or "embed" (embeddings)
+    adapter: str = ""  # the LoRA adapter asked for (``username/model:adapter``), "" for the base model
 
 
 class RoutingCache:
@@ -159,8 +161,12 @@ class RoutingCache:
 
 
 async def load_route(caller: Caller, model: str) -> Route | None:
+    """The Route for served model name `model`: ``username/model-name`` (the base model) or
+    ``username/model-name:adapter`` (one of the deployment's LoRA adapters, served by the engine under that
+    name). None when the name is not the caller's, or the deployment or the adapter does not exist."""
     owner, _, name = model.partition("/")
-    if owner != caller.username or not name:
+    name, colon, adapter = name.partition(":")
+    if owner != caller.username or not name or (colon and not adapter):
         return None
     deployment = await (
         Deployment.objects.select_related("user")
@@ -168,7 +174,7 @@ async def load_route(caller: Caller, model: str) -> Route | None:
         .exclude(status__in=[Deployment.Status.DELETING, Deployment.Status.DELETED])
         .afirst()
     )
-    if deployment is None:
+    if deployment is None or (adapter and adapter not in {a.name for a in deployment.adapters}):
         return None
     instances = [
         (i.id, i.base_url, i.engine_key)
@@ -188,6 +194,8 @@ async def load_route(caller: Caller, model: str) -> Route | None:
         serving_version=serving_version(deployment),
         max_batch_size=deployment.max_batch_size,
         request_logging=deployment.request_logging,
+        task=deployment.task,
+        adapter=adapter,
         instances=instances,
     )
 

@@ -103,9 +103,10 @@ async def handle(caller: Caller, endpoint: str, raw: bytes) -> HttpResponse:
 
 
 async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
-    """Serve one OpenAI request for `caller` at `endpoint` ("chat/completions" or "completions").
+    """Serve one OpenAI request for `caller` at `endpoint` ("chat/completions", "completions" or
+    "embeddings"; an embeddings answer is never streamed, its usage has prompt tokens only).
 
-    Raises GatewayError: 400 bad body, 402 suspended by the spending limit, 404 unknown model, 429 rate
+    Raises GatewayError: 400 bad body or an endpoint the deployment's task does not serve, 402 suspended by the spending limit, 404 unknown model, 429 rate
     limit or too many held requests (before any stream starts), 503 failed deployment or no instance in
     time, 502 engine failure; 401 when a held request's token was revoked meanwhile.
     """
@@ -116,8 +117,9 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
     if route is None:
         raise GatewayError(404, f"The model '{body['model']}' does not exist or you do not have access to it.",
                            code="model_not_found")  # fmt: skip
+    check_task(route, endpoint)
     await check_servable(route)
-    stream = bool(body.get("stream"))
+    stream = endpoint != "embeddings" and bool(body.get("stream"))
     client_wants_usage = stream and bool((body.get("stream_options") or {}).get("include_usage"))
     # Always ask vLLM for usage; the extra final chunk is dropped unless the client asked.
     payload = engine_payload(raw, body, stream)
@@ -147,6 +149,19 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
         raise
     finally:
         call.finish()
+
+
+def check_task(route: Route, endpoint: str) -> None:
+    """Raise GatewayError(400) when the deployment's task does not serve `endpoint`: embeddings only on
+    deployments with task embed (code ``model_not_embedding``), chat and completions only on the others
+    (code ``model_is_embedding``)."""
+    embed = route.task == Deployment.Task.EMBED
+    if endpoint == "embeddings" and not embed:
+        raise GatewayError(400, f"The model '{route.full_name}' does not serve embeddings: deploy it with task "
+                           "'embed' to use /v1/openai/embeddings.", code="model_not_embedding")  # fmt: skip
+    if endpoint != "embeddings" and embed:
+        raise GatewayError(400, f"The model '{route.full_name}' serves embeddings only: use /v1/openai/embeddings.",
+                           code="model_is_embedding")  # fmt: skip
 
 
 async def check_servable(route: Route) -> None:

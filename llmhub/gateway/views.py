@@ -51,16 +51,29 @@ async def completions(request, caller):
     return await services.handle(caller, "completions", request.body)
 
 
+@require_POST
+@openai_api
+async def embeddings(request, caller):
+    """POST /v1/openai/embeddings (OpenAI Embeddings API), for deployments with task embed."""
+    return await services.handle(caller, "embeddings", request.body)
+
+
 @require_GET
 @openai_api
 async def models(request, caller):
-    """GET /v1/openai/models: the caller's live deployments as OpenAI model objects."""
-    data = [
-        {"id": d.full_name, "object": "model", "created": int(d.created_at.timestamp()), "owned_by": caller.username}
-        async for d in Deployment.objects.select_related("user")
+    """GET /v1/openai/models: the caller's live deployments as OpenAI model objects, each followed by its LoRA
+    adapters (``username/model:adapter``, with ``parent`` the deployment's name). Embedding deployments are
+    listed like the others (they answer /v1/openai/embeddings only)."""
+    data = []
+    async for d in (
+        Deployment.objects.select_related("user")
         .filter(user_id=caller.user_id, status__in=[Deployment.Status.DEPLOYING, Deployment.Status.RUNNING])
         .order_by("model_name")
-    ]
+    ):
+        created = int(d.created_at.timestamp())
+        data.append({"id": d.full_name, "object": "model", "created": created, "owned_by": caller.username})
+        data += [{"id": f"{d.full_name}:{a.name}", "object": "model", "created": created, "owned_by": caller.username,
+                  "parent": d.full_name} for a in d.adapters]  # fmt: skip
     return JsonResponse({"object": "list", "data": data})
 
 

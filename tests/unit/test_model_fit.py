@@ -1,6 +1,7 @@
 """Model fit: weights estimated from config.json in a Hugging Face cache; too big → 400, unknown → warning."""
 
 import json
+import time
 import uuid
 
 import pytest
@@ -84,3 +85,45 @@ def test_the_create_form_shows_the_estimate_as_the_user_types(client, user, hf_c
 
     assert "Weights ≈ <strong>16.1 GB</strong>" in fits and "fits" in fits
     assert "needs about 20 GB" in too_small
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch, settings, tmp_path):
+    """The hub at an address that accepts connections and never answers; nothing in the local cache."""
+    from huggingface_hub import constants, hf_api
+
+    from tests.fakes.silent_hub import silent_hub
+
+    settings.HF_CACHE_DIR = str(tmp_path)
+    settings.HF_HUB_OFFLINE = False
+    with silent_hub() as url:
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", url)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(hf_api.api, "endpoint", url)
+        yield url
+
+
+def test_create_answers_within_4_s_when_the_hub_never_answers(client, auth, gpu_hosts, unreachable_hub):
+    started = time.perf_counter()
+    response = create(client, auth, f"acme/unknown-{uuid.uuid4().hex[:8]}", "T4-16GB", 1)
+    elapsed = time.perf_counter() - started
+
+    assert response.status_code == 200, response.content
+    assert "could not be read" in response.json()["warnings"][0]
+    assert elapsed < 4, f"the create waited {elapsed:.1f} s on the hub"
+
+
+def test_an_unreachable_hub_is_remembered_so_the_next_estimate_does_not_wait(
+    client, auth, user, gpu_hosts, unreachable_hub
+):
+    create(client, auth, f"acme/first-{uuid.uuid4().hex[:8]}", "T4-16GB", 1)
+    client.force_login(user)
+
+    started = time.perf_counter()
+    response = client.post("/deployments/new/estimate", {"gpu": "T4-16GB", "num_gpus": 1, "hf_repo": "acme/other",
+                                                          "min_instances": 1, "max_instances": 1})  # fmt: skip
+    elapsed = time.perf_counter() - started
+
+    assert elapsed < 0.5, f"the second estimate waited {elapsed:.1f} s on a hub known to be unreachable"
+    assert response.status_code == 200 and "could not be read" in response.content.decode()
