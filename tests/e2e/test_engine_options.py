@@ -1,8 +1,10 @@
 """Engine options and LoRA adapters on the real vLLM engine: a deployment with a context length, prefix
-caching and one adapter serves the base model and the adapter (talked to on the engine itself, with the
-instance's key), and an adapter added by PUT /deploy/<id> is loaded into the running instance."""
+caching and one adapter serves the base model and the adapter (on the engine itself, with the instance's key,
+and through the gateway as ``user/model:adapter`` with the official `openai` client), and an adapter added by
+PUT /deploy/<id> is loaded into the running instance. An embed deployment answers /v1/openai/embeddings."""
 
 import httpx
+import openai
 import pytest
 
 from llmhub.fleet.models import Instance
@@ -62,6 +64,20 @@ def test_engine_options_and_lora_adapters_on_the_real_engine(stack):
     assert base and adapted and base != adapted  # the adapter changes the logits
     assert complete(instance, "opts/tiny") == base  # temperature 0: deterministic
 
+    # Through the gateway: the adapter is a model name of its own, the same answer as on the engine.
+    client = openai.OpenAI(base_url=f"{stack}/v1/openai", api_key=token_for(user), max_retries=0)
+    via_gateway = client.completions.create(
+        model="opts/tiny:tiny", prompt="The capital of France is", max_tokens=8, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert via_gateway.model == "opts/tiny:tiny" and via_gateway.choices[0].text == adapted
+    assert via_gateway.usage.completion_tokens == 8
+    listed = {m.id: m for m in client.models.list()}
+    assert "opts/tiny:tiny" in listed
+    stranger = openai.OpenAI(base_url=f"{stack}/v1/openai", api_key=token_for(UserFactory()), max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        stranger.completions.create(model="opts/tiny:tiny", prompt="hi", max_tokens=1)
+
     # An adapter added while the deployment runs is loaded into the same instance at run time.
     changed = api.put(f"/deploy/{deploy_id}", json={
         "lora_adapters": [{"name": "tiny", "repo": LORA}, {"name": "second", "repo": LORA}],
@@ -103,3 +119,11 @@ def test_an_embed_deployment_answers_embeddings_on_the_engine(stack):
     assert answer.status_code == 200, answer.text
     vectors = [item["embedding"] for item in answer.json()["data"]]
     assert len(vectors) == 2 and len(vectors[0]) == len(vectors[1]) > 0 and vectors[0] != vectors[1]
+
+    # Through the gateway, with the official client, as an editor's embeddings provider would call it.
+    client = openai.OpenAI(base_url=f"{stack}/v1/openai", api_key=token_for(user), max_retries=0)
+    result = client.embeddings.create(model="embedder/vectors", input=["hello", "a longer sentence"])
+    assert [len(item.embedding) for item in result.data] == [len(vectors[0])] * 2
+    assert result.usage.prompt_tokens > 0
+    with pytest.raises(openai.BadRequestError):  # an embedding model does not chat
+        client.chat.completions.create(model="embedder/vectors", messages=[{"role": "user", "content": "hi"}])
