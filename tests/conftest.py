@@ -31,6 +31,18 @@ def fresh_gateway_state():
     load.usage_buffer.clear()
 
 
+@pytest.fixture(autouse=True)
+def hub_reachable_again():
+    """A test that made the fit check give up on the model hub (remembered for a minute in the shared cache)
+    does not make the next test's estimates skip the hub."""
+    from django.core.cache import cache
+
+    from llmhub.deployments.fit import UNREACHABLE_KEY
+
+    yield
+    cache.delete(UNREACHABLE_KEY)
+
+
 @pytest.fixture
 def clock_start():
     """Where `clock` stops time: Sunday 2026-03-01 00:00 UTC (a module overrides this fixture for another instant)."""

@@ -97,7 +97,7 @@ def test_a_deployment_being_deleted_counts_against_the_quota_until_its_instances
 def test_a_config_downloaded_with_a_token_is_not_left_where_others_read_it(monkeypatch, settings, tmp_path):
     """The web's Hugging Face cache is shared by every user's estimates: what was fetched with alice's token
     (a private repo's config.json) must not be found there by bob's estimate once the cached size expires."""
-    settings.HF_HUB_OFFLINE, settings.HF_CACHE_DIR = True, str(tmp_path / "hf")  # no safetensors metadata
+    settings.HF_HUB_OFFLINE, settings.HF_CACHE_DIR = False, str(tmp_path / "hf")
     repo = f"alice-corp/secret-{uuid.uuid4().hex[:8]}"
     config = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
               "intermediate_size": 14336, "vocab_size": 128256, "torch_dtype": "bfloat16"}  # fmt: skip
@@ -115,7 +115,11 @@ def test_a_config_downloaded_with_a_token_is_not_left_where_others_read_it(monke
         path.write_text(json.dumps(config))
         return str(path)
 
+    def no_safetensors_metadata(*args, **kwargs):
+        raise huggingface_hub.errors.NotASafetensorsRepoError("no safetensors metadata")
+
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", no_safetensors_metadata)
 
     assert weights_gb(repo, "", ALICE_HF_TOKEN) == pytest.approx(16.06, abs=0.01)
     client = cache._cache.get_client()
