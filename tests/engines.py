@@ -53,6 +53,27 @@ exit 0
 """
 
 
+def _default_bridge_address() -> str | None:
+    """The machine's engine's default bridge (docker0) address, e.g. "172.17.0.1/16", or None without one."""
+    shown = subprocess.run(["ip", "-o", "-4", "addr", "show", "dev", "docker0"], capture_output=True, text=True)
+    fields = shown.stdout.split()
+    return fields[fields.index("inet") + 1] if "inet" in fields else None
+
+
+DEFAULT_BRIDGE = _default_bridge_address()
+
+
+def default_bridge_kept() -> None:
+    """Put back the machine's engine's default bridge (docker0) when an extra engine's start or stop took it
+    away (seen with these fleet tests: the machine's engine then fails every container on its default
+    network with "could not find bridge docker0"); the engine finds a bridge by name, so one made anew serves."""
+    if DEFAULT_BRIDGE is None or _default_bridge_address() is not None:
+        return
+    subprocess.run(["ip", "link", "add", "name", "docker0", "type", "bridge"], capture_output=True)
+    subprocess.run(["ip", "addr", "replace", DEFAULT_BRIDGE, "dev", "docker0"], capture_output=True)
+    subprocess.run(["ip", "link", "set", "docker0", "up"], capture_output=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -220,6 +241,7 @@ class Dockerd:
     def start(self, timeout: float = 60) -> None:
         """Start dockerd (same data root as before when restarted); returns once it answers."""
         self.base.mkdir(parents=True, exist_ok=True)
+        default_bridge_kept()
         subprocess.run(["ip", "link", "add", "name", self.bridge, "type", "bridge"], capture_output=True)
         subprocess.run(
             ["ip", "addr", "replace", f"10.231.{self.subnet_octet}.1/24", "dev", self.bridge], check=True, capture_output=True
@@ -258,6 +280,7 @@ class Dockerd:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        default_bridge_kept()
 
     def restart(self) -> None:
         self.stop()
