@@ -94,9 +94,36 @@ def auth(token):
     return {"HTTP_AUTHORIZATION": f"Bearer {token}"}
 
 
+ENGINE_LANE_FIXTURES = {"running_platform", "fleet_engines"}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--lane", choices=("engines", "others"),
+        help="run one of bin/test's two lanes: 'engines' (tests on real vLLM, in Chromium or on the extra Docker "
+             "Engines: mostly waiting on engines) or 'others' (everything else)",
+    )  # fmt: skip
+
+
+def in_engine_lane(item) -> bool:
+    """Whether a test belongs to bin/test's 'engines' lane: it runs real vLLM or Chromium, the shared platform
+    or the fleet's extra Docker Engines (whose start and stop touch the machine's network bridges)."""
+    if item.get_closest_marker("vllm") or item.get_closest_marker("browser"):
+        return True
+    return bool(ENGINE_LANE_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Tests on the shared platform run one after another (where the first of them is), so that it runs only
-    while they do: other tiers' tests start workers of their own on the same queue and database."""
+    """With ``--lane``, keep only that lane's tests. Tests on the shared platform run one after another (where
+    the first of them is), so that it runs only while they do: other tiers' tests start workers of their own
+    on the same queue and database."""
+    lane = config.getoption("--lane")
+    if lane:
+        kept = [item for item in items if in_engine_lane(item) == (lane == "engines")]
+        dropped = [item for item in items if item not in set(kept)]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
     users = [
         item for item in items
         if "running_platform" in getattr(item, "fixturenames", ()) and "platform_stopped" not in item.fixturenames
