@@ -6,7 +6,7 @@ defined here; workers/celery.py adds the task modules and the beat schedule to t
 """
 
 from celery import Celery
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 
 from llmhub.routing_generation import routing_changed
 
@@ -25,6 +25,17 @@ def _task_routes() -> dict:
 
 
 app.conf.task_routes = _task_routes()
+
+# Options of the tasks queued by a change (a deployment created, an invoice built...): through an outage of
+# PostgreSQL they retry with exponential backoff (2 s doubling up to 60 s, with jitter; 20 retries cover well
+# over the 5 minutes the platform is built to ride out). Periodic tasks do not retry: their next tick does.
+RETRY_ON_DATABASE_OUTAGE = {
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 2,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": 20,
+}
 
 
 def task_send(name: str, *args: int) -> None:

@@ -28,3 +28,4 @@ urlpatterns = [
     path("<str:username>/<str:model_name>", deployment_views.model_page, name="model"),
     path("<str:username>/<str:model_name>/api", deployment_views.model_page, {"tab": "api"}, name="model-api"),
 ]
+handler500 = "llmhub.unavailable.server_error"  # a database outage: 503 (llmhub/unavailable.py)

@@ -21,14 +21,16 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 @pytest.fixture(autouse=True)
 def fresh_gateway_state():
     """The gateway's per-process caches and counters start empty in every test."""
-    from llmhub.gateway import limits, load, routing
+    from llmhub.gateway import degraded, limits, load, routing, usage_buffer
 
     limits._leases.clear()
     routing.cache.clear()
     routing.cache.generation, routing.cache.checked_at = None, 0.0
     load.inflight.clear()
     load.outstanding.clear()
-    load.usage_buffer.clear()
+    usage_buffer.records.clear()
+    degraded.redis.ok()
+    degraded.database.ok()
 
 
 @pytest.fixture(autouse=True)

@@ -2,10 +2,11 @@
 
 from contextlib import contextmanager
 
+from llmhub.queue import RETRY_ON_DATABASE_OUTAGE
 from workers.celery import app
 
 
-@app.task(name="workers.tasks.reconcile_deployment")
+@app.task(name="workers.tasks.reconcile_deployment", **RETRY_ON_DATABASE_OUTAGE)
 def reconcile_deployment(deployment_id: int) -> None:
     """Reconcile one deployment now (enqueued on create, scale and delete)."""
     from llmhub.fleet.reconcile import deployment_reconcile
@@ -14,7 +15,7 @@ def reconcile_deployment(deployment_id: int) -> None:
         deployment_reconcile(deployment_id=deployment_id)
 
 
-@app.task(name="workers.tasks.deployment_adapters_apply")
+@app.task(name="workers.tasks.deployment_adapters_apply", **RETRY_ON_DATABASE_OUTAGE)
 def deployment_adapters_apply(deployment_id: int) -> None:
     """Give running instances the deployment's changed LoRA adapters (queued by the deployments hook);
     instances marked for replacement are replaced by reconciling at once."""
@@ -55,7 +56,7 @@ def billing_check() -> None:
     spending_check_all()
 
 
-@app.task(name="workers.tasks.billing_alerts_deliver")
+@app.task(name="workers.tasks.billing_alerts_deliver", **RETRY_ON_DATABASE_OUTAGE)
 def billing_alerts_deliver() -> None:
     """Deliver due spending alerts (e-mail, webhook) from the outbox (beat, and when an alert is written)."""
     from llmhub.billing.alerts import alerts_deliver
@@ -72,7 +73,7 @@ def billing_invoices() -> None:
     invoices_push_pending()
 
 
-@app.task(name="workers.tasks.billing_invoice_push")
+@app.task(name="workers.tasks.billing_invoice_push", **RETRY_ON_DATABASE_OUTAGE)
 def billing_invoice_push(invoice_id: int) -> None:
     """Send one invoice to Stripe (enqueued when it is built)."""
     from llmhub.billing.invoices import invoice_push
@@ -97,7 +98,7 @@ def request_logs_purge() -> None:
     run()
 
 
-@app.task(name="workers.tasks.image_pull")
+@app.task(name="workers.tasks.image_pull", **RETRY_ON_DATABASE_OUTAGE)
 def image_pull(pull_id: int, attempt: int) -> None:
     """Pull an engine image onto a host, with progress in the events (enqueued by a reconcile)."""
     from llmhub.fleet.services import image_pull_run

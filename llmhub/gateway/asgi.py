@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from llmhub import unavailable
 from llmhub.accounts.selectors import bearer_secret
 
 from . import bodies, services
+from .degraded import DATABASE_ERRORS
 from .routing import cache
 from .services import GatewayError
 
@@ -35,7 +37,11 @@ def wrap(django_app):
             if scope["method"] == "POST" and scope["path"] in ENDPOINTS:
                 return await serve(scope, receive, send)
             if scope["path"].startswith("/deploy/") and bodies.has_body(scope):
-                if await cache.caller(bearer_secret(bodies.header(scope, b"authorization"))) is None:
+                try:
+                    caller = await cache.caller(bearer_secret(bodies.header(scope, b"authorization")))
+                except DATABASE_ERRORS:
+                    return await send_unavailable(scope, send)
+                if caller is None:
                     return await bodies.send_refusal(send, scope["path"], 401, UNAUTHENTICATED)
         return await bounded_django(scope, receive, send)
 
@@ -61,11 +67,19 @@ async def serve(scope, receive, send) -> None:
         answer = await services.answer(caller, ENDPOINTS[path], body)
     except GatewayError as exc:
         return await send_response(exc.response(), send)
+    except DATABASE_ERRORS:  # not warm in this process (a caller or route never seen) while PostgreSQL is down
+        return await send_unavailable(scope, send)
     except Exception:  # noqa: BLE001 - never a stack trace to the client
         log.exception("gateway request failed")
         error = GatewayError(500, "The gateway failed; try again.", type="server_error", code="internal")
         return await send_response(error.response(), send)
     await send_answer(answer, receive, send)
+
+
+async def send_unavailable(scope, send) -> None:
+    """A 503 with Retry-After in the shape of the surface (OpenAI's error, or the deploy API's ``detail``)."""
+    await bodies.send_refusal(send, scope["path"], 503, unavailable.MESSAGE, "service_unavailable",
+                              retry_after=unavailable.RETRY_AFTER)  # fmt: skip
 
 
 async def send_response(response, send) -> None:

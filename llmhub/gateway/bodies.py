@@ -117,12 +117,13 @@ def _size(n: int) -> str:
     return f"{n / 1024 / 1024:g} MiB" if n % (1024 * 1024) == 0 else f"{n} bytes"
 
 
-def refusal(path: str, status: int, message: str | None = None, code: str | None = None) -> tuple[int, dict, bytes]:
-    """(status, headers, body) of a refusal in the shape of the surface at `path`."""
+def refusal(path: str, status: int, message: str | None = None, code: str | None = None,
+            retry_after: int | None = None) -> tuple[int, dict, bytes]:  # fmt: skip
+    """(status, headers, body) of a refusal in the shape of the surface at `path` (Retry-After: `retry_after` s)."""
     message = message or _message(status)
     code = code or {413: "request_too_large", 408: "request_timeout"}.get(status)
     if path.startswith("/v1/"):
-        kind = "invalid_request_error"
+        kind = "server_error" if status >= 500 else "invalid_request_error"
         raw = json.dumps(GatewayError(status, message, type=kind, code=code).body()).encode()
         content_type = "application/json"
     elif path.startswith("/deploy/"):
@@ -131,11 +132,14 @@ def refusal(path: str, status: int, message: str | None = None, code: str | None
         raw, content_type = (message + "\n").encode(), "text/plain; charset=utf-8"
     # The rest of the body is never read: the connection ends with this answer.
     headers = {"content-type": content_type, "content-length": str(len(raw)), "connection": "close"}
+    if retry_after is not None:
+        headers["retry-after"] = str(retry_after)
     return status, headers, raw
 
 
-async def send_refusal(send, path: str, status: int, message: str | None = None, code: str | None = None) -> None:
-    status, headers, raw = refusal(path, status, message, code)
+async def send_refusal(send, path: str, status: int, message: str | None = None, code: str | None = None,
+                       retry_after: int | None = None) -> None:  # fmt: skip
+    status, headers, raw = refusal(path, status, message, code, retry_after)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})  # fmt: skip
     await send({"type": "http.response.body", "body": raw})

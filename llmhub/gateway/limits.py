@@ -20,6 +20,7 @@ import uuid
 
 from django.conf import settings
 
+from . import degraded
 from .clients import redis_async
 from .errors import GatewayError
 from .routing import Caller
@@ -41,7 +42,13 @@ async def rate_limit(caller: Caller) -> None:
     window = int(now // 60)
     leased_window, left = _leases.get(caller.user_id, (None, 0))
     if leased_window != window or left <= 0:
-        left = await _lease(caller.user_id, window, limit)
+        if degraded.redis.resting():
+            return  # Redis is down: the limit degrades open (said once in the log and in /metrics)
+        try:
+            left = await _lease(caller.user_id, window, limit)
+        except degraded.REDIS_ERRORS as exc:
+            degraded.redis.failed(exc)
+            return
     if left > 0:
         _leases[caller.user_id] = (window, left - 1)
         return
@@ -75,7 +82,10 @@ class HeldSlot:
     async def release(self) -> None:
         if not self.released:
             self.released = True
-            await redis_async().zrem(self.key, self.member)
+            try:
+                await redis_async().zrem(self.key, self.member)
+            except degraded.REDIS_ERRORS as exc:  # the slot expires on its own (its score is its deadline)
+                degraded.redis.failed(exc)
 
 
 async def held_slot_take(caller: Caller) -> HeldSlot | None:
@@ -89,12 +99,18 @@ async def held_slot_take(caller: Caller) -> HeldSlot | None:
     member = f"{_PROCESS}:{uuid.uuid4().hex}"
     now = time.time()
     expires = now + settings.GATEWAY_HOLD_TIMEOUT + 30
+    if degraded.redis.resting():
+        return None  # Redis is down: not limited meanwhile (degrades open)
     pipe = redis_async().pipeline()  # MULTI/EXEC: drop expired slots, add ours, count
     pipe.zremrangebyscore(key, "-inf", now)
     pipe.zadd(key, {member: expires})
     pipe.zcard(key)
     pipe.expire(key, math.ceil(settings.GATEWAY_HOLD_TIMEOUT + 60))
-    _, _, count, _ = await pipe.execute()
+    try:
+        _, _, count, _ = await pipe.execute()
+    except degraded.REDIS_ERRORS as exc:
+        degraded.redis.failed(exc)
+        return None
     if count > limit:
         await redis_async().zrem(key, member)
         raise GatewayError(429, f"You already have {limit} requests waiting for an instance to start (the most "

@@ -5,8 +5,9 @@ instance, for least-outstanding-requests balancing) in memory. A background task
 publishes both to Redis every `PUBLISH_INTERVAL` seconds, as hashes per process that expire after
 `PROCESS_TTL` seconds (so a dead process's counts vanish): per deployment for the autoscaler, per
 instance (under the fleet's `scaling.INSTANCE_INFLIGHT_PREFIX`) for the reconciler, which stops the
-least loaded instance and drains it first. It also writes buffered usage records to PostgreSQL in
-one INSERT.
+least loaded instance and drains it first. The same round writes the usage records (`usage_buffer`) and
+request logs (`request_log`) of finished requests. An outage of Redis or PostgreSQL is said once
+(`degraded`), never per round.
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ from collections import defaultdict
 from weakref import WeakKeyDictionary
 
 import redis
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from llmhub.fleet.scaling import INSTANCE_INFLIGHT_PREFIX
 
-from . import prefix, request_log
+from . import degraded, prefix, request_log, usage_buffer
 from .clients import redis_async
-from .models import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +37,6 @@ PROCESS_TTL = 5  # seconds
 
 inflight: defaultdict[int, int] = defaultdict(int)  # deployment id → requests in this process
 outstanding: defaultdict[int, int] = defaultdict(int)  # instance id → requests in this process
-usage_buffer: list[UsageRecord] = []
 _tasks: WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task] = WeakKeyDictionary()
 
 
@@ -55,10 +53,16 @@ async def _background():
         await asyncio.sleep(PUBLISH_INTERVAL)
         try:
             await publish_inflight()
-            await flush_usage()
-            await request_log.flush()
+            degraded.redis.ok()
+        except degraded.REDIS_ERRORS as exc:
+            degraded.redis.failed(exc)
         except Exception:  # noqa: BLE001 - never let the publisher die; the next round retries
-            log.exception("gateway background round failed")
+            log.exception("publishing in-flight counts failed")
+        for write in (usage_buffer.flush, request_log.flush):
+            try:
+                await write()
+            except Exception:  # noqa: BLE001 - an outage is handled inside; anything else is logged
+                log.exception("gateway background round failed")
 
 
 async def publish_inflight() -> None:
@@ -72,16 +76,6 @@ async def publish_inflight() -> None:
             pipe.hset(key, mapping=counts)
             pipe.expire(key, PROCESS_TTL)
     await pipe.execute()
-
-
-async def flush_usage() -> int:
-    """Insert the buffered usage records in one query. Returns how many were written."""
-    if not usage_buffer:
-        return 0
-    batch = usage_buffer[:]
-    del usage_buffer[: len(batch)]
-    await sync_to_async(UsageRecord.objects.bulk_create)(batch)
-    return len(batch)
 
 
 def inflight_totals() -> dict[int, int]:

@@ -30,6 +30,17 @@ time_to_first_token = Histogram(
 )  # fmt: skip
 inflight_requests = Gauge("llmhub_gateway_inflight_requests", "Requests in flight.", ["deployment"],
                           multiprocess_mode="livesum")  # fmt: skip
+degraded = Gauge(
+    "llmhub_gateway_degraded", "1 while the gateway serves without a dependency (redis, postgresql), else 0.",
+    ["dependency"], multiprocess_mode="livemax",
+)  # fmt: skip
+usage_pending = Gauge(
+    "llmhub_gateway_usage_pending", "Usage records kept in this process until PostgreSQL and Redis take them.",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+usage_dropped = Counter(
+    "llmhub_gateway_usage_dropped", "Usage records dropped because the outage buffer was full (see the README)."
+)
 
 
 class FleetCollector:
@@ -42,6 +53,15 @@ class FleetCollector:
         yield GaugeMetricFamily("llmhub_gpu_hours", "GPU-hours accrued.", labels=["deployment", "deploy_id"])
 
     def collect(self):
+        """The fleet series; none while PostgreSQL is down (the gateway's own series are still shown)."""
+        from django.db import InterfaceError, OperationalError
+
+        try:
+            yield from self._collect()
+        except (OperationalError, InterfaceError):
+            return
+
+    def _collect(self):
         from llmhub.fleet.models import Instance
 
         by_state = GaugeMetricFamily("llmhub_instances", "Instances by state.", labels=["state"])

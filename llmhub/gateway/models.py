@@ -18,6 +18,11 @@ class UsageRecord(models.Model):
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.PositiveIntegerField(help_text="Request received → last byte sent, milliseconds.")
     ttft_ms = models.PositiveIntegerField(null=True, blank=True, help_text="Time to first token, milliseconds.")
+    idempotency_key = models.UUIDField(
+        null=True, unique=True, editable=False,
+        help_text="Made by the gateway for each request, so that a record kept through an outage and written "
+        "again is stored once (gateway/usage_buffer.py).",
+    )  # fmt: skip
     cache = models.CharField(
         max_length=4,
         blank=True,

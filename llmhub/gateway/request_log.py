@@ -19,8 +19,10 @@ from datetime import datetime, timedelta
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import close_old_connections
 from django.utils import timezone
 
+from . import degraded
 from .models import RequestLog, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -72,11 +74,23 @@ async def flush() -> int:
         return 0
     batch = pending[:]
     del pending[: len(batch)]
-    return await sync_to_async(_write)(batch)
+    try:
+        return await sync_to_async(_write)(batch)
+    except degraded.DATABASE_ERRORS as exc:  # PostgreSQL is down: kept in memory for the next round
+        degraded.database.failed(exc)
+        pending[:0] = batch
+        if len(pending) > MAX_PENDING:
+            del pending[: len(pending) - MAX_PENDING]
+            log.warning("request log queue full: oldest entries dropped")
+        return 0
 
 
 def _write(batch: list[Pending]) -> int:
-    RequestLog.objects.bulk_create([entry(p) for p in batch])
+    try:
+        RequestLog.objects.bulk_create([entry(p) for p in batch])
+    except degraded.DATABASE_ERRORS:
+        close_old_connections()  # the broken connection is replaced on the next round
+        raise
     return len(batch)
 
 

@@ -18,7 +18,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import OperationalError, close_old_connections
 
 from llmhub.accounts.selectors import aapi_token_owner
 from llmhub.accounts.services import aapi_token_authenticate, token_hash
@@ -26,6 +28,7 @@ from llmhub.deployments.models import Deployment
 from llmhub.fleet.models import Instance
 from llmhub.routing_generation import GENERATION_KEY
 
+from . import degraded
 from .clients import redis_async
 
 CHECK_INTERVAL = 0.25  # seconds between two looks at the generation counter
@@ -93,7 +96,13 @@ class RoutingCache:
         if not force and now - self.checked_at < CHECK_INTERVAL:
             return
         self.checked_at = now
-        generation = await redis_async().get(GENERATION_KEY)
+        if degraded.redis.resting():
+            return
+        try:
+            generation = await redis_async().get(GENERATION_KEY)
+        except degraded.REDIS_ERRORS as exc:  # serve from the cache as it is until Redis is back
+            degraded.redis.failed(exc)
+            return
         if generation != self.generation:
             self.generation = generation
             self.clear()
@@ -107,7 +116,13 @@ class RoutingCache:
         hit = self._hit(key)
         if hit is not False:
             return hit
-        user = await aapi_token_authenticate(secret)
+        try:
+            user = await from_database(aapi_token_authenticate(secret))
+        except degraded.DATABASE_ERRORS:
+            stale = self._hit(key, stale=True)
+            if stale is False:
+                raise
+            return stale
         caller = caller_of(user, key) if user else None
         self._remember(key, caller)
         return caller
@@ -124,17 +139,17 @@ class RoutingCache:
         self._remember(caller.token_key, fresh)
         return fresh
 
-    def _hit(self, key: str) -> Caller | None | bool:
-        """The cached Caller, None for a cached invalid hash, False for a miss."""
+    def _hit(self, key: str, *, stale: bool = False) -> Caller | None | bool:
+        """The cached Caller, None for a cached invalid hash, False for a miss. An entry past its TTL is a
+        miss but stays (LRU-bounded) for `stale`: the last known answer while PostgreSQL is down."""
         now = time.monotonic()
         for table in (self.callers, self.unknown):
             if key in table:
                 entry = table[key]
                 at, caller = entry if table is self.callers else (entry, None)
-                if now - at < TTL:
+                if stale or now - at < TTL:
                     table.move_to_end(key)
                     return caller
-                del table[key]
         return False
 
     def _remember(self, key: str, caller: Caller | None) -> None:
@@ -151,7 +166,12 @@ class RoutingCache:
         hit = self.routes.get(key)
         if hit and time.monotonic() - hit[0] < TTL:
             return hit[1]
-        route = await load_route(caller, model)
+        try:
+            route = await from_database(load_route(caller, model))
+        except degraded.DATABASE_ERRORS:
+            if hit is None:
+                raise
+            return hit[1]  # the last known route while PostgreSQL is down
         self.routes[key] = (time.monotonic(), route)
         return route
 
@@ -207,6 +227,22 @@ def serving_version(deployment: Deployment) -> str:
     fields = [deployment.task, deployment.hf_repo, deployment.hf_revision, deployment.engine_options,
               deployment.lora_adapters]  # fmt: skip
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+async def from_database(lookup):
+    """Await `lookup` (a database query); on an outage record it (`degraded`), replace the broken connection
+    and raise the error again. Raises django.db.OperationalError or InterfaceError."""
+    if degraded.database.resting():
+        lookup.close()
+        raise OperationalError("PostgreSQL is unreachable (retried within a second)")
+    try:
+        result = await lookup
+    except degraded.DATABASE_ERRORS as exc:
+        degraded.database.failed(exc)
+        await sync_to_async(close_old_connections)()
+        raise
+    degraded.database.ok()
+    return result
 
 
 cache = RoutingCache()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
@@ -26,7 +27,7 @@ from llmhub.deployments.models import Deployment
 from llmhub.deployments.timeline import event_record
 from llmhub.queue import reconcile_soon
 
-from . import holding, load, messages, metrics, request_log, response_cache, upstream
+from . import holding, load, messages, metrics, request_log, response_cache, upstream, usage_buffer
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
 from .messages import Answer, engine_payload, parse_body
@@ -86,8 +87,9 @@ class Call:
             latency_ms=round((now - self.started) * 1000),
             ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None,
             cache=self.cache,
+            idempotency_key=uuid.uuid4(),
         )  # fmt: skip
-        load.usage_buffer.append(usage)
+        usage_buffer.keep(usage)
         if self.log is not None:
             request_log.record(self.log, usage=usage)
 

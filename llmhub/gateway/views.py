@@ -13,10 +13,12 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from llmhub import unavailable
 from llmhub.accounts.selectors import bearer_secret
 from llmhub.deployments.models import Deployment
 
 from . import metrics, services
+from .degraded import DATABASE_ERRORS
 from .errors import GatewayError, invalid_token
 from .routing import cache
 
@@ -33,6 +35,9 @@ def openai_api(view):
             return await view(request, caller, *args, **kwargs)
         except GatewayError as exc:
             return exc.response()
+        except DATABASE_ERRORS:  # PostgreSQL is down and this process has not seen the caller or route
+            return GatewayError(503, unavailable.MESSAGE, type="server_error", code="service_unavailable",
+                                retry_after=unavailable.RETRY_AFTER).response()  # fmt: skip
 
     return csrf_exempt(wrapper)
 

@@ -10,7 +10,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connections
 
-from llmhub.gateway import load
+from llmhub.gateway import usage_buffer
 from llmhub.gateway.models import UsageRecord
 from tests.factories import DeploymentFactory, InstanceFactory, token_for
 from tests.fakes.http import Handler, chat_completion, serve
@@ -48,7 +48,7 @@ def run(token, work):
         )  # fmt: skip
         try:
             result = await work(client)
-            await load.flush_usage()
+            await usage_buffer.flush()
             return result
         finally:
             await sync_to_async(connections.close_all)()

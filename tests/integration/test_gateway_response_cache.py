@@ -12,7 +12,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from llmhub.fleet.models import Instance
-from llmhub.gateway import load, response_cache, routing
+from llmhub.gateway import response_cache, routing, usage_buffer
 from llmhub.gateway.models import UsageRecord
 from tests.factories import DeploymentFactory, HostFactory, token_for
 from tests.fakes.openai_engine import CountingEngine
@@ -61,7 +61,7 @@ def send(token, *requests):
                     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
                     r = await client.post(f"/v1/openai/{endpoint}", content=raw, headers=headers)
                     out.append((r.status_code, r.headers, r.content))
-            await load.flush_usage()
+            await usage_buffer.flush()
         finally:
             await sync_to_async(connections.close_all)()
         return out

@@ -14,7 +14,7 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 from django.db.backends import utils as db_utils
 
-from llmhub.gateway import load
+from llmhub.gateway import load, usage_buffer
 from llmhub.gateway.models import UsageRecord
 from tests.factories import DeploymentFactory, InstanceFactory, token_for
 
@@ -108,7 +108,7 @@ async def asgi_post(path, headers, body, *, disconnect_after_chunks=None):
                 gone.set()
 
     await application(scope, receive, send)
-    await load.flush_usage()
+    await usage_buffer.flush()
     await sync_to_async(connections.close_all)()  # the ORM's worker thread lets go of the test database
     return sent
 
@@ -183,7 +183,7 @@ def test_a_warm_gateway_makes_no_database_query_per_request(target, monkeypatch)
         return real_execute(self, sql, params)
 
     monkeypatch.setattr(db_utils.CursorWrapper, "execute", counting_execute)
-    monkeypatch.setattr(load, "flush_usage", _no_flush)  # batches are written off the hot path
+    monkeypatch.setattr(usage_buffer, "flush", _no_flush)  # batches are written off the hot path
 
     for _ in range(3):
         asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name)))

@@ -13,7 +13,7 @@ from django.db import connections
 from django.db.backends import utils as db_utils
 
 from llmhub.fleet.models import Instance
-from llmhub.gateway import load, request_log
+from llmhub.gateway import request_log, usage_buffer
 from llmhub.gateway.models import RequestLog, UsageRecord
 from tests.factories import DeploymentFactory, HostFactory, token_for
 
@@ -109,7 +109,7 @@ async def asgi_post(path, headers, body, *, flush=True):
 
     await application(scope, receive, send)
     if flush:
-        await load.flush_usage()
+        await usage_buffer.flush()
         await request_log.flush()
     await sync_to_async(connections.close_all)()  # the ORM's worker thread lets go of the test database
     return b"".join(sent)

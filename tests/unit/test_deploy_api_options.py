@@ -405,8 +405,9 @@ def test_bodies_that_are_not_a_json_object_are_a_400(client, auth, cpu_host, raw
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_unexpected_errors_go_on_to_django(client, auth, cpu_host, monkeypatch, settings, debug):
-    """A database outage is not the API's to answer (the site's middleware turns it into a 503): the error
-    reaches Django's handling, also with DEBUG on, where django-ninja would answer a traceback itself."""
+    """A database outage is not the API's to answer: the error reaches Django's handling, also with DEBUG on
+    (where django-ninja would answer a traceback itself), and the site's middleware turns it into a 503 in the
+    API's shape, with Retry-After."""
     from django.db import OperationalError
 
     from llmhub.deployments import selectors
@@ -418,5 +419,7 @@ def test_unexpected_errors_go_on_to_django(client, auth, cpu_host, monkeypatch, 
 
     monkeypatch.setattr(selectors, "deployments_visible", down)
 
-    with pytest.raises(OperationalError):
-        client.get("/deploy/list", **auth)
+    response = client.get("/deploy/list", **auth)
+    assert response.status_code == 503 and int(response["Retry-After"]) > 0
+    assert set(response.json()) == {"detail"} and "temporarily unavailable" in response.json()["detail"]
+    assert "Traceback" not in response.content.decode()

@@ -55,3 +55,35 @@ def test_every_task_name_llmhub_sends_is_a_task_the_workers_have():
     assert {"workers.tasks.reconcile_deployment", "workers.tasks.image_pull", "workers.tasks.billing_invoice_push",
             "workers.tasks.billing_alerts_deliver"} <= names  # fmt: skip
     assert names <= set(app.tasks)
+
+
+def test_a_task_queued_by_a_change_retries_through_a_database_outage(monkeypatch):
+    """PostgreSQL away for the first two tries: the reconcile of a new deployment runs on the third, not lost."""
+    from django.db import OperationalError as DatabaseDown
+
+    from llmhub.fleet import reconcile
+    from workers import tasks
+
+    calls = []
+
+    def flaky(*, deployment_id):
+        calls.append(deployment_id)
+        if len(calls) < 3:
+            raise DatabaseDown("connection to server at 127.0.0.1 failed")
+
+    monkeypatch.setattr(reconcile, "deployment_reconcile", flaky)
+    result = tasks.reconcile_deployment.apply(args=[42])
+    assert result.successful() and calls == [42, 42, 42]
+    # Backoff: 2 s doubling, at most 60 s, long enough to ride out a 5-minute outage.
+    task = tasks.reconcile_deployment
+    assert task.max_retries * task.retry_backoff_max >= 5 * 60
+
+
+def test_periodic_tasks_do_not_retry_their_next_tick_does():
+    from workers import tasks
+    from workers.schedule import beat_schedule
+
+    periodic = {entry["task"] for entry in beat_schedule().values()}
+    assert "workers.tasks.reconcile_all" in periodic
+    for name in periodic - {"workers.tasks.billing_alerts_deliver"}:
+        assert not getattr(tasks.app.tasks[name], "autoretry_for", ()), name
