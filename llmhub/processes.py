@@ -77,3 +77,78 @@ def stop(children: list[subprocess.Popen], *, grace: float = 15.0) -> None:
                 os.killpg(child.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+BACKOFF_FIRST = 1.0  # seconds before the first restart of a process that exited
+BACKOFF_MAX = 30.0  # seconds: the longest wait between restarts
+STABLE_AFTER = 60.0  # seconds: a process up at least this long starts its backoff again from BACKOFF_FIRST
+
+
+def restart_delay(restarts: int) -> float:
+    """Seconds to wait before restart number `restarts` + 1 of a process that keeps exiting: 1, 2, 4, 8, 16,
+    30, 30… (exponential backoff, capped at BACKOFF_MAX)."""
+    return min(BACKOFF_FIRST * 2**restarts, BACKOFF_MAX)
+
+
+class Supervisor:
+    """Keeps the platform's processes running, as `manage.py up` (bin/up) does: a process that exits (a
+    worker killed with SIGKILL, a web process that crashed) is started again after `restart_delay`, and the
+    others keep serving meanwhile. Each exit and restart is said through `say` (one line each). Compose
+    (`restart: unless-stopped`) and the systemd units in deploy/systemd do the same in production.
+
+    A process that exited has its whole process group killed first (the web server's own server processes
+    would otherwise keep its port). `check()` does one round; `run(stop_when)` loops until `stop_when()`.
+    """
+
+    def __init__(self, commands: dict[str, list[str]], *, log_dir: Path, env: dict | None = None, say=print,
+                 clock=time.monotonic):  # fmt: skip
+        self.commands, self.log_dir, self.env, self.say, self.clock = commands, log_dir, env, say, clock
+        self.children: dict[str, subprocess.Popen] = {}
+        self.started_at: dict[str, float] = {}
+        self.restarts: dict[str, int] = dict.fromkeys(commands, 0)
+        self.due: dict[str, float] = {}  # name → when it is started again
+
+    def start(self) -> None:
+        """Start every process (output appended to `log_dir/<name>.log`)."""
+        for name in self.commands:
+            self._spawn(name)
+
+    def _spawn(self, name: str) -> None:
+        [self.children[name]] = start({name: self.commands[name]}, log_dir=self.log_dir, env=self.env)
+        self.started_at[name] = self.clock()
+
+    def check(self) -> None:
+        """One round: schedule the restart of each process that exited, start those that are due."""
+        now = self.clock()
+        for name, child in self.children.items():
+            code = child.poll()
+            if code is None or name in self.due:
+                continue
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # what it left behind (the web's server processes)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if now - self.started_at[name] >= STABLE_AFTER:
+                self.restarts[name] = 0
+            delay = restart_delay(self.restarts[name])
+            self.restarts[name] += 1
+            how = f"signal {-code}" if code < 0 else f"code {code}"
+            self.say(f"{name} exited ({how}); restarting it in {delay:g} s (restart {self.restarts[name]}; "
+                     f"log: {self.log_dir / (name + '.log')})")  # fmt: skip
+            self.due[name] = now + delay
+        for name, at in list(self.due.items()):
+            if now >= at:
+                del self.due[name]
+                self._spawn(name)
+                self.say(f"{name} restarted (pid {self.children[name].pid})")
+
+    def run(self, stop_when=lambda: False, *, interval: float = 0.5) -> None:
+        """Check every `interval` seconds until `stop_when()` is true (or KeyboardInterrupt)."""
+        while not stop_when():
+            self.check()
+            time.sleep(interval)
+
+    def stop(self, *, grace: float = 15.0) -> None:
+        """Stop every process (`stop`); none is restarted after this."""
+        self.due.clear()
+        stop(list(self.children.values()), grace=grace)

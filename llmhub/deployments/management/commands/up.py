@@ -50,7 +50,7 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=1200.0, help="Seconds to wait for the demo to serve.")
 
     def handle(self, *args, port, timeout, **options):
-        self.children = []
+        self.supervisor = None
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         # Ctrl-C must stop us even when started from a shell that ignores SIGINT for background jobs.
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -77,7 +77,8 @@ class Command(BaseCommand):
         except KeyboardInterrupt:
             self.stdout.write("\nStopping…")
         finally:
-            processes.stop(self.children)
+            if self.supervisor is not None:
+                self.supervisor.stop()
 
     # --- steps -------------------------------------------------------------------------------
 
@@ -104,9 +105,10 @@ class Command(BaseCommand):
     def start_processes(self, port: int):
         self.step("Starting web, worker, outbound worker and beat (logs in .llmhub/logs/)")
         commands = processes.platform_commands(port=port, schedule=settings.STATE_DIR / "celerybeat-schedule")
-        self.children = processes.start(commands, log_dir=LOG_DIR)
+        self.supervisor = processes.Supervisor(commands, log_dir=LOG_DIR, say=self.say_restart)
+        self.supervisor.start()
         time.sleep(2)
-        for child, name in zip(self.children, commands):
+        for name, child in self.supervisor.children.items():
             if child.poll() is not None:
                 raise CommandError(f"{name} exited at start; see .llmhub/logs/{name}.log")
 
@@ -153,9 +155,7 @@ class Command(BaseCommand):
                 raise CommandError(f"The demo deployment failed:\n{deployment.fail_reason}")
             if time.monotonic() - started > timeout:
                 raise CommandError(f"The demo deployment was not ready after {timeout:.0f} s; see .llmhub/logs/")
-            for child in self.children:
-                if child.poll() is not None:
-                    raise CommandError(f"{child.args[0]} exited; see .llmhub/logs/")
+            self.supervisor.check()  # a process that exited meanwhile is restarted
             time.sleep(1)
 
     def engine_progress(self, deployment: Deployment) -> str:
@@ -205,6 +205,9 @@ class Command(BaseCommand):
         )
 
     def serve_forever(self):
-        while all(child.poll() is None for child in self.children):
-            time.sleep(1)
-        raise CommandError("A process exited; see .llmhub/logs/")
+        """Until Ctrl-C: a process that exits is restarted with backoff (`processes.Supervisor`)."""
+        self.supervisor.run()
+
+    def say_restart(self, line: str) -> None:
+        self.stdout.write(self.style.WARNING(f"==> {line}"))
+        self.stdout.flush()
