@@ -5,7 +5,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from llmhub.fleet.selectors import gpu_types_offered, largest_host_gpus
 
-from .fit import Fit, model_fit
+from .fit import Fit, fit_parts, model_fit
 from .models import Deployment, EngineOptions, LoraAdapter
 from .rules import (
     DTYPES,
@@ -312,32 +312,50 @@ class DeploymentForm(ScaleForm):
                 f"most {largest} {gpu.name} GPUs. Use {largest} or fewer, or another GPU type.",
             )
             return cleaned
-        # The fit check's place. `self.engine` (EngineOptions) and `self.adapters` are set by now; the check that
-        # `self.engine.max_model_len` is at most the model's own maximum (it needs the model's config, read by
-        # fit.py) belongs here too, as an error on the form field "max_model_len" (the API names it
-        # `engine.max_model_len`).
         if gpu is not None and num_gpus and repo:
-            self.fit = model_fit(
-                repo=repo, revision=cleaned.get("hf_revision", ""), token=cleaned.get("hf_token", ""),
-                gpu_memory_gb=gpu.memory_gb, num_gpus=num_gpus,
-            )  # fmt: skip
-            if self.fit.fits is False:
-                self.add_error(
-                    "num_gpus",
-                    f"{repo} needs about {self.fit.needed_gb:.0f} GB ({self.fit.weights_gb:.0f} GB of weights and "
-                    f"room for the KV cache) but {num_gpus} × {gpu.name} have {self.fit.available_gb:.0f} GB. "
-                    "Use more GPUs or a GPU type with more memory.",
-                )
+            self._check_fit(cleaned, repo, gpu, num_gpus)
         return cleaned
+
+    def _check_fit(self, cleaned: dict, repo: str, gpu, num_gpus: int) -> None:
+        """The model's memory on the GPUs with the chosen engine options, batch and adapters (`fit`): an error
+        when one full-length sequence does not fit (vLLM would not start) or the context length is past the
+        model's own; `fit_warning` when a full batch does not fit."""
+        self.fit = fit = model_fit(
+            repo=repo, revision=cleaned.get("hf_revision", ""), token=cleaned.get("hf_token", ""),
+            gpu_memory_gb=gpu.memory_gb, num_gpus=num_gpus, engine=self.engine,
+            max_batch_size=cleaned.get("max_batch_size") or 1, adapters=len(self.adapters),
+        )  # fmt: skip
+        asked = self.engine.max_model_len
+        if asked and fit.model_max_len and asked > fit.model_max_len:
+            self.add_error("max_model_len", f"{repo} handles at most {fit.model_max_len:,} tokens per sequence (its "
+                           f"max_position_embeddings); ask for {fit.model_max_len:,} or fewer.")  # fmt: skip
+            return
+        if fit.fits is False:
+            self.add_error(
+                "num_gpus",
+                f"{repo} needs about {fit.needed_gb:.1f} GB on the GPUs ({fit_parts(fit)}) but {num_gpus} × "
+                f"{gpu.name} have {fit.usable_gb:.1f} GB for vLLM (90 % of {fit.available_gb:.0f} GB). Use more "
+                "GPUs or a GPU type with more memory, a shorter engine max_model_len, or quantization.",
+            )  # fmt: skip
 
     @property
     def fit_warning(self) -> str | None:
-        """A note when the model's size could not be read (the deployment is accepted anyway)."""
-        if self.fit is not None and self.fit.weights_gb is None:
+        """A note when the model's size could not be read, or when a full batch does not fit (the deployment
+        is accepted either way)."""
+        fit = self.fit
+        if fit is not None and fit.weights_gb is None:
             return (
                 f"The size of {self.cleaned_data['hf_repo']} could not be read (no config.json or safetensors "
                 "metadata reachable), so LLMHub could not check that it fits the GPUs."
             )
+        if fit is not None and fit.fits and fit.batch_fits is False:
+            return (
+                f"A full batch of {fit.batch} sequences of {fit.context_len:,} tokens needs {fit.kv_batch_gb:.1f} GB "
+                f"of KV cache: {fit.batch_needed_gb:.1f} GB in all with the weights, more than the "
+                f"{fit.usable_gb:.1f} GB vLLM has, so it will run about {fit.concurrent_sequences} such sequences "
+                "at once and queue the rest. Lower max_batch_size or max_model_len, store the KV cache in fp8 "
+                "(kv_cache_dtype), or use more GPUs."
+            )  # fmt: skip
         return None
 
     def service_kwargs(self) -> dict:

@@ -67,7 +67,7 @@ def test_the_deploy_api_warns_another_user_that_the_size_is_unknown(client, user
     alice = create(user, "a", ALICE_HF_TOKEN)
     bob = create(other_user, "b", "")
 
-    assert alice.status_code == 400 and "16 GB of weights" in alice.json()["errors"]["num_gpus"][0]
+    assert alice.status_code == 400 and "16.0 GB of weights" in alice.json()["errors"]["num_gpus"][0]
     assert bob.status_code == 200 and "could not be read" in bob.json()["warnings"][0]
 
 

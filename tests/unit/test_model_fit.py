@@ -6,7 +6,16 @@ import uuid
 
 import pytest
 
-from llmhub.deployments.fit import parameter_count
+from llmhub.deployments.fit import (
+    GB,
+    Fit,
+    ModelFacts,
+    facts_from_config,
+    kv_token_bytes,
+    lora_bytes,
+    parameter_count,
+    weights_bytes,
+)
 from llmhub.deployments.models import Deployment
 from tests.factories import GpuTypeFactory, HostFactory
 
@@ -55,7 +64,8 @@ def test_a_model_too_big_for_the_gpus_is_refused_saying_how_much_it_needs(client
 
     assert response.status_code == 400
     message = response.json()["errors"]["num_gpus"][0]
-    assert "needs about 20 GB (16 GB of weights" in message and "1 × T4-16GB have 16 GB" in message
+    assert "needs about 16.1 GB on the GPUs (16.1 GB of weights)" in message
+    assert "1 × T4-16GB have 14.4 GB for vLLM (90 % of 16 GB)" in message
     assert not Deployment.objects.exists()
 
 
@@ -83,8 +93,8 @@ def test_the_create_form_shows_the_estimate_as_the_user_types(client, user, hf_c
     fits = client.post("/deployments/new/estimate", data).content.decode()
     too_small = client.post("/deployments/new/estimate", {**data, "gpu": "T4-16GB"}).content.decode()
 
-    assert "Weights ≈ <strong>16.1 GB</strong>" in fits and "fits" in fits
-    assert "needs about 20 GB" in too_small
+    assert "<th>Weights</th><td>16.1 GB</td>" in fits and "Fits" in fits
+    assert "needs about 16.1 GB on the GPUs" in too_small
 
 
 @pytest.fixture
@@ -127,3 +137,113 @@ def test_an_unreachable_hub_is_remembered_so_the_next_estimate_does_not_wait(
 
     assert elapsed < 0.5, f"the second estimate waited {elapsed:.1f} s on a hub known to be unreachable"
     assert response.status_code == 200 and "could not be read" in response.content.decode()
+
+
+# --- The arithmetic, against published sizes -------------------------------------------------------------
+
+LLAMA_3_1_8B = {**LLAMA_3_8B, "max_position_embeddings": 131072}
+
+
+def test_weights_of_an_8b_model_at_16_8_and_4_bits():
+    facts = facts_from_config(LLAMA_3_1_8B)
+    # 16 bits: 8.03 B × 2 bytes (Meta's bf16 safetensors total 16.06 GB).
+    assert weights_bytes(facts) / GB == pytest.approx(16.06, abs=0.01)
+    assert weights_bytes(facts, dtype="float32") / GB == pytest.approx(32.12, abs=0.01)
+    # fp8 linear layers, 16-bit embeddings and LM head (1.05 B): about 9.1 GB, as published FP8 checkpoints of
+    # Llama 3 8B are (neuralmagic/Meta-Llama-3-8B-Instruct-FP8: 9.1 GB).
+    assert weights_bytes(facts, quantization="fp8") / GB == pytest.approx(9.08, abs=0.05)
+    # 4 bits with group-128 scales: about 5.7 GB, as published AWQ checkpoints of Llama 3 8B are.
+    for method in ("awq", "gptq", "bitsandbytes"):
+        assert weights_bytes(facts, quantization=method) / GB == pytest.approx(5.74, abs=0.1)
+
+
+def test_an_already_quantized_repo_counts_at_its_stored_size():
+    quantized = {**LLAMA_3_1_8B, "quantization_config": {"quant_method": "awq", "bits": 4}}
+    facts = ModelFacts(**{**facts_from_config(quantized).__dict__, "stored_bytes": 5_730_000_000})
+    assert facts.quantized and weights_bytes(facts, quantization="awq") == 5_730_000_000
+
+
+def test_kv_cache_per_token_and_per_sequence():
+    facts = facts_from_config(LLAMA_3_1_8B)
+    # 2 × 32 layers × 8 KV heads × 128 dims × 2 bytes = 128 KiB per token; an fp8 KV cache halves it.
+    assert kv_token_bytes(facts) == 131072
+    assert kv_token_bytes(facts, kv_cache_dtype="fp8") == 65536
+    # vLLM's own figure for Llama 3.1 8B at its full 131,072-token context: 16 GiB for one sequence.
+    fit = Fit(weights_gb=16.06, available_gb=80, kv_token_bytes=131072, context_len=131072, batch=8)
+    assert fit.kv_sequence_gb == pytest.approx(17.18, abs=0.01) and fit.kv_batch_gb == pytest.approx(137.4, abs=0.1)
+
+
+def test_lora_slots_of_an_8b_model():
+    # rank 16 × (in + out) of q, k, v, o, gate, up, down (4096, 1024 KV, 14336 MLP) × 32 layers × 2 bytes.
+    assert lora_bytes(facts_from_config(LLAMA_3_1_8B)) / GB == pytest.approx(0.0839, abs=0.001)
+
+
+@pytest.fixture
+def llama_31(tmp_path, settings):
+    """An 8 B model with a 131,072-token context in a Hugging Face cache, under a fresh repo id."""
+    settings.HF_CACHE_DIR = str(tmp_path)
+    repo = f"acme/llama31-{uuid.uuid4().hex[:8]}"
+    snapshot = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abc")
+    return repo
+
+
+def create_with(client, auth, repo, gpu, num_gpus, *, batch=8, engine=None, adapters=()):
+    body = {
+        "model_name": f"m-{uuid.uuid4().hex[:6]}", "gpu": gpu, "num_gpus": num_gpus, "max_batch_size": batch,
+        "hf": {"repo": repo}, "settings": {"min_instances": 1, "max_instances": 1}, "engine": engine or {},
+        "lora_adapters": [{"name": n, "repo": "acme/adapter"} for n in adapters],
+    }  # fmt: skip
+    return client.post("/deploy/llm", json.dumps(body), content_type="application/json", **auth)
+
+
+def test_weights_plus_one_full_length_sequence_must_fit(client, auth, llama_31, gpu_hosts):
+    """16 bits on 2 × T4 (28.8 GB for vLLM): the weights alone fit, a 131,072-token sequence's 17.2 GB of KV
+    cache does not; at 8,192 tokens it does, and 4-bit weights with the full context fit too."""
+    full = create_with(client, auth, llama_31, "T4-16GB", 2)
+    assert full.status_code == 400
+    message = full.json()["errors"]["num_gpus"][0]
+    assert "16.1 GB of weights + 17.2 GB of KV cache for one 131,072-token sequence" in message
+    assert "needs about 33.2 GB" in message and "2 × T4-16GB have 28.8 GB" in message
+
+    short = create_with(client, auth, llama_31, "T4-16GB", 2, batch=1, engine={"max_model_len": 8192})
+    assert short.status_code == 200 and "warnings" not in short.json()
+    quantized = create_with(client, auth, llama_31, "T4-16GB", 2, batch=1, engine={"quantization": "awq"})
+    assert quantized.status_code == 200, quantized.json()
+    assert not Deployment.objects.filter(model_name=full.json().get("model_name", "")).exists()
+
+
+def test_a_full_batch_that_does_not_fit_is_a_warning_with_the_numbers(client, auth, llama_31, gpu_hosts):
+    """1 × A100-80GB (72 GB for vLLM), 8,192-token sequences (1.07 GB of KV cache each): a batch of 64 needs
+    68.7 GB of KV cache; 52 sequences fit beside the weights."""
+    response = create_with(client, auth, llama_31, "A100-80GB", 1, batch=64, engine={"max_model_len": 8192})
+    assert response.status_code == 200
+    [warning] = response.json()["warnings"]
+    assert "A full batch of 64 sequences of 8,192 tokens needs 68.7 GB of KV cache" in warning
+    assert "84.8 GB in all" in warning and "72.0 GB vLLM has" in warning and "about 52 such sequences" in warning
+    # An fp8 KV cache halves it: the batch fits, no warning.
+    fp8 = create_with(client, auth, llama_31, "A100-80GB", 1, batch=64,
+                      engine={"max_model_len": 8192, "kv_cache_dtype": "fp8"})  # fmt: skip
+    assert fp8.status_code == 200 and "warnings" not in fp8.json()
+
+
+def test_adapters_are_counted(client, auth, user, llama_31, gpu_hosts):
+    """On 1 × T4 at 4 bits with 2,048-token sequences: 5.7 GB + 0.27 GB + the LoRA slots (0.08 GB)."""
+    engine = {"quantization": "awq", "max_model_len": 2048}
+    response = create_with(client, auth, llama_31, "T4-16GB", 1, batch=1, engine=engine, adapters=("a",))
+    assert response.status_code == 200
+    client.force_login(user)
+    form_page = client.post("/deployments/new/estimate", {
+        "gpu": "T4-16GB", "num_gpus": 1, "hf_repo": llama_31, "min_instances": 1, "max_instances": 1,
+        "max_batch_size": 1, "quantization": "awq", "max_model_len": 2048, "lora_adapters": "a acme/adapter",
+    }).content.decode()  # fmt: skip
+    assert "<th>LoRA slots</th><td>0.08 GB</td>" in form_page, form_page
+
+
+def test_a_context_past_the_models_own_is_a_field_error(client, auth, llama_31, gpu_hosts):
+    response = create_with(client, auth, llama_31, "A100-80GB", 1, engine={"max_model_len": 200_000})
+    assert response.status_code == 400
+    assert "at most 131,072 tokens per sequence" in response.json()["errors"]["engine.max_model_len"][0]
