@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
@@ -123,7 +132,24 @@ class LoraAdapterIn(Body):
         description="Served as username/model-name:name."
     )
     repo: RepoId
-    revision: Annotated[Str, Field(max_length=100)] | None = None
+    revision: Annotated[Str, Field(max_length=100)] | None = Field(
+        None, description="Only the repo's default branch (null, \"\" or \"main\"): vLLM loads adapters by repo id."
+    )
+
+    @field_validator("revision")
+    @classmethod
+    def default_branch_only(cls, revision):
+        """vLLM's ``--lora-modules`` and ``/v1/load_lora_adapter`` take a repo id or a path, never a revision: an
+        adapter pinned to another revision would be served from the default branch without a word."""
+        if revision not in (None, "", "main"):
+            raise PydanticCustomError(
+                "adapter_revision",
+                "An adapter is served from its repo's default branch (vLLM loads adapters by repo id, without a "
+                "revision), so '{revision}' cannot be pinned. Leave revision out, or publish that revision as a "
+                "repo of its own.",
+                {"revision": revision},
+            )
+        return revision
 
 
 Adapters = Annotated[list[LoraAdapterIn], Field(max_length=MAX_ADAPTERS)]

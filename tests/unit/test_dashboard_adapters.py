@@ -28,15 +28,21 @@ def test_adapters_are_listed_and_changed_in_place(signed_in, user, reconciles):
     page = signed_in.get(f"/deployments/{deployment.deploy_id}/").content.decode()
     assert 'id="adapters-form"' in page and "No adapters" in page
 
-    response = post_adapters(signed_in, deployment, "sql llmhub/tiny-random-llama-lora\nchat acme/chat-lora v2\n")
+    # A pinned revision cannot be served (vLLM loads an adapter by repo id): refused, nothing changed.
+    pinned = post_adapters(signed_in, deployment, "sql llmhub/tiny-random-llama-lora\nchat acme/chat-lora v2\n")
+    assert pinned.status_code == 400 and "&#x27;v2&#x27; cannot be pinned" in pinned.content.decode()
+    deployment.refresh_from_db()
+    assert deployment.lora_adapters == [] and reconciles == []
+
+    response = post_adapters(signed_in, deployment, "sql llmhub/tiny-random-llama-lora\nchat acme/chat-lora main\n")
 
     assert response.status_code == 200
     html = response.content.decode()
-    assert "alice/coder:sql" in html and "alice/coder:chat" in html and "acme/chat-lora @ v2" in html
+    assert "alice/coder:sql" in html and "alice/coder:chat" in html and "acme/chat-lora @ main" in html
     deployment.refresh_from_db()
     assert deployment.lora_adapters == [
         {"name": "sql", "repo": "llmhub/tiny-random-llama-lora", "revision": ""},
-        {"name": "chat", "repo": "acme/chat-lora", "revision": "v2"},
+        {"name": "chat", "repo": "acme/chat-lora", "revision": "main"},
     ]
     assert DeploymentEvent.objects.filter(deployment=deployment, kind="adapters").count() == 1
     assert reconciles == [deployment.id]

@@ -423,3 +423,13 @@ def test_unexpected_errors_go_on_to_django(client, auth, cpu_host, monkeypatch, 
     assert response.status_code == 503 and int(response["Retry-After"]) > 0
     assert set(response.json()) == {"detail"} and "temporarily unavailable" in response.json()["detail"]
     assert "Traceback" not in response.content.decode()
+
+
+def test_an_adapter_pinned_to_a_revision_is_refused_naming_the_field(client, auth, cpu_host):
+    """vLLM loads an adapter by repo id, never at a revision: a pinned one would silently be served from the
+    default branch, so it is a field error (null, "" and "main" are the default branch)."""
+    adapters = [{"name": "a", "repo": "acme/a", "revision": "main"}, {"name": "b", "repo": "acme/b", "revision": "v2"}]
+    response = post(client, auth, body(lora_adapters=adapters))
+    assert response.status_code == 400
+    assert "'v2' cannot be pinned" in response.json()["errors"]["lora_adapters.1.revision"][0]
+    assert list(response.json()["errors"]) == ["lora_adapters.1.revision"]
