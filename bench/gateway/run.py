@@ -225,8 +225,12 @@ def main() -> None:
                 "litellm_settings": {"drop_params": True},
             }))  # fmt: skip
             litellm = ROOT / "bench/.venv-litellm/bin/litellm"
+            # LiteLLM would take LLMHub's DATABASE_URL as its own (and want prisma); it runs without one, and
+            # with its packaged model cost map (no network here).
+            litellm_env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+            litellm_env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
             procs.append(start([str(litellm), "--config", str(config), "--port", str(ports["litellm"]),
-                                "--num_workers", "1"], log=open(logs / "litellm.log", "wb")))  # fmt: skip
+                                "--num_workers", "1"], env=litellm_env, log=open(logs / "litellm.log", "wb")))  # fmt: skip
         wait_http(f"http://127.0.0.1:{ports['gateway']}/login/")
         if args.baseline:
             wait_http(f"http://127.0.0.1:{ports['base']}/login/")
