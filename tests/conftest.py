@@ -102,15 +102,16 @@ ENGINE_LANE_FIXTURES = {"running_platform", "fleet_engines"}
 def pytest_addoption(parser):
     parser.addoption(
         "--lane", choices=("engines", "others"),
-        help="run one of bin/test's two lanes: 'engines' (tests on real vLLM, in Chromium or on the extra Docker "
-             "Engines: mostly waiting on engines) or 'others' (everything else)",
+        help="run one of bin/test's two lanes: 'engines' (tests on real vLLM, the shared platform or the extra "
+             "Docker Engines: mostly waiting on engines) or 'others' (everything else)",
     )  # fmt: skip
 
 
 def in_engine_lane(item) -> bool:
-    """Whether a test belongs to bin/test's 'engines' lane: it runs real vLLM or Chromium, the shared platform
-    or the fleet's extra Docker Engines (whose start and stop touch the machine's network bridges)."""
-    if item.get_closest_marker("vllm") or item.get_closest_marker("browser"):
+    """Whether a test belongs to bin/test's 'engines' lane: it runs real vLLM, the shared platform or the
+    fleet's extra Docker Engines (whose start and stop touch the machine's network bridges). Browser tests
+    on a live server of their own go to the other lane."""
+    if item.get_closest_marker("vllm"):
         return True
     return bool(ENGINE_LANE_FIXTURES & set(getattr(item, "fixturenames", ())))
 

@@ -77,7 +77,7 @@ def test_the_limit_suspends_a_running_deployment_and_raising_it_resumes(billing_
     assert chat(url, token, "dora/tiny").status_code == 200
 
     account = limits.billing_account_get(user=user)
-    cap = (spent(user) + Decimal("0.15")).quantize(Decimal("0.01"))  # about 15 s more at 0.01 USD/s
+    cap = (spent(user) + Decimal("0.06")).quantize(Decimal("0.01"))  # about 6 s more at 0.01 USD/s
     limits.billing_settings_update(account=account, monthly_limit=cap, alert_thresholds=[50, 80, 100])
 
     wait_for(lambda: status_of(deployment) == "suspended", timeout=90, interval=0.2, what="suspension")

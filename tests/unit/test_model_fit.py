@@ -93,7 +93,7 @@ def test_the_create_form_shows_the_estimate_as_the_user_types(client, user, hf_c
     fits = client.post("/deployments/new/estimate", data).content.decode()
     too_small = client.post("/deployments/new/estimate", {**data, "gpu": "T4-16GB"}).content.decode()
 
-    assert "<th>Weights</th><td>16.1 GB</td>" in fits and "Fits" in fits
+    assert "<th>Weights</th><td class=\"nowrap\">16.1 GB</td>" in fits and "Fits" in fits
     assert "needs about 16.1 GB on the GPUs" in too_small
 
 
@@ -240,7 +240,7 @@ def test_adapters_are_counted(client, auth, user, llama_31, gpu_hosts):
         "gpu": "T4-16GB", "num_gpus": 1, "hf_repo": llama_31, "min_instances": 1, "max_instances": 1,
         "max_batch_size": 1, "quantization": "awq", "max_model_len": 2048, "lora_adapters": "a acme/adapter",
     }).content.decode()  # fmt: skip
-    assert "<th>LoRA slots</th><td>0.08 GB</td>" in form_page, form_page
+    assert "<th>LoRA slots</th><td class=\"nowrap\">0.08 GB</td>" in form_page, form_page
 
 
 def test_a_context_past_the_models_own_is_a_field_error(client, auth, llama_31, gpu_hosts):
