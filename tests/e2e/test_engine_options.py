@@ -1,7 +1,7 @@
 """Engine options and LoRA adapters on the real vLLM engine: a deployment with a context length, prefix
-caching and one adapter serves the base model and the adapter (on the engine itself, with the instance's key,
-and through the gateway as ``user/model:adapter`` with the official `openai` client), and an adapter added by
-PUT /deploy/<id> is loaded into the running instance. An embed deployment answers /v1/openai/embeddings."""
+caching, n-gram speculative decoding and one adapter serves the base model and the adapter (on the engine
+itself, with the instance's key, and through the gateway as ``user/model:adapter`` with the official `openai`
+client), and an adapter added by PUT /deploy/<id> is loaded into the running instance. An embed deployment answers /v1/openai/embeddings."""
 
 import httpx
 import openai
@@ -16,17 +16,27 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.vllm, pytest.
 LORA = "llmhub/tiny-random-llama-lora"  # rank 8, baked into the engine image beside the model
 
 
-def complete(instance, model: str) -> str:
+def complete(instance, model: str, prompt: str = "The capital of France is", max_tokens: int = 8) -> str:
     answer = httpx.post(
         f"{instance.base_url}/v1/completions",
         headers={"Authorization": f"Bearer {instance.engine_key}"},
-        json={"model": model, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
-              "ignore_eos": True},
+        json={"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
         timeout=120,
     )  # fmt: skip
     assert answer.status_code == 200, answer.text
     assert answer.json()["model"] == model
     return answer.json()["choices"][0]["text"]
+
+
+def spec_decode_drafts(instance) -> float:
+    """vLLM's count of speculative drafts proposed (its /metrics, with the instance's key)."""
+    answer = httpx.get(
+        f"{instance.base_url}/metrics", headers={"Authorization": f"Bearer {instance.engine_key}"}, timeout=10
+    )
+    assert answer.status_code == 200, answer.text
+    lines = [line for line in answer.text.splitlines() if line.startswith("vllm:spec_decode_num_drafts_total")]
+    assert lines, "the engine does not run speculative decoding"
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
 def models(instance) -> dict[str, dict]:
@@ -43,7 +53,8 @@ def test_engine_options_and_lora_adapters_on_the_real_engine(stack):
     created = api.post("/deploy/llm", json={
         "model_name": "tiny", "gpu": "CPU", "num_gpus": 1, "max_batch_size": 4, "hf": {"repo": TINY_LLAMA},
         "settings": {"min_instances": 1, "max_instances": 1},
-        "engine": {"max_model_len": 512, "prefix_caching": True},
+        "engine": {"max_model_len": 512, "prefix_caching": True,
+                   "speculative": {"method": "ngram", "num_speculative_tokens": 2}},
         "lora_adapters": [{"name": "tiny", "repo": LORA}],
     })  # fmt: skip
     assert created.status_code == 200, created.text
@@ -63,6 +74,9 @@ def test_engine_options_and_lora_adapters_on_the_real_engine(stack):
     base, adapted = complete(instance, "opts/tiny"), complete(instance, "opts/tiny:tiny")
     assert base and adapted and base != adapted  # the adapter changes the logits
     assert complete(instance, "opts/tiny") == base  # temperature 0: deterministic
+    # n-gram speculative decoding runs on the CPU engine: a prompt that repeats itself gets drafts proposed.
+    complete(instance, "opts/tiny", prompt="a b c a b c a b c a b", max_tokens=16)
+    assert spec_decode_drafts(instance) > 0
 
     # Through the gateway: the adapter is a model name of its own, the same answer as on the engine.
     client = openai.OpenAI(base_url=f"{stack}/v1/openai", api_key=token_for(user), max_retries=0)
