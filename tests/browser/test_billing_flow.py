@@ -14,14 +14,14 @@ from decimal import Decimal
 import pytest
 import time_machine
 from django.utils import timezone
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from llmhub.billing import invoices
 from llmhub.billing.metering import cost_by_user
 from llmhub.billing.periods import WEEK, month_start, week_start
 from llmhub.fleet.models import Instance
 from tests.billing_support import run
-from tests.browser_support import CHROMIUM_ARGS
+from tests.browser_support import chromium_page, sign_in
 from tests.conftest import ARTIFACTS
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
 
@@ -68,15 +68,9 @@ def test_usage_limit_banner_suspension_and_invoice(live_server, history):
     url = live_server.url
     spend = month_spend(history)  # (no database calls inside Playwright's event loop)
     instance = Instance.objects.filter(deployment__model_name="llama-70b").order_by("id").first()
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(20_000)
+    with chromium_page(width=1280, height=900, timeout_ms=20_000) as page:
 
-        page.goto(f"{url}/billing/")
-        page.fill("input[name=username]", "carol")
-        page.fill("input[name=password]", "carol-password-1")
-        page.click("button[type=submit]")
+        sign_in(page, f"{url}/billing/", "carol", "carol-password-1")
         expect(page).to_have_url(re.compile(r"/billing/$"))
         expect(page.locator("#running-cost")).to_have_text("$2.49/h")
         expect(page.locator("svg.chart").first.locator("rect").first).to_be_visible()
@@ -132,5 +126,4 @@ def test_usage_limit_banner_suspension_and_invoice(live_server, history):
         page.screenshot(path=shots / "billing-08-invoice-print.png", full_page=True)
         page.emulate_media(media="print")
         page.pdf(path=shots / "billing-invoice.pdf", format="A4")
-        browser.close()
     assert (shots / "billing-invoice.pdf").read_bytes().startswith(b"%PDF")

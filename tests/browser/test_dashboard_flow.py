@@ -6,9 +6,9 @@ deployment with the trash icon. Screenshots go to test-artifacts/browser/."""
 import re
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from tests.browser_support import CHROMIUM_ARGS
+from tests.browser_support import chromium_page
 from tests.conftest import ARTIFACTS
 from tests.factories import UserFactory
 
@@ -19,10 +19,7 @@ def test_create_watch_chat_and_delete(stack):
     shots = ARTIFACTS / "browser"
     shots.mkdir(parents=True, exist_ok=True)
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.set_default_timeout(30_000)
+    with chromium_page(width=1280, height=860, timeout_ms=30_000) as page:
 
         page.goto(f"{stack}/deployments/")
         expect(page).to_have_url(re.compile(r"/login/"))
@@ -94,4 +91,3 @@ def test_create_watch_chat_and_delete(stack):
         expect(row).to_have_count(0)
         expect(page.locator("#messages")).to_contain_text("Deleting carol/browser-llama")
         page.screenshot(path=shots / "11-deleted.png", full_page=True)
-        browser.close()

@@ -5,9 +5,9 @@ test-artifacts/browser/deploy-docs.png."""
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from tests.browser_support import CHROMIUM_ARGS
+from tests.browser_support import chromium_page, sign_in
 from tests.conftest import ARTIFACTS
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
 
@@ -20,10 +20,7 @@ def test_the_docs_page_renders_from_local_files_only(live_server):
     here = urlsplit(live_server.url).netloc
     requested, elsewhere = [], []
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(20_000)
+    with chromium_page(width=1280, height=1000, timeout_ms=20_000) as page:
 
         def watch(route):
             url = route.request.url
@@ -43,7 +40,6 @@ def test_the_docs_page_renders_from_local_files_only(live_server):
         page.locator(".opblock-summary-path", has_text="/deploy/llm").first.click()
         expect(page.locator(".opblock-body").first).to_contain_text("model_name")
         page.screenshot(path=shots / "deploy-docs.png", full_page=False)
-        browser.close()
 
     assert elsewhere == [], f"the docs page asked another site for {elsewhere}"
     assert any(url.endswith("/static/ninja/swagger-ui-bundle.js") for url in requested), requested
@@ -61,14 +57,8 @@ def test_the_engine_options_section_and_the_settings_form(live_server):
     shots = ARTIFACTS / "browser"
     shots.mkdir(parents=True, exist_ok=True)
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1000})
-        page.set_default_timeout(20_000)
-        page.goto(f"{live_server.url}/login/")
-        page.fill("input[name=username]", "dora")
-        page.fill("input[name=password]", "dora-password-1")
-        page.click("button[type=submit]")
+    with chromium_page(width=1280, height=1000, timeout_ms=20_000) as page:
+        sign_in(page, f"{live_server.url}/login/", "dora", "dora-password-1")
 
         page.goto(f"{live_server.url}/deployments/new")
         expect(page.locator("select[name=dtype]")).to_be_hidden()  # collapsed
@@ -87,7 +77,6 @@ def test_the_engine_options_section_and_the_settings_form(live_server):
         form.locator("button[type=submit]").click()
         expect(form.locator("input[name=idle_stop_hours]")).to_have_value("6.0")
         form.screenshot(path=shots / "settings-form.png")
-        browser.close()
 
     deployment.refresh_from_db()
     assert (deployment.routing, deployment.idle_stop_hours) == ("least_outstanding", 6.0)

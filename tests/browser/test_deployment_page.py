@@ -10,13 +10,13 @@ from decimal import Decimal
 
 import pytest
 import time_machine
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
 from llmhub.billing.limits import billing_account_get
 from llmhub.fleet.models import Instance
 from llmhub.gateway.idle import idle_check_all
 from llmhub.gateway.models import RequestLog, UsageRecord
-from tests.browser_support import CHROMIUM_ARGS
+from tests.browser_support import chromium_page, sign_in
 from tests.conftest import ARTIFACTS
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, UserFactory
 
@@ -63,14 +63,8 @@ def test_live_fragments_request_log_and_idle_banner(live_server, deployment, clo
     idle_check_all()  # 15:00, the last request at 14:29
     url = f"{live_server.url}/deployments/{deployment.deploy_id}/"
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-        page.set_default_timeout(15_000)
-        page.goto(url)
-        page.fill("input[name=username]", "dora")
-        page.fill("input[name=password]", "dora-password-1")
-        page.click("button[type=submit]")
+    with chromium_page(width=1280, height=900, timeout_ms=15_000, accept_downloads=True) as page:
+        sign_in(page, url, "dora", "dora-password-1")
         expect(page.locator("h1")).to_contain_text("dora/assistant")
 
         # The idle banner: the spell's cost since the last request (14:29 → 15:00 at 3.00 USD per hour).
@@ -128,7 +122,6 @@ def test_live_fragments_request_log_and_idle_banner(live_server, deployment, clo
         expect(page.locator("#summary")).to_contain_text("0–2 instances")
         expect(page.locator("#live")).to_contain_text("1–2 → 0–2 instances, scaled to zero: by the owner")
         page.screenshot(path=shots / "04-scaled-to-zero.png", full_page=True)
-        browser.close()
 
     deployment.refresh_from_db()
     assert (deployment.min_instances, deployment.desired_instances) == (0, 0)
@@ -140,14 +133,8 @@ def test_forms_show_their_errors_in_place_and_adapters_change(live_server, deplo
     monkeypatch.setattr("llmhub.deployments.services.reconcile_soon", lambda deployment_id: None)
     shots = ARTIFACTS / "browser" / "deployment-page"
     shots.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(15_000)
-        page.goto(f"{live_server.url}/deployments/{deployment.deploy_id}/")
-        page.fill("input[name=username]", "dora")
-        page.fill("input[name=password]", "dora-password-1")
-        page.click("button[type=submit]")
+    with chromium_page(width=1280, height=900, timeout_ms=15_000) as page:
+        sign_in(page, f"{live_server.url}/deployments/{deployment.deploy_id}/", "dora", "dora-password-1")
 
         page.fill("#scale-form input[name=min_instances]", "3")
         page.click("#scale-form button[type=submit]")
@@ -163,6 +150,5 @@ def test_forms_show_their_errors_in_place_and_adapters_change(live_server, deplo
         page.locator("#adapters-form button[type=submit]").click()
         expect(page.locator("#adapters-form li")).to_have_text(["dora/assistant:sql llmhub/tiny-random-llama-lora"])
         page.locator("#adapters-form").screenshot(path=str(shots / "06-adapters.png"))
-        browser.close()
     deployment.refresh_from_db()
     assert [a.name for a in deployment.adapters] == ["sql"]

@@ -5,9 +5,9 @@ Screenshots in test-artifacts/browser/fit-*.png."""
 import json
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
-from tests.browser_support import CHROMIUM_ARGS
+from tests.browser_support import chromium_page, sign_in
 from tests.conftest import ARTIFACTS
 from tests.factories import GpuTypeFactory, HostFactory, UserFactory
 
@@ -33,14 +33,8 @@ def test_the_fit_panel_follows_the_engine_options(live_server, settings, tmp_pat
     shots = ARTIFACTS / "browser"
     shots.mkdir(parents=True, exist_ok=True)
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 1100})
-        page.set_default_timeout(20_000)
-        page.goto(f"{live_server.url}/login/")
-        page.fill("input[name=username]", "fay")
-        page.fill("input[name=password]", "fay-password-1")
-        page.click("button[type=submit]")
+    with chromium_page(width=1280, height=1100, timeout_ms=20_000) as page:
+        sign_in(page, f"{live_server.url}/login/", "fay", "fay-password-1")
 
         page.goto(f"{live_server.url}/deployments/new")
         page.select_option("select[name=gpu]", label="A100-80GB")
@@ -60,4 +54,3 @@ def test_the_fit_panel_follows_the_engine_options(live_server, settings, tmp_pat
         page.locator("input[name=max_model_len]").dispatch_event("input")
         expect(panel).to_contain_text("Fits: 50.4 GB with a full batch")
         panel.screenshot(path=shots / "fit-ok.png")
-        browser.close()
