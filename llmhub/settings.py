@@ -113,6 +113,9 @@ DATABASES = {
     "default": env.db("DATABASE_URL", default="postgres://llmhub:llmhub@127.0.0.1:5432/llmhub"),
 }
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
+# Seconds to wait for PostgreSQL to accept a connection: a host that does not answer would otherwise hold the
+# web process's one database thread for the system's TCP timeout (minutes), and the gateway with it.
+DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", env.int("DB_CONNECT_TIMEOUT", default=5))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")

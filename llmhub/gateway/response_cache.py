@@ -26,6 +26,7 @@ import logging
 from django.conf import settings
 from redis.exceptions import RedisError
 
+from . import degraded
 from .clients import redis_async
 from .messages import Answer
 
@@ -60,27 +61,31 @@ def cache_key(*, route, user_id: int, endpoint: str, body: dict, stream: bool) -
 
 async def cache_get(key: str) -> bytes | None:
     """The cached answer (JSON bytes) under `key`, or None: none, or Redis failed or took longer than
-    REDIS_TIMEOUT seconds (logged)."""
+    REDIS_TIMEOUT seconds (an outage is said once, `degraded`; not tried again within a second of one)."""
+    if degraded.redis.resting():
+        return None
     try:
         async with asyncio.timeout(REDIS_TIMEOUT):
             return await redis_client().get(key)
     except (RedisError, OSError, TimeoutError) as exc:
-        log.warning("response cache lookup failed, treated as a miss: %r", exc)
+        degraded.redis.failed(exc)
         return None
 
 
 async def cache_keep(key: str, answer: Answer, seconds: int) -> Answer:
     """Keep the body of `answer` (an engine's whole answer to a cacheable request) under `key` for
     `seconds` when it is a success of at most MAX_BYTES, and return it marked ``x-llmhub-cache: miss``.
-    Redis errors are logged."""
+    A Redis outage is said once (`degraded`)."""
     answer.extra_headers[HEADER] = "miss"
     if answer.status != 200 or len(answer.body) > MAX_BYTES:
+        return answer
+    if degraded.redis.resting():
         return answer
     try:
         async with asyncio.timeout(REDIS_TIMEOUT):
             await redis_client().set(key, answer.body, ex=seconds)
     except (RedisError, OSError, TimeoutError) as exc:
-        log.warning("response cache store failed: %r", exc)
+        degraded.redis.failed(exc)
     return answer
 
 
