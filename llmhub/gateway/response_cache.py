@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 
 from django.conf import settings
 from redis.exceptions import RedisError
@@ -29,8 +28,6 @@ from redis.exceptions import RedisError
 from . import degraded
 from .clients import redis_async
 from .messages import Answer
-
-log = logging.getLogger(__name__)
 
 KEY_PREFIX = f"{settings.REDIS_KEY_PREFIX}respcache:"
 HEADER = "x-llmhub-cache"
