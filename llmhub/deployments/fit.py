@@ -19,6 +19,13 @@ What vLLM puts in GPU memory (vLLM docs, "Conserving memory" and the engine argu
 - **LoRA adapters**: vLLM keeps ``--max-loras`` (1) adapter slots on the GPU at ``--max-lora-rank``
   (16): rank × (inputs + outputs) of the 7 projections per layer, at 16 bits.
 
+Sources: vLLM, "Conserving memory" (https://docs.vllm.ai/en/latest/configuration/conserving_memory.html) and
+"Engine arguments" (https://docs.vllm.ai/en/latest/configuration/engine_args.html); the KV cache formula
+2·L·H_kv·d·bytes is the one of the paged-attention paper (Kwon et al., "Efficient Memory Management for Large
+Language Model Serving with PagedAttention", SOSP 2023, https://arxiv.org/abs/2309.06180) and gives vLLM's
+128 KiB per token for Llama 3.1 8B; the group-128 4-bit layout is AWQ's and GPTQ's default (AutoAWQ
+``q_group_size=128``; https://arxiv.org/abs/2306.00978).
+
 vLLM uses ``--gpu-memory-utilization`` (0.9) of the GPUs' memory. `Fit.fits` is False when the weights,
 adapters and one full-length sequence do not fit in it (vLLM refuses to start: "max seq len is larger than
 the maximum number of tokens that can be stored in KV cache"); `Fit.batch_fits` is False when a full batch

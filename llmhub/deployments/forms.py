@@ -354,7 +354,7 @@ class DeploymentForm(ScaleForm):
                 f"of KV cache: {fit.batch_needed_gb:.1f} GB in all with the weights, more than the "
                 f"{fit.usable_gb:.1f} GB vLLM has, so it will run about {fit.concurrent_sequences} such sequences "
                 "at once and queue the rest. Lower max_batch_size or max_model_len, store the KV cache in fp8 "
-                "(kv_cache_dtype), or use more GPUs."
+                "(kv_cache_dtype), quantize the weights (quantization) to leave more room for it, or use more GPUs."
             )  # fmt: skip
         return None
 

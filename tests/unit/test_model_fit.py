@@ -93,7 +93,7 @@ def test_the_create_form_shows_the_estimate_as_the_user_types(client, user, hf_c
     fits = client.post("/deployments/new/estimate", data).content.decode()
     too_small = client.post("/deployments/new/estimate", {**data, "gpu": "T4-16GB"}).content.decode()
 
-    assert "<th>Weights</th><td class=\"nowrap\">16.1 GB</td>" in fits and "Fits" in fits
+    assert '<th>Weights</th><td class="nowrap">16.1 GB</td>' in fits and "Fits" in fits
     assert "needs about 16.1 GB on the GPUs" in too_small
 
 
@@ -240,10 +240,60 @@ def test_adapters_are_counted(client, auth, user, llama_31, gpu_hosts):
         "gpu": "T4-16GB", "num_gpus": 1, "hf_repo": llama_31, "min_instances": 1, "max_instances": 1,
         "max_batch_size": 1, "quantization": "awq", "max_model_len": 2048, "lora_adapters": "a acme/adapter",
     }).content.decode()  # fmt: skip
-    assert "<th>LoRA slots</th><td class=\"nowrap\">0.08 GB</td>" in form_page, form_page
+    assert '<th>LoRA slots</th><td class="nowrap">0.08 GB</td>' in form_page, form_page
 
 
 def test_a_context_past_the_models_own_is_a_field_error(client, auth, llama_31, gpu_hosts):
     response = create_with(client, auth, llama_31, "A100-80GB", 1, engine={"max_model_len": 200_000})
     assert response.status_code == 400
     assert "at most 131,072 tokens per sequence" in response.json()["errors"]["engine.max_model_len"][0]
+
+
+# --- An 8 B model on one 24 GB GPU: refused at its full context, warned with a batch of 64 ------------------
+
+
+@pytest.fixture
+def l4_host(db):
+    HostFactory(gpu_type=GpuTypeFactory(name="L4-24GB", memory_gb=24, uses_devices=True), gpu_count=2)
+
+
+def test_an_8b_model_at_16_bits_on_a_24_gb_gpu_through_the_api(client, auth, llama_31, l4_host):
+    """21.6 GB for vLLM (90 % of 24 GB). 131,072 tokens: 16.1 GB + 17.2 GB = 33.2 GB, refused. 8,192 tokens
+    with a batch of 64: one sequence (1.07 GB) fits, the batch (68.7 GB) does not: a warning with the numbers
+    and what to change, and about 5 sequences at once."""
+    refused = create_with(client, auth, llama_31, "L4-24GB", 1, batch=1, engine={"max_model_len": 131072})
+    assert refused.status_code == 400
+    [message] = refused.json()["errors"]["num_gpus"]
+    assert "needs about 33.2 GB" in message and "1 × L4-24GB have 21.6 GB for vLLM (90 % of 24 GB)" in message
+
+    warned = create_with(client, auth, llama_31, "L4-24GB", 1, batch=64, engine={"max_model_len": 8192})
+    assert warned.status_code == 200, warned.json()
+    [warning] = warned.json()["warnings"]
+    assert "A full batch of 64 sequences of 8,192 tokens needs 68.7 GB of KV cache" in warning
+    assert "84.8 GB in all" in warning and "21.6 GB vLLM has" in warning and "about 5 such sequences" in warning
+    for advice in ("max_batch_size", "max_model_len", "kv_cache_dtype", "quantiz", "more GPUs"):
+        assert advice in warning, advice
+
+
+def test_an_8b_model_on_a_24_gb_gpu_through_the_form(client, user, llama_31, l4_host):
+    client.force_login(user)
+    data = {
+        "model_name": "llama-on-l4", "gpu": "L4-24GB", "num_gpus": 1, "hf_repo": llama_31, "hf_revision": "",
+        "hf_token": "", "min_instances": 1, "max_instances": 1, "max_batch_size": 64, "max_model_len": 8192,
+    }  # fmt: skip
+    live = client.post("/deployments/new/estimate", data).content.decode()
+    for row, value in (("Weights", "16.1"), ("KV cache, one sequence of 8192 tokens", "1.1"),
+                       ("KV cache, a full batch of 64", "68.7"), ("Needed: weights + one sequence", "17.1"),
+                       ("Needed with a full batch", "84.8"),
+                       ("vLLM's share of the GPUs (90 % of 24 GB)", "21.6")):  # fmt: skip
+        assert f'<th>{row}</th><td class="nowrap">{value} GB</td>' in live, (row, live)
+    assert "a full batch does not" in live
+
+    refused = client.post("/deployments/new", {**data, "max_model_len": 131072})
+    assert refused.status_code == 400 and "needs about 33.2 GB" in refused.content.decode()
+    assert not Deployment.objects.filter(model_name="llama-on-l4").exists()
+
+    created = client.post("/deployments/new", data, follow=True)
+    page = created.content.decode()
+    assert Deployment.objects.filter(model_name="llama-on-l4").exists()
+    assert "A full batch of 64 sequences of 8,192 tokens needs 68.7 GB of KV cache" in page
