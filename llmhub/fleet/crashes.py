@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE_SECONDS = 5.0
 BACKOFF_MAX_SECONDS = 300.0
 LOG_TAIL_LINES = 12
+# Lines read back to find the engine's own error (`engine_error`): vLLM prints the root cause well above its
+# launcher's final traceback (about 150 lines for a refused quantization on the CPU engine).
+CAUSE_SEARCH_LINES = 400
+CAUSE_MAX_CHARS = 300
+_LOG_PREFIX = re.compile(r"^(?:\([^)]*\)\s+)?(?:[A-Z]+\s+\d\d-\d\d \d\d:\d\d:\d\d\s+\[[^\]]*\]\s+)?")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (\S.*)$")
+# vLLM's launcher wraps the engine's failure in these; the cause is the exception before them.
+_WRAPPERS = ("See root cause above", "Engine core initialization failed")
 CRASH_COUNT_RESET_SECONDS = 600.0
 CRASH_HISTORY_MIN_SECONDS = 3600.0
 
@@ -102,6 +111,20 @@ def exit_reason(info: engine.ContainerInfo) -> str:
     return f"container exited with code {info.exit_code}"
 
 
+def engine_error(logs: str) -> str:
+    """The engine's own reason in a container log: the last ``SomethingError: message`` line (vLLM's
+    ``(EngineCore pid=N) ERROR <date> [file:line]`` prefix removed) that is not the launcher's wrapper
+    ("Engine core initialization failed. See root cause above"), at most CAUSE_MAX_CHARS characters;
+    "" when the log has none. Example (vLLM 0.32 CPU engine, ``--quantization fp8``): ``RuntimeError:
+    _C::static_scaled_fp8_quant() expected at most 0 argument(s) but received 4 argument(s)...``."""
+    found = ""
+    for line in logs.splitlines():
+        match = _EXCEPTION_LINE.match(_LOG_PREFIX.sub("", line.strip(), count=1))
+        if match and not any(wrapper in match.group(2) for wrapper in _WRAPPERS):
+            found = f"{match.group(1)}: {match.group(2)}"
+    return found[:CAUSE_MAX_CHARS]
+
+
 def instance_end(
     deployment: Deployment,
     instance: Instance,
@@ -129,12 +152,18 @@ def instance_end(
         try:
             if crashed:
                 with contextlib.suppress(engine.EngineError):
-                    logs = engine.container_logs(instance.host.endpoint, instance.container_name, tail=LOG_TAIL_LINES)
+                    logs = engine.container_logs(
+                        instance.host.endpoint, instance.container_name, tail=CAUSE_SEARCH_LINES
+                    )
             engine.container_remove(instance.host.endpoint, instance.container_name)
         except engine.EngineError as exc:
             Host.objects.filter(id=instance.host_id).update(
                 last_error=f"old container {instance.container_name} not removed yet: {exc}"
             )
+    cause = notices.redact(engine_error(logs), host=instance.host)
+    if cause:
+        reason = f"{reason}: the engine said: {cause}"
+    logs = "\n".join(logs.splitlines()[-LOG_TAIL_LINES:])
     shown = f"{reason}\n{notices.redact(logs, host=instance.host)}".strip()
     detail = f"{reason}: {detail}\n{logs}".strip() if detail else f"{reason}\n{logs}".strip()
     now = timezone.now()

@@ -114,7 +114,8 @@ class FakeEngine:
 
     def container_logs(self, target, name, tail=40):
         with self.lock:
-            return self.logs if name in self.hosts[self._check(target)] else ""
+            # The last `tail` lines, as Docker gives them.
+            return "\n".join(self.logs.splitlines()[-tail:]) if name in self.hosts[self._check(target)] else ""
 
     def containers_list(self, target, installation):
         with self.lock:

@@ -1,5 +1,7 @@
 """The reconcile pass with the engine seam stubbed: convergence, idempotence, crashes, deletion."""
 
+from pathlib import Path
+
 import pytest
 
 from llmhub.deployments.models import Deployment
@@ -270,3 +272,40 @@ def test_a_pull_whose_worker_died_is_taken_over_once_stale_and_a_failed_one_retr
         ImagePull.objects.filter(id=pull.id).update(updated_at=timezone.now() - timedelta(seconds=61))
         assert services.image_pull_request(host=cpu_host, image="img:1")[1] is True
     assert enqueued[-1] == (pull.id, 3)
+
+
+def test_the_engines_own_refusal_reaches_fail_reason(fake, cpu_host, settings, monkeypatch):
+    """The CPU engine refuses `engine.quantization: fp8` (vLLM 0.32, observed with the CPU engine image): its
+    last lines are a launcher traceback ending in "Engine core initialization failed. See root cause above";
+    the cause is about 150 lines higher. A person reading fail_reason must see that cause, not the wrapper."""
+    settings.INSTANCE_MAX_RESTARTS = 0
+    fake.logs = (Path(__file__).parents[1] / "fakes/logs/vllm_cpu_quantization_fp8.log").read_text()
+    deployment = DeploymentFactory(gpu_type=cpu_host.gpu_type)
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+    fake.crash(next(iter(fake.containers)))
+    reconcile.deployment_reconcile(deployment_id=deployment.id)
+
+    deployment.refresh_from_db()
+    assert deployment.status == Deployment.Status.FAILED
+    first_line = deployment.fail_reason.splitlines()[0]
+    assert first_line.startswith("container exited with code 1: the engine said: RuntimeError: ")
+    assert "_C::static_scaled_fp8_quant() expected at most 0 argument(s)" in first_line
+    assert "Engine core initialization failed" in deployment.fail_reason  # the log tail still follows
+
+
+@pytest.mark.parametrize(
+    ("logs", "cause"),
+    [
+        ("", ""),
+        ("INFO starting\nWARNING slow", ""),  # no exception line: no cause is made up
+        ("RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}", ""),
+        ("(EngineCore pid=18) ERROR 11-22 13:33:13 [core.py:1510] ValueError: max_model_len 9999 > 2048\n"
+         "RuntimeError: Engine core initialization failed. See root cause above.", "ValueError: max_model_len 9999 > 2048"),
+        ("torch.OutOfMemoryError: CUDA out of memory. " + "x" * 500, "torch.OutOfMemoryError: CUDA out of memory. "),
+    ],
+)  # fmt: skip
+def test_engine_error_picks_the_engines_cause(logs, cause):
+    assert crashes.engine_error(logs).startswith(cause)
+    assert len(crashes.engine_error(logs)) <= crashes.CAUSE_MAX_CHARS
+    if not cause:
+        assert crashes.engine_error(logs) == ""
