@@ -1,5 +1,6 @@
 """A fast local OpenAI-compatible upstream for the gateway benchmark: `POST /v1/chat/completions`
-streams CHUNKS deltas PACE_MS apart (SSE, with a final usage chunk when asked), or answers whole.
+streams CHUNKS deltas PACE_MS apart on a fixed schedule (SSE, with a final usage chunk when asked), or answers
+whole.
 
 Run: python bench/gateway/upstream.py PORT [CHUNKS] [PACE_MS]  (a plain ASGI app under uvicorn)
 """
@@ -40,8 +41,12 @@ async def app(scope, receive, send):
         await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+    # Chunk i leaves at start + (i + 1) × PACE, as an engine's tokens come when computed: sleeping PACE after
+    # each send would let every late wake-up (the machine busy with the gateway's processes) stretch the stream.
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     for i in range(CHUNKS):
-        await asyncio.sleep(PACE)
+        await asyncio.sleep(max(0.0, start + (i + 1) * PACE - loop.time()))
         chunk = {"id": "b", "object": "chat.completion.chunk", "created": 0, "model": model,
                  "choices": [{"index": 0, "delta": {"content": f"x{i} "}, "finish_reason": None}]}  # fmt: skip
         await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(), "more_body": True})
