@@ -1,6 +1,12 @@
-"""Helpers for tests of the OpenAI-compatible gateway through Django's test client."""
+"""Helpers for tests of the OpenAI-compatible gateway: through Django's test client, or straight through the
+site's ASGI application (`asgi_post`)."""
 
+import asyncio
 import json
+import time
+
+from asgiref.sync import sync_to_async
+from django.db import connections
 
 
 def chat(client, headers, **body):
@@ -14,3 +20,43 @@ def assert_openai_error(response, status, code):
     assert response.status_code == status
     error = response.json()["error"]
     assert error["code"] == code and error["message"] and error["type"]
+
+
+async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=None):
+    """POST `body` (JSON) through the site's ASGI application (`llmhub.asgi`); return [(seconds since start,
+    body bytes)] as sent. With `flush`, the gateway's buffered usage records and request logs are written
+    after. With `disconnect_after_chunks`, the client goes away after that many data events."""
+    from llmhub.asgi import application
+    from llmhub.gateway import request_log, usage_buffer
+
+    raw = json.dumps(body).encode()
+    all_headers = {**headers, "content-type": "application/json", "content-length": str(len(raw))}
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+        "headers": [(k.encode(), v.encode()) for k, v in all_headers.items()],
+        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": raw, "more_body": False}]
+    gone = asyncio.Event()
+    sent, start = [], time.monotonic()
+
+    async def receive():
+        if messages:
+            return messages.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            sent.append((time.monotonic() - start, message.get("body", b"")))
+            data_events = sum(piece.startswith(b"data: {") for _, piece in sent)
+            if not message.get("more_body") or (disconnect_after_chunks and data_events >= disconnect_after_chunks):
+                gone.set()
+
+    await application(scope, receive, send)
+    if flush:
+        await usage_buffer.flush()
+        await request_log.flush()
+    await sync_to_async(connections.close_all)()  # the ORM's worker thread lets go of the test database
+    return sent

@@ -10,13 +10,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connections
 from django.db.backends import utils as db_utils
 
 from llmhub.gateway import load, usage_buffer
 from llmhub.gateway.models import UsageRecord
 from tests.factories import DeploymentFactory, InstanceFactory, token_for
+from tests.gateway_support import asgi_post
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -73,44 +72,6 @@ def target(upstream):
     deployment = DeploymentFactory(status="running")
     InstanceFactory(deployment=deployment, ready=True, port=upstream.server_address[1])
     return deployment, {"authorization": f"Bearer {token_for(deployment.user)}"}
-
-
-async def asgi_post(path, headers, body, *, disconnect_after_chunks=None):
-    """POST through Django's ASGI application; return [(seconds since start, body bytes)] as sent.
-
-    With `disconnect_after_chunks`, the client goes away after that many data events.
-    """
-    from llmhub.asgi import application
-
-    raw = json.dumps(body).encode()
-    all_headers = {**headers, "content-type": "application/json", "content-length": str(len(raw))}
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(k.encode(), v.encode()) for k, v in all_headers.items()],
-        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
-    }  # fmt: skip
-    messages = [{"type": "http.request", "body": raw, "more_body": False}]
-    gone = asyncio.Event()
-    sent, start = [], time.monotonic()
-
-    async def receive():
-        if messages:
-            return messages.pop(0)
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        if message["type"] == "http.response.body":
-            sent.append((time.monotonic() - start, message.get("body", b"")))
-            data_events = sum(body.startswith(b"data: {") for _, body in sent)
-            if not message.get("more_body") or (disconnect_after_chunks and data_events >= disconnect_after_chunks):
-                gone.set()
-
-    await application(scope, receive, send)
-    await usage_buffer.flush()
-    await sync_to_async(connections.close_all)()  # the ORM's worker thread lets go of the test database
-    return sent
 
 
 def chat(model, **extra):

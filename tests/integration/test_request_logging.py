@@ -8,14 +8,13 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connections
 from django.db.backends import utils as db_utils
 
 from llmhub.fleet.models import Instance
-from llmhub.gateway import request_log, usage_buffer
+from llmhub.gateway import request_log
 from llmhub.gateway.models import RequestLog, UsageRecord
 from tests.factories import DeploymentFactory, HostFactory, token_for
+from tests.gateway_support import asgi_post
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -79,42 +78,6 @@ def serving(upstream, **fields):
     return deployment, {"authorization": f"Bearer {token_for(deployment.user)}"}
 
 
-async def asgi_post(path, headers, body, *, flush=True):
-    """POST through Django's ASGI application; returns the body bytes sent."""
-    from llmhub.asgi import application
-
-    raw = json.dumps(body).encode()
-    all_headers = {**headers, "content-type": "application/json", "content-length": str(len(raw))}
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(k.encode(), v.encode()) for k, v in all_headers.items()],
-        "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
-    }  # fmt: skip
-    messages = [{"type": "http.request", "body": raw, "more_body": False}]
-    done = asyncio.Event()
-    sent = []
-
-    async def receive():
-        if messages:
-            return messages.pop(0)
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        if message["type"] == "http.response.body":
-            sent.append(message.get("body", b""))
-            if not message.get("more_body"):
-                done.set()
-
-    await application(scope, receive, send)
-    if flush:
-        await usage_buffer.flush()
-        await request_log.flush()
-    await sync_to_async(connections.close_all)()  # the ORM's worker thread lets go of the test database
-    return b"".join(sent)
-
-
 def chat(model, **extra):
     return {"model": model, "messages": [{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": "Say hello"}], **extra}  # fmt: skip
@@ -135,7 +98,8 @@ def test_off_by_default_nothing_is_kept(upstream):
 def test_a_stream_is_kept_as_its_assembled_text_with_its_usage(upstream):
     deployment, headers = serving(upstream, request_logging=True)
 
-    relayed = asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name, stream=True)))
+    sent = asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name, stream=True)))
+    relayed = b"".join(piece for _, piece in sent)
 
     assert relayed.count(b"data: {") == len(DELTAS)  # the client's stream is unchanged
     [entry] = RequestLog.objects.filter(deployment=deployment)
