@@ -60,3 +60,45 @@ async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=
         await request_log.flush()
     await sync_to_async(connections.close_all)()  # the ORM's worker thread lets go of the test database
     return sent
+
+
+def openai_over_asgi(token: str, work, *, flush: bool = False):
+    """Run ``await work(client)`` with the official `openai` client (AsyncOpenAI) talking to the site's ASGI
+    application in this process with API token `token`; return its result. With `flush`, the gateway's
+    buffered usage records are written before returning."""
+    import httpx
+    import openai
+
+    from llmhub.asgi import application
+    from llmhub.gateway import usage_buffer
+
+    async def go():
+        transport = httpx.ASGITransport(app=application)
+        client = openai.AsyncOpenAI(
+            base_url="http://testserver/v1/openai", api_key=token, max_retries=0,
+            http_client=httpx.AsyncClient(transport=transport, base_url="http://testserver"),
+        )  # fmt: skip
+        try:
+            result = await work(client)
+            if flush:
+                await usage_buffer.flush()
+            return result
+        finally:
+            await sync_to_async(connections.close_all)()
+
+    return asyncio.run(go())
+
+
+def count_queries(monkeypatch) -> list[str]:
+    """From now on, every SQL statement the ORM runs in this process is appended to the returned list."""
+    from django.db.backends import utils as db_utils
+
+    queries: list[str] = []
+    real_execute = db_utils.CursorWrapper.execute
+
+    def counting_execute(self, sql, params=None):
+        queries.append(sql)
+        return real_execute(self, sql, params)
+
+    monkeypatch.setattr(db_utils.CursorWrapper, "execute", counting_execute)
+    return queries

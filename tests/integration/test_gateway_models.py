@@ -2,18 +2,14 @@
 (/v1/openai/embeddings, only on deployments with task embed), /v1/openai/models and completions' suffix —
 with the official `openai` client against the gateway's ASGI application and a stand-in engine."""
 
-import asyncio
 
-import httpx
 import openai
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connections
 
-from llmhub.gateway import usage_buffer
 from llmhub.gateway.models import UsageRecord
 from tests.factories import DeploymentFactory, InstanceFactory, token_for
 from tests.fakes.http import Handler, chat_completion, serve
+from tests.gateway_support import openai_over_asgi
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,22 +34,7 @@ class Engine(Handler):
 
 
 def run(token, work):
-    async def go():
-        from llmhub.asgi import application
-
-        transport = httpx.ASGITransport(app=application)
-        client = openai.AsyncOpenAI(
-            base_url="http://testserver/v1/openai", api_key=token, max_retries=0,
-            http_client=httpx.AsyncClient(transport=transport, base_url="http://testserver"),
-        )  # fmt: skip
-        try:
-            result = await work(client)
-            await usage_buffer.flush()
-            return result
-        finally:
-            await sync_to_async(connections.close_all)()
-
-    return asyncio.run(go())
+    return openai_over_asgi(token, work, flush=True)
 
 
 async def status_of(call):

@@ -5,15 +5,13 @@ vLLM are in tests/e2e.)"""
 import asyncio
 import time
 
-import httpx
 import openai
 import pytest
-from asgiref.sync import sync_to_async
-from django.db import connections
 
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, HostFactory, InstanceFactory, token_for
 from tests.fakes.http import Handler, chat_completion, serve
+from tests.gateway_support import openai_over_asgi
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,22 +33,8 @@ def engine_server():
     return serve(Engine, hits=0)
 
 
-async def with_client(token, work, **settings_overrides):
-    from llmhub.asgi import application
-
-    transport = httpx.ASGITransport(app=application)
-    client = openai.AsyncOpenAI(
-        base_url="http://testserver/v1/openai", api_key=token, max_retries=0,
-        http_client=httpx.AsyncClient(transport=transport, base_url="http://testserver"),
-    )  # fmt: skip
-    try:
-        return await work(client)
-    finally:
-        await sync_to_async(connections.close_all)()
-
-
 def run(token, work):
-    return asyncio.run(with_client(token, work))
+    return openai_over_asgi(token, work)
 
 
 def chat(client, model, **kw):

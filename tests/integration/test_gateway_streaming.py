@@ -10,12 +10,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from django.db.backends import utils as db_utils
 
 from llmhub.gateway import load, usage_buffer
 from llmhub.gateway.models import UsageRecord
 from tests.factories import DeploymentFactory, InstanceFactory, token_for
-from tests.gateway_support import asgi_post
+from tests.gateway_support import asgi_post, count_queries
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -136,14 +135,7 @@ def test_a_client_that_disconnects_cancels_the_upstream_request(target, upstream
 def test_a_warm_gateway_makes_no_database_query_per_request(target, monkeypatch):
     deployment, headers = target
     asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name)))  # warms the caches
-    queries = []
-    real_execute = db_utils.CursorWrapper.execute
-
-    def counting_execute(self, sql, params=None):
-        queries.append(sql)
-        return real_execute(self, sql, params)
-
-    monkeypatch.setattr(db_utils.CursorWrapper, "execute", counting_execute)
+    queries = count_queries(monkeypatch)
     monkeypatch.setattr(usage_buffer, "flush", _no_flush)  # batches are written off the hot path
 
     for _ in range(3):

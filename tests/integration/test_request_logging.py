@@ -8,13 +8,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from django.db.backends import utils as db_utils
 
 from llmhub.fleet.models import Instance
 from llmhub.gateway import request_log
 from llmhub.gateway.models import RequestLog, UsageRecord
 from tests.factories import DeploymentFactory, HostFactory, token_for
-from tests.gateway_support import asgi_post
+from tests.gateway_support import asgi_post, count_queries
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -158,14 +157,7 @@ def test_only_the_deployment_that_asked_is_logged(upstream):
 def test_capture_costs_no_query_on_the_request_path(upstream, monkeypatch):
     deployment, headers = serving(upstream, request_logging=True)
     asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name)))  # warms the caches
-    queries = []
-    real_execute = db_utils.CursorWrapper.execute
-
-    def counting_execute(self, sql, params=None):
-        queries.append(sql)
-        return real_execute(self, sql, params)
-
-    monkeypatch.setattr(db_utils.CursorWrapper, "execute", counting_execute)
+    queries = count_queries(monkeypatch)
     started = time.monotonic()
     for stream in (False, True):
         asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name, stream=stream),

@@ -2,9 +2,6 @@
 received user tokens could replay them, and an engine without a key check would need none)."""
 
 import asyncio
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -12,35 +9,22 @@ from asgiref.sync import sync_to_async
 from django.db import connections
 
 from tests.factories import DeploymentFactory, InstanceFactory, token_for
+from tests.fakes.http import Handler, chat_completion, serve
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-class Recorder(BaseHTTPRequestHandler):
+class Recorder(Handler):
     """An engine that records the Authorization header of every request and answers a chat completion."""
 
     def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        body = self.read_json()
         self.server.seen.append(self.headers.get("Authorization"))
-        raw = json.dumps({
-            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def log_message(self, *args):
-        pass
+        self.reply(200, chat_completion(body["model"], "hi", prompt_tokens=1, completion_tokens=1))
 
 
 def test_the_gateway_authenticates_to_the_engine_with_the_instance_key():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    server.seen = []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve(Recorder, seen=[])
     deployment = DeploymentFactory(status="running", model_name="m")
     instance = InstanceFactory(deployment=deployment, ready=True,
                                        port=server.server_address[1])  # fmt: skip
