@@ -301,12 +301,6 @@ def model_facts(repo: str, revision: str = "", token: str = "") -> ModelFacts | 
     return facts
 
 
-def weights_gb(repo: str, revision: str = "", token: str = "") -> float | None:
-    """GB (10^9 bytes) of the weights of `repo` as stored (its own dtype), or None when unknown (`model_facts`)."""
-    facts = model_facts(repo, revision, token)
-    return None if facts is None else facts.stored_bytes / GB
-
-
 def model_fit(
     *, repo: str, revision: str, token: str, gpu_memory_gb: int, num_gpus: int, engine=None, max_batch_size: int = 1,
     adapters: int = 0,

@@ -11,11 +11,17 @@ import pytest
 from django.core.cache import cache
 
 from llmhub.deployments import services
-from llmhub.deployments.fit import weights_gb
+from llmhub.deployments.fit import GB, model_facts
 from llmhub.fleet.models import Instance
 from tests.factories import DeploymentFactory, GpuTypeFactory, HostFactory, token_for
 
 pytestmark = pytest.mark.django_db
+
+
+def weights_gb(repo: str, revision: str, token: str) -> float | None:
+    """GB of the weights as stored, as the fit estimate learns them with `token` (None: unknown to it)."""
+    facts = model_facts(repo, revision, token)
+    return None if facts is None else facts.stored_bytes / GB
 
 ALICE_HF_TOKEN = "hf_alicesPrivateToken0123456789"
 
