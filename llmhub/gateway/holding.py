@@ -30,13 +30,14 @@ _pollers: WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[int, str], _Po
 
 
 async def _watch(caller: Caller, model: str) -> Route | None:
-    while True:
+    while not asyncio.current_task().cancelling():  # also when a call swallowed the cancellation
         await asyncio.sleep(POLL_INTERVAL)
         cache.forget(caller, model)
         fresh = await cache.route(caller, model)
         # A live deployment with a fail_reason has instances that cannot be placed now (no capacity).
         if fresh is None or fresh.instances or fresh.status in _SETTLED or fresh.fail_reason:
             return fresh
+    raise asyncio.CancelledError
 
 
 async def route_when_ready(caller: Caller, model: str, timeout: float) -> Route | None:

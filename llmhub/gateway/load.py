@@ -49,7 +49,8 @@ def ensure_background() -> None:
 
 
 async def _background():
-    while True:
+    # Ends once cancelled (its loop closing), also when a call in a round swallowed the cancellation.
+    while not asyncio.current_task().cancelling():
         await asyncio.sleep(PUBLISH_INTERVAL)
         try:
             await publish_inflight()
