@@ -14,5 +14,7 @@ WORKDIR /app
 COPY requirements.lock pyproject.toml ./
 RUN pip install -q -r requirements.lock
 COPY . .
+# Bytecode compiled now: web runs as nobody and cannot write it, so each process would compile its imports again.
+RUN python -m compileall -q llmhub workers manage.py
 EXPOSE 8000
 CMD ["python", "-m", "llmhub.web", "--host", "127.0.0.1", "--port", "8000"]
