@@ -1,5 +1,5 @@
 #!/bin/sh
-# The CPU engine's entrypoint: vLLM's OpenAI server in eager mode (no torch.compile on CPU), with the
+# The CPU engine's entrypoint: vLLM's OpenAI server (serve.py) in eager mode (no torch.compile on CPU), with the
 # arguments LLMHub passes (llmhub/fleet/vllm_command.py).
 #
 # With a tensor parallel size of 1 the model runs inside vLLM's engine core process ("uni" executor)
@@ -17,4 +17,4 @@ done
 if [ "$tp" = "1" ]; then
     set -- "$@" --distributed-executor-backend uni
 fi
-exec python -m vllm.entrypoints.openai.api_server --enforce-eager "$@"
+exec python /opt/llmhub/serve.py --enforce-eager "$@"  # vLLM's OpenAI server (serve.py: fork at TP 1)
