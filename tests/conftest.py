@@ -118,24 +118,30 @@ def auth(token):
     return {"HTTP_AUTHORIZATION": f"Bearer {token}"}
 
 
-ENGINE_LANE_FIXTURES = {"running_platform", "fleet_engines"}
+LANES = ("engines", "integration", "others")
+INTEGRATION = Path(__file__).resolve().parent / "integration"
 
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--lane", choices=("engines", "others"),
-        help="run one of bin/test's two lanes: 'engines' (tests on real vLLM, the shared platform or the extra "
-             "Docker Engines: mostly waiting on engines) or 'others' (everything else)",
+        "--lane", choices=LANES,
+        help="run one of bin/test's three lanes: 'engines' (real vLLM and the shared platform: mostly waiting on "
+             "engines), 'integration' (the integration tier and every other Docker Engine test, the fleet's extra "
+             "engines included) or 'others' (unit, security and browser tests on their own servers)",
     )  # fmt: skip
 
 
-def in_engine_lane(item) -> bool:
-    """Whether a test belongs to bin/test's 'engines' lane: it runs real vLLM, the shared platform or the
-    fleet's extra Docker Engines (whose start and stop touch the machine's network bridges). Browser tests
-    on a live server of their own go to the other lane."""
-    if item.get_closest_marker("vllm"):
-        return True
-    return bool(ENGINE_LANE_FIXTURES & set(getattr(item, "fixturenames", ())))
+def lane_of(item) -> str:
+    """Which of bin/test's lanes runs a test: 'engines' when it runs real vLLM or the shared platform;
+    'integration' when it is in tests/integration, needs the Docker Engine or the fleet's extra Docker
+    Engines (whose start and stop touch the machine's network bridges: one lane runs them one after
+    another); 'others' for the rest (browser tests on a live server of their own included)."""
+    fixtures = set(getattr(item, "fixturenames", ()))
+    if item.get_closest_marker("vllm") or "running_platform" in fixtures:
+        return "engines"
+    if item.get_closest_marker("docker") or "fleet_engines" in fixtures or INTEGRATION in item.path.parents:
+        return "integration"
+    return "others"
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -144,7 +150,7 @@ def pytest_collection_modifyitems(session, config, items):
     on the same queue and database."""
     lane = config.getoption("--lane")
     if lane:
-        kept = [item for item in items if in_engine_lane(item) == (lane == "engines")]
+        kept = [item for item in items if lane_of(item) == lane]
         dropped = [item for item in items if item not in set(kept)]
         if dropped:
             config.hook.pytest_deselected(items=dropped)

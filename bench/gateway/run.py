@@ -193,13 +193,15 @@ def main() -> None:
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="llmhub-bench-"))
     ports = {"upstream": args.upstream_port or free_port(), "gateway": free_port(), "base": free_port(),
-             "litellm": free_port()}  # fmt: skip
+             "litellm": free_port(), "relay": free_port()}  # fmt: skip
     procs = []
     if not args.upstream_port:
         procs.append(start([sys.executable, "bench/gateway/upstream.py", str(ports["upstream"]), str(CHUNKS),
                             str(PACE_MS)]))  # fmt: skip
+    procs.append(start([sys.executable, "bench/gateway/relay.py", str(ports["relay"]), str(ports["upstream"])]))
     try:
         wait_http(f"http://127.0.0.1:{ports['upstream']}/health")
+        wait_http(f"http://127.0.0.1:{ports['relay']}/health")
         env, token = prepare_gateway(ports["upstream"], args.model)
         env = {**env, "LLMHUB_WEB_PROCESSES": str(args.web_processes)}
         gateways = {"llmhub": start(gateway_argv(args.web_processes, ports["gateway"]), env=env,
@@ -238,7 +240,9 @@ def main() -> None:
             wait_http(f"http://127.0.0.1:{ports['litellm']}/health/liveliness", timeout=180)
         gateway_headers = {"Authorization": f"Bearer {token}"}
         targets = {"direct": {"url": f"http://127.0.0.1:{ports['upstream']}/v1/chat/completions", "headers": {},
-                              "model": args.model}}  # fmt: skip
+                              "model": args.model},
+                   "relay": {"url": f"http://127.0.0.1:{ports['relay']}/v1/chat/completions", "headers": {},
+                             "model": args.model}}  # fmt: skip
         for name, proc in gateways.items():
             targets[name] = {"url": f"http://127.0.0.1:{ports['gateway' if name == 'llmhub' else name]}"
                              "/v1/openai/chat/completions", "headers": gateway_headers, "model": args.model,
@@ -268,7 +272,7 @@ def report(runs: dict, cpu: dict, args) -> None:
     def merged(name, c, key):
         return [v for run in runs[(name, c)] for v in run[key]]
 
-    names = sorted({name for name, _ in runs}, key=["direct", "llmhub", "base", "litellm"].index)
+    names = sorted({name for name, _ in runs}, key=["direct", "relay", "llmhub", "base", "litellm"].index)
     upstream = f"engine on port {args.upstream_port}" if args.upstream_port else \
         f"upstream.py, {CHUNKS} chunks {PACE_MS:g} ms apart"  # fmt: skip
     print(f"{upstream}; model {args.model}; gateway web processes: {args.web_processes}; {args.rounds} "
