@@ -100,7 +100,7 @@ class ComposeProject:
         installation's own (labelled with it, or named for it or for `owner`, a username unique to the
         test; never a cache or network shared with others), and its application image tag."""
         try:
-            self.run("down", "--volumes", "--remove-orphans", "--timeout", "5", timeout=120, check=False)
+            self.run("down", "--volumes", "--remove-orphans", "--timeout", "1", timeout=120, check=False)
         finally:
             self._remove_leftovers(client=client, owner=owner)
 

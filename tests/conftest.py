@@ -135,7 +135,10 @@ def lane_of(item) -> str:
     """Which of bin/test's lanes runs a test: 'engines' when it runs real vLLM or the shared platform;
     'integration' when it is in tests/integration, needs the Docker Engine or the fleet's extra Docker
     Engines (whose start and stop touch the machine's network bridges: one lane runs them one after
-    another); 'others' for the rest (browser tests on a live server of their own included)."""
+    another); 'others' for the rest (browser tests on a live server of their own included). A module that
+    needs none of the first two may name its lane with ``pytest.mark.lane(name)`` to even the lanes out."""
+    if (marker := item.get_closest_marker("lane")) is not None:
+        return marker.args[0]
     fixtures = set(getattr(item, "fixturenames", ()))
     if item.get_closest_marker("vllm") or "running_platform" in fixtures:
         return "engines"

@@ -22,7 +22,8 @@ from tests.factories import DeploymentFactory, HostFactory, UserFactory, token_f
 from tests.outage import TcpProxy, engine_server
 from tests.stack import free_port, wait_for
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# No Docker needed: bin/test runs these in its "others" lane, which is otherwise shorter.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.lane("others")]
 
 METRICS_TOKEN = "metrics-secret-for-outage-tests"
 
