@@ -1,6 +1,7 @@
 """Gateway benchmark: direct to a paced upstream vs through the LLMHub gateway vs through LiteLLM's proxy.
 
-Measured in one run, interleaved round by round so that machine noise hits all paths alike. For each
+Measured in one run, interleaved round by round so that machine noise hits all paths alike. Paths: direct, a
+bare TCP relay (`relay.py`, the floor of a Python proxy on this machine), the gateway, LiteLLM's proxy. For each
 path: added latency p50/p99 (over direct) at concurrency 1 and 32, requests/s at concurrency 32, time
 to first token added, and chunks received per stream; for the gateways, the CPU time their processes
 spent (from /proc) per non-streamed request and per relayed stream chunk.
