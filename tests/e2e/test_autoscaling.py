@@ -17,7 +17,7 @@ from tests.stack import deploy, wait_for
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.vllm, pytest.mark.docker]
 
 
-def test_scale_to_zero_and_wake_with_held_requests(stack):
+def test_scale_to_zero_wake_with_held_requests_then_scale_up_under_load(stack):
     user = UserFactory(username="scaler")
     token = token_for(user)
     api = httpx.Client(base_url=stack, headers={"Authorization": f"Bearer {token}"}, timeout=30)
@@ -49,29 +49,15 @@ def test_scale_to_zero_and_wake_with_held_requests(stack):
     assert Instance.objects.filter(deployment=deployment).count() - started_before == 1
     assert deployment.events.filter(kind="scaled", message__contains="scale from zero").count() == 1
 
-    api.delete(f"/deploy/{deploy_id}")
-    wait_for(lambda: api.get(f"/deploy/{deploy_id}").status_code == 404, timeout=120, what="the deletion")
-
-
-def test_load_scales_up(stack):
-    user = UserFactory(username="loaded")
-    token = token_for(user)
-    api = httpx.Client(base_url=stack, headers={"Authorization": f"Bearer {token}"}, timeout=30)
-    deploy_id = deploy(api, model_name="elastic", max_batch_size=8, min_instances=1, max_instances=2,
-                       cooldown_seconds=300)  # fmt: skip
-    deployment = Deployment.objects.get(deploy_id=deploy_id)
-    wait_for(lambda: api.get(f"/deploy/{deploy_id}").json()["instances"]["running"] == 1, timeout=600, interval=1,
-             what="the first instance")  # fmt: skip
+    # The same deployment, now at one instance: seven long streams exceed its target concurrency (75 % of 8
+    # slots) and a second instance starts.
     started_before = Instance.objects.filter(deployment=deployment).count()
-    client = openai.OpenAI(base_url=f"{stack}/v1/openai", api_key=token, max_retries=0, timeout=600)
-
-    # Seven long streams exceed one instance's target concurrency (75 % of 8 slots): a second instance starts.
     enough = threading.Event()
 
     def stream(_):
         while not enough.is_set():  # keep seven streams open until the autoscaler has reacted
             with client.chat.completions.create(
-                model="loaded/elastic", messages=[{"role": "user", "content": "go"}], max_tokens=1500,
+                model="scaler/elastic", messages=[{"role": "user", "content": "go"}], max_tokens=1500,
                 stream=True, extra_body={"ignore_eos": True},
             ) as chunks:  # fmt: skip
                 for _ in chunks:
@@ -93,3 +79,4 @@ def test_load_scales_up(stack):
     assert "load above target" in scaled_up.message and "in flight" in scaled_up.message
 
     api.delete(f"/deploy/{deploy_id}")
+    wait_for(lambda: api.get(f"/deploy/{deploy_id}").status_code == 404, timeout=120, what="the deletion")
