@@ -12,8 +12,7 @@ import pytest
 from llmhub import processes
 from tests.stack import PLATFORM_ENV, database_url, free_port, wait_for
 
-# No Docker needed: bin/test runs these in its "others" lane, which is otherwise shorter.
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.lane("others")]
+pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def test_restart_delays_double_up_to_30_s():
