@@ -1,6 +1,6 @@
 """Two tenants' engines on one real Docker Engine (the machine's own, iptables on), attacked from the
 host's network and from inside the other tenant's container. The small fake engine image stands in for
-vLLM (it checks VLLM_API_KEY on /v1/* as vLLM does); tests/e2e/test_main_job.py makes the same calls
+vLLM (it checks VLLM_API_KEY on /v1/* as vLLM does); tests/browser/test_dashboard_flow.py makes the same calls
 against a real vLLM container."""
 
 import time
