@@ -138,6 +138,8 @@ def lane_of(item) -> str:
     another); 'others' for the rest (browser tests on a live server of their own included). A module that
     needs none of the first two may name its lane with ``pytest.mark.lane(name)`` to even the lanes out."""
     if (marker := item.get_closest_marker("lane")) is not None:
+        if marker.args[0] not in LANES:  # a test in no lane would never run
+            raise pytest.UsageError(f"{item.nodeid}: unknown lane {marker.args[0]!r} (one of {', '.join(LANES)})")
         return marker.args[0]
     fixtures = set(getattr(item, "fixturenames", ()))
     if item.get_closest_marker("vllm") or "running_platform" in fixtures:
