@@ -212,9 +212,14 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_BODY_BYTES  # Django's own check of request.bo
 BODY_READ_TIMEOUT = env.float("LLMHUB_BODY_READ_TIMEOUT", default=30.0)
 # Bearer values each gateway process remembers (valid ones and unknown ones, each in an LRU of this size).
 GATEWAY_TOKEN_CACHE_SIZE = env.int("LLMHUB_TOKEN_CACHE_SIZE", default=10000)
-if MAX_BODY_BYTES <= 0 or BODY_READ_TIMEOUT <= 0 or GATEWAY_TOKEN_CACHE_SIZE <= 0:
+# Seconds a gateway process serves a cached caller (API token) or route without asking PostgreSQL again (a
+# change bumps the routing generation and reaches every process sooner); while PostgreSQL is down, entries are
+# served past it (README, "Outages").
+GATEWAY_ROUTE_TTL = env.float("LLMHUB_ROUTE_TTL", default=30.0)
+if MAX_BODY_BYTES <= 0 or BODY_READ_TIMEOUT <= 0 or GATEWAY_TOKEN_CACHE_SIZE <= 0 or GATEWAY_ROUTE_TTL <= 0:
     raise environ.ImproperlyConfigured(
-        "LLMHUB_MAX_BODY_BYTES, LLMHUB_BODY_READ_TIMEOUT and LLMHUB_TOKEN_CACHE_SIZE must be more than 0"
+        "LLMHUB_MAX_BODY_BYTES, LLMHUB_BODY_READ_TIMEOUT, LLMHUB_TOKEN_CACHE_SIZE and LLMHUB_ROUTE_TTL must be "
+        "more than 0"
     )
 # Web server processes (`python -m llmhub.web`: bin/up, Compose): one per core unless set.
 _web_processes = env.str("LLMHUB_WEB_PROCESSES", default="").strip()  # empty (Compose's default): one per core

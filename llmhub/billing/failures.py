@@ -32,6 +32,16 @@ class FailureCollector:
         yield CounterMetricFamily("llmhub_billing_account_failures", "Accounts' billing failures.", labels=["job"])
 
     def collect(self):
+        """The series; none while PostgreSQL is down (/metrics still shows the gateway's own, among them
+        ``llmhub_gateway_degraded{dependency="postgresql"}``)."""
+        from django.db import InterfaceError, OperationalError
+
+        try:
+            yield from self._collect()
+        except (OperationalError, InterfaceError):
+            return
+
+    def _collect(self):
         family = CounterMetricFamily(
             "llmhub_billing_account_failures",
             "Billing runs that failed for one account (the others were still handled), by job.",

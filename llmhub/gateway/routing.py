@@ -6,7 +6,8 @@ name) → deployment with its ready instances. All are dropped when the *routing
 counter that writers bump (`llmhub.routing_generation.routing_changed`) after instances become ready or stop, deployments
 change status or scale, or any user or token changes (`gateway.signals`). A process looks at the counter at
 most every `CHECK_INTERVAL` seconds, so a change reaches every gateway process within that time; entries
-also expire after `TTL`.
+also expire after `TTL` (settings.GATEWAY_ROUTE_TTL), except while PostgreSQL is down: then the last known
+entry is served (`from_database`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from . import degraded
 from .clients import redis_async
 
 CHECK_INTERVAL = 0.25  # seconds between two looks at the generation counter
-TTL = 30.0  # seconds an entry lives at most
+TTL = settings.GATEWAY_ROUTE_TTL  # seconds an entry lives at most (LLMHUB_ROUTE_TTL, 30 by default)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,10 @@ from django.db import connection
 from django.test import Client
 
 from llmhub import processes
+from llmhub.deployments.models import Deployment
 from llmhub.fleet.models import Instance
 from llmhub.gateway.models import UsageRecord
+from llmhub.gateway.usage_buffer import PENDING_KEY
 from tests.factories import DeploymentFactory, HostFactory, UserFactory, token_for
 from tests.outage import TcpProxy, engine_server
 from tests.stack import free_port, wait_for
@@ -26,6 +28,7 @@ from tests.stack import free_port, wait_for
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.lane("others")]
 
 METRICS_TOKEN = "metrics-secret-for-outage-tests"
+ROUTE_TTL = 1.0  # seconds the web process caches a caller and a route (LLMHUB_ROUTE_TTL; 30 by default)
 
 
 class Web:
@@ -43,6 +46,8 @@ class Web:
             "LLMHUB_METRICS_TOKEN": METRICS_TOKEN,
             # One process, so that "warm" is certain: each web process caches the callers and routes it has seen.
             "LLMHUB_WEB_PROCESSES": "1",
+            # Short, so that a test can wait past it: what the process knew is then stale.
+            "LLMHUB_ROUTE_TTL": str(ROUTE_TTL),
         }
         self.log_dir, self.child = log_dir, None
 
@@ -72,6 +77,9 @@ def outage(transactional_db, tmp_path):
     instance is a small engine. Yields SimpleNamespace(web, pg, redis, deployment, token, engine)."""
     db = connection.settings_dict
     redis_url = urlsplit(settings.REDIS_URL)
+    # Records an earlier test's web process kept in Redis (stopped during its outage) would be written for this
+    # test's deployment: a fresh test database numbers deployments from 1 again.
+    redis.Redis.from_url(settings.REDIS_URL).delete(PENDING_KEY)
     engine = engine_server()
     deployment = DeploymentFactory(status="running", model_name="m")
     Instance.objects.create(deployment=deployment, host=HostFactory(), state="ready", port=engine.server_address[1])
@@ -128,6 +136,47 @@ def test_postgres_outage_requests_answered_and_usage_written_once_it_is_back(out
     assert all(r.status == 200 and r.prompt_tokens == 3 and r.completion_tokens == 1 for r in rows)
 
 
+def test_postgres_outage_warm_routes_served_past_their_ttl(outage):
+    """A caller and route cached before the outage are served for as long as it lasts, not only until their
+    cache TTL runs out; one the process never saw is a 503 all along."""
+    stranger = token_for(UserFactory())  # before warming: a new user bumps the routing generation (cache cleared)
+    assert chat(outage).status_code == 200  # warm: caller and route cached
+    # The process runs with the short TTL: a change that bumps no generation (QuerySet.update of the status) is
+    # seen once the cached route expired, and undone likewise. The route it serves from below is this fresh one.
+    deployments = Deployment.objects.filter(id=outage.deployment.id)
+    deployments.update(status="failed", fail_reason="engine crashed")
+    time.sleep(ROUTE_TTL * 2)
+    assert chat(outage).json()["error"]["code"] == "deployment_failed"
+    deployments.update(status="running", fail_reason="")
+    time.sleep(ROUTE_TTL * 2)
+    assert chat(outage).status_code == 200
+    outage.pg.cut()
+    time.sleep(ROUTE_TTL * 3)  # every cached entry is now past its TTL
+
+    answers = [chat(outage) for _ in range(3)] + [chat(outage, stream=True)]
+    time.sleep(ROUTE_TTL * 2)
+    answers += [chat(outage) for _ in range(2)]
+    assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+    assert answers[0].json()["choices"][0]["message"]["content"] == "hi"
+    assert outage.engine.hits == 8
+
+    unknown = chat(outage, token=stranger)
+    assert unknown.status_code == 503 and int(unknown.headers["Retry-After"]) > 0
+    assert unknown.json()["error"]["type"] == "server_error"
+    assert 'llmhub_gateway_degraded{dependency="postgresql"} 1.0' in outage.web.metrics()
+
+    outage.pg.restore()
+    rows = settled_usage(outage, 8)  # the ones the engine answered (a failed deployment's 503 is not usage)
+    assert len(rows) == 8 and len({r.idempotency_key for r in rows}) == 8
+    assert all(r.status == 200 and r.prompt_tokens == 3 and r.completion_tokens == 1 for r in rows)
+    assert sorted(r.stream for r in rows) == [False] * 7 + [True]
+    assert outage.web.log().count("PostgreSQL is unreachable") == 1
+    wait_for(lambda: 'llmhub_gateway_degraded{dependency="postgresql"} 0.0' in outage.web.metrics(), timeout=15,
+             interval=0.5, what="the gauge back to 0")  # fmt: skip
+    # Back to fresh entries: the stranger, whom the outage kept out, now gets in (with no deployment of theirs).
+    assert chat(outage, token=stranger).status_code == 404
+
+
 def test_usage_of_an_outage_survives_the_web_process(outage):
     """Records kept during the outage are in Redis, not only in the process: a web process killed before the
     database comes back loses none, and the next one writes them."""
@@ -135,8 +184,6 @@ def test_usage_of_an_outage_survives_the_web_process(outage):
     outage.pg.cut()
     assert [chat(outage).status_code for _ in range(4)] == [200] * 4
     pending = redis.Redis.from_url(settings.REDIS_URL)
-    from llmhub.gateway.usage_buffer import PENDING_KEY
-
     wait_for(lambda: pending.llen(PENDING_KEY) >= 4, timeout=15, interval=0.2, what="records kept in Redis")
     outage.web.kill()
     outage.pg.restore()
