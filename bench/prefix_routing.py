@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -111,13 +112,23 @@ def start_engine(image: str, name: str, blocks: int, max_len: int) -> int:
     return int(port.strip().splitlines()[0].rsplit(":", 1)[1])
 
 
+TIMINGS = ("queue_time", "prefill_time", "time_to_first_token")  # vLLM histograms: seconds, summed per engine
+
+
 def engine_metrics(port: int) -> dict[str, float]:
-    """Prefix cache hits and queries (tokens), successful requests and the KV cache's blocks from vLLM /metrics."""
+    """Prefix cache hits and queries (tokens), successful requests, the KV cache's blocks, and the sums and
+    counts of the engine's queue, prefill and TTFT histograms (seconds) from vLLM /metrics."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {ENGINE_KEY}"}).text
     out = {"hits": 0.0, "queries": 0.0, "requests": 0.0, "blocks": 0.0}
+    for name in TIMINGS:
+        out[f"{name}_sum"] = out[f"{name}_count"] = 0.0
     for line in text.splitlines():
         if line.startswith("#"):
             continue
+        m = re.match(r"vllm:(?:request_)?(queue_time|prefill_time|time_to_first_token)_seconds_(sum|count)"
+                     r"(?:\{[^}]*\})? ([0-9.e+]+)$", line)  # fmt: skip
+        if m:
+            out[f"{m[1]}_{m[2]}"] += float(m[3])
         m = re.match(r"vllm:(?:gpu_)?prefix_cache_(hits|queries)(?:_total)?(?:\{[^}]*\})? ([0-9.e+]+)$", line)
         if m:
             out[m[1]] += float(m[2])
@@ -128,6 +139,41 @@ def engine_metrics(port: int) -> dict[str, float]:
         if m:
             out["blocks"] = float(m[1])
     return out
+
+
+def engine_gauges(port: int) -> tuple[int, int]:
+    """(requests running, requests waiting) in the engine now: vLLM's num_requests_running / _waiting gauges."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {ENGINE_KEY}"}).text
+    found = dict.fromkeys(("running", "waiting"), 0.0)
+    for m in re.finditer(r"^vllm:num_requests_(running|waiting)(?:\{[^}]*\})? ([0-9.e+]+)$", text, re.M):
+        found[m[1]] += float(m[2])
+    return int(found["running"]), int(found["waiting"])
+
+
+class Sampler(threading.Thread):
+    """Polls both engines' running/waiting gauges every `interval` seconds while a routing's workload runs:
+    how often one engine queues (or runs 2 or more) while the other is idle, and the mean in flight per engine."""
+
+    def __init__(self, ports: list[int], interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.ports, self.interval, self.samples = ports, interval, []
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.samples.append([engine_gauges(p) for p in self.ports])
+            except httpx.HTTPError:
+                pass
+            self.stopping.wait(self.interval)
+
+    def summary(self) -> dict:
+        n = len(self.samples) or 1
+        busy = [sum(s[i][0] + s[i][1] for s in self.samples) / n for i in range(2)]
+        lopsided = sum(1 for s in self.samples if any(
+            s[i][0] + s[i][1] >= 2 and s[1 - i][0] + s[1 - i][1] == 0 for i in range(2))) / n  # fmt: skip
+        waiting = sum(1 for s in self.samples if s[0][1] + s[1][1] > 0) / n
+        return {"mean_in_flight": busy, "lopsided": lopsided, "waiting": waiting, "samples": len(self.samples)}
 
 
 def manage(env: dict, script: str) -> str:
@@ -234,11 +280,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--kv-share", type=float, default=0.5, help="share of all prefixes one engine's KV cache holds")
     parser.add_argument("--first", choices=["least_outstanding", "prefix"], default="least_outstanding")
+    parser.add_argument("--seed", type=int, default=1, help="picks both routings' system prompts and requests")
+    parser.add_argument("--no-response-cache", action="store_true", help="skip the response cache's latencies")
     args = parser.parse_args()
     image = engine_image()
-    modes = {"least_outstanding": 1, "prefix": 2}  # routing → seed of its own system prompts
+    # routing → seed of its own system prompts (seed 1: 1 and 2, as before --seed existed)
+    modes = {"least_outstanding": 2 * args.seed - 1, "prefix": 2 * args.seed}
     if args.first == "prefix":
-        modes = {"prefix": 2, "least_outstanding": 1}
+        modes = {"prefix": modes["prefix"], "least_outstanding": modes["least_outstanding"]}
     prompts = {mode: system_prompts(args.prefixes, args.system_chars, seed) for mode, seed in modes.items()}
     tokens = token_counts(image, [p for mode in modes for p in prompts[mode]])
     per_prefix_blocks = statistics.mean(t // BLOCK_SIZE for t in tokens)
@@ -270,17 +319,23 @@ def main() -> None:
         for mode, seed in modes.items():
             set_deployment(env, routing=mode)
             before = [engine_metrics(p) for p in ports]
+            sampler = Sampler(ports)
+            sampler.start()
             started = time.monotonic()
             ttfts = asyncio.run(workload(url, token, prompts[mode], args.requests, args.concurrency,
                                          args.max_tokens, seed))  # fmt: skip
             elapsed = time.monotonic() - started
+            sampler.stopping.set()
+            sampler.join()
             after = [engine_metrics(p) for p in ports]
             delta = [{k: a[k] - b[k] for k in a} for a, b in zip(after, before)]
             hits, queries = sum(d["hits"] for d in delta), sum(d["queries"] for d in delta)
             results[mode] = {"hit_rate": hits / queries if queries else 0.0, "ttft_p50": pct(ttfts, 0.5),
                              "ttft_p90": pct(ttfts, 0.9), "spread": [int(d["requests"]) for d in delta],
                              "per_engine": [d["hits"] / d["queries"] if d["queries"] else 0 for d in delta],
-                             "seconds": elapsed}  # fmt: skip
+                             "seconds": elapsed, "gauges": sampler.summary(),
+                             "engine_ms": {name: [1000 * d[f"{name}_sum"] / d[f"{name}_count"] if d[f"{name}_count"]
+                                                  else 0.0 for d in delta] for name in TIMINGS}}  # fmt: skip
         print(
             f"\n{args.requests} requests per routing at concurrency {args.concurrency}, {args.max_tokens} tokens each\n"
         )
@@ -292,6 +347,20 @@ def main() -> None:
         lo, px = results["least_outstanding"], results["prefix"]
         ratio = px["hit_rate"] / lo["hit_rate"] if lo["hit_rate"] else math.inf
         print(f"\nprefix / least_outstanding hit rate: {ratio:.2f}x; TTFT p50 {px['ttft_p50'] / lo['ttft_p50']:.2f}x")
+        print(
+            "\nengines, sampled every 0.1 s (in flight = running + waiting) and their own mean timings per request:\n"
+        )
+        print("| routing | mean in flight per engine | one engine ≥ 2 in flight, other idle | any waiting | "
+              "queue ms | prefill ms | engine TTFT ms |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|")
+        for mode, r in sorted(results.items()):
+            g, e = r["gauges"], r["engine_ms"]
+            print(
+                f"| {mode} | {' / '.join(f'{x:.2f}' for x in g['mean_in_flight'])} | {g['lopsided']:.0%} | "
+                f"{g['waiting']:.0%} | " + " | ".join(" / ".join(f"{x:.0f}" for x in e[n]) for n in TIMINGS) + " |"
+            )
+        if args.no_response_cache:
+            return
 
         # The response cache: one deterministic whole request, direct to an engine, gateway miss, gateway hit.
         set_deployment(env, response_cache_seconds=600)

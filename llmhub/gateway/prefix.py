@@ -8,16 +8,27 @@ KV cache (vLLM's automatic prefix caching), so that it is not computed again. As
   messages' roles and text in order, completions: the prompt), a block being `BLOCK_CHARS` characters:
   vLLM's 16-token KV block at about 4 characters per token. A prompt shorter than one block has no key;
 - each instance owns `REPLICAS` points on a hash ring; a key goes to the owner of the first point at or
-  after it, walking on while that instance is past its share of the load: it may take the request when
-  ``outstanding + 1 ≤ max(ceil(LOAD_FACTOR × (total outstanding + 1) / instances), floor)`` (Mirrokni,
-  Thorup and Zadimoghaddam, "Consistent Hashing with Bounded Loads", 2018). The floor is half the
-  deployment's max batch size (`FLOOR_OF_BATCH`): an engine running fewer requests than that has free
-  batch slots, so nothing waits there, and sending the request elsewhere would only lose its cached
-  prefix (at two or three requests in flight the plain bound would move every third one). The least
-  loaded instance always fits, so the walk ends; least outstanding requests is the fallback all the same.
+  after it, walking on while that instance is past its share of the load. An instance may take the
+  request when ``outstanding + 1 ≤ ceil(LOAD_FACTOR × (total outstanding + 1) / instances)``: the
+  capacity ⌈(1 + ε)·m/n⌉ of Mirrokni, Thorup and Zadimoghaddam, "Consistent Hashing with Bounded
+  Loads" (SODA 2018), ε = 0.25 as KubeAI's default load factor. (KubeAI compares with the unrounded
+  ``(total + 1) / n × 1.25``, which over two instances and a few requests is least outstanding
+  requests; rounded up, a prefix's second request may join its first.) At concurrency 4 over two
+  instances the bound is 3: all four never pile onto one engine, and one engine never runs more than
+  two while the other is idle. An instance at or past the deployment's max batch size (`slots`) is
+  also past its share while another has a free batch slot: its engine would queue the request.
 
-Adding or removing an instance moves only the keys of its own points. Nothing here re-serialises the
-request body: the text is read from the parsed JSON.
+One addition to CHWBL (measured in bench/prefix_routing.py, two vLLM CPU engines, 16 prefixes that
+the ring split 10 / 6): a key sent past its instance's bound *stays* on the instance that took it
+(`homes`), which has just put the prefix into its KV cache, until that one is past its own bound.
+Memoryless CHWBL sends the key home again, so under a tight bound every prefix bounces between engines
+and is cached on both; staying, a few keys move once and the prefixes even out over the instances
+(the ring splits a handful of keys evenly only on average). `homes` is per gateway process and keeps
+the `HOMES_MAX` most recently moved keys; a key whose home is gone goes back to the ring.
+
+Adding or removing an instance moves only the keys of its own points (and those that had moved to
+it). The least loaded instance always fits, so the walk ends. Nothing here re-serialises the request
+body: the text is read from the parsed JSON.
 """
 
 from __future__ import annotations
@@ -29,11 +40,12 @@ from bisect import bisect_left
 BLOCK_CHARS = 64  # 16 tokens (vLLM's KV block) × ~4 characters per token
 PREFIX_BLOCKS = 4  # blocks hashed: 256 characters, ~64 tokens
 REPLICAS = 128  # ring points per instance
-LOAD_FACTOR = 1.25  # an instance takes at most 1.25 × its even share of the outstanding requests
-FLOOR_OF_BATCH = 0.5  # ... unless it has fewer outstanding than this share of the max batch size
+LOAD_FACTOR = 1.25  # an instance takes at most 1.25 × its even share of the outstanding requests (rounded up)
+HOMES_MAX = 65536  # keys that moved off their ring owner, remembered per process
 _PREFIX_CHARS = BLOCK_CHARS * PREFIX_BLOCKS
 _RINGS_MAX = 1024  # rings kept (one per distinct set of ready instances)
 
+homes: dict[int, int] = {}  # prefix key → instance it moved to past its owner's bound (oldest first)
 _rings: dict[tuple[int, ...], tuple[list[int], list[int]]] = {}
 
 
@@ -97,32 +109,59 @@ def ring(instance_ids: tuple[int, ...]) -> tuple[list[int], list[int]]:
     return cached
 
 
-def bound(total: int, instances: int, floor: int = 0, factor: float = LOAD_FACTOR) -> int:
+def bound(total: int, instances: int, factor: float = LOAD_FACTOR) -> int:
     """The most outstanding requests an instance may have after taking one more, when `total` are
-    outstanding over `instances`: ``max(ceil(factor × (total + 1) / instances), floor)``."""
-    return max(math.ceil(factor * (total + 1) / instances), floor)
+    outstanding over `instances`: ``ceil(factor × (total + 1) / instances)`` (Mirrokni et al. 2018)."""
+    return math.ceil(factor * (total + 1) / instances)
 
 
-def pick(instance_ids: list[int], loads: dict[int, int], key: int, *, floor: int = 0,
+def pick(instance_ids: list[int], loads: dict[int, int], key: int, *, slots: int = 0,
          factor: float = LOAD_FACTOR) -> int:  # fmt: skip
     """The instance (one of `instance_ids`, non-empty) for prefix `key` given outstanding `loads`
-    ({instance id: requests}; missing = 0): the key's owner on the ring, or the next one within the bound
-    (`bound`; `floor`: outstanding requests below which an instance is never past its share)."""
+    ({instance id: requests}; missing = 0): the key's home (where it last moved, else its owner on the
+    ring) if within the bound (`bound`), else the next instance on the ring within it, which becomes the
+    key's home. `slots`: the deployment's max batch size (0: none); an instance with that many outstanding
+    is past its share while another has fewer."""
     ids = tuple(sorted(instance_ids))
     if len(ids) == 1:
         return ids[0]
     hashes, owners = ring(ids)
-    total = sum(loads.get(i, 0) for i in ids)
-    most = bound(total, len(ids), floor, factor)
+    most = bound(sum(loads.get(i, 0) for i in ids), len(ids), factor)
+    full = slots if slots and any(loads.get(i, 0) < slots for i in ids) else 0
+
+    def fits(instance: int) -> bool:
+        n = loads.get(instance, 0)
+        return n + 1 <= most and not (full and n >= full)
+
     start = bisect_left(hashes, key)
-    seen: set[int] = set()
+    owner = owners[start % len(hashes)]
+    home = homes.get(key)
+    if home not in ids:
+        home = owner
+    if fits(home):
+        return home
+    chosen = None
+    seen = {home}
     for n in range(len(hashes)):
-        owner = owners[(start + n) % len(hashes)]
-        if owner in seen:
+        candidate = owners[(start + n) % len(hashes)]
+        if candidate in seen:
             continue
-        if loads.get(owner, 0) + 1 <= most:
-            return owner
-        seen.add(owner)
+        if fits(candidate):
+            chosen = candidate
+            break
+        seen.add(candidate)
         if len(seen) == len(ids):
             break
-    return min(ids, key=lambda i: (loads.get(i, 0), i))  # least outstanding (unreachable: the least loaded fits)
+    if chosen is None:  # unreachable (the least loaded instance fits); least outstanding all the same
+        chosen = min(ids, key=lambda i: (loads.get(i, 0), i))
+    _move(key, chosen, owner)
+    return chosen
+
+
+def _move(key: int, instance: int, owner: int) -> None:
+    """`key` now lives on `instance`: remembered unless that is its ring `owner` (newest last)."""
+    homes.pop(key, None)
+    if instance != owner:
+        if len(homes) >= HOMES_MAX:
+            del homes[next(iter(homes))]
+        homes[key] = instance

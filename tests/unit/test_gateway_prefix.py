@@ -25,8 +25,15 @@ def route(ids, routing="prefix", max_batch_size=0) -> Route:
 @pytest.fixture(autouse=True)
 def no_outstanding():
     load.outstanding.clear()
+    prefix.homes.clear()
     yield
     load.outstanding.clear()
+    prefix.homes.clear()
+
+
+def home_and_away(r: Route, key: int) -> tuple[int, int]:
+    home = load.instance_pick(r, set(), key)[0]
+    return home, next(i for i, _, _ in r.instances if i != home)
 
 
 def test_same_prefix_same_key_whatever_the_user_turn():
@@ -110,16 +117,107 @@ def test_preferred_instance_past_its_share_sends_the_request_elsewhere():
     assert load.instance_pick(r, set(), key)[0] == away
 
 
-def test_an_instance_with_free_batch_slots_keeps_its_prefixes():
+def test_a_busy_instance_never_takes_more_while_the_other_is_idle():
+    # Concurrency 4 over 2 instances: the 4th request of a prefix whose instance already runs 3 goes to the
+    # idle one (bound ceil(1.25 × 4 / 2) = 3), whatever the max batch size; no floor keeps it home.
     key = prefix.prefix_key("chat/completions", chat(system_prompt(5), "q"))
-    r = route([1, 2], max_batch_size=8)  # floor: 4 outstanding
-    home = load.instance_pick(r, set(), key)[0]
-    away = 1 if home == 2 else 2
-    load.outstanding.update({home: 3, away: 0})  # 4 > ceil(1.25 × 4 / 2) = 3, but 4 ≤ the floor
-    assert load.instance_pick(r, set(), key)[0] == home
-    load.outstanding.update({home: 4, away: 0})  # 5 > max(3, 4): past its share
+    for max_batch_size in (0, 8, 256):
+        r = route([1, 2], max_batch_size=max_batch_size)
+        prefix.homes.clear()
+        load.outstanding.clear()
+        home, away = home_and_away(r, key)
+        load.outstanding.update({home: 3, away: 0})
+        assert load.instance_pick(r, set(), key)[0] == away, max_batch_size
+        prefix.homes.clear()
+        load.outstanding.update({home: 1, away: 0})  # the second may join the first (bound ceil(1.25 × 2 / 2) = 2)
+        assert load.instance_pick(r, set(), key)[0] == home
+        prefix.homes.clear()
+        load.outstanding.update({home: 2, away: 0})  # a third would leave the other idle (bound 2): it goes there
+        assert load.instance_pick(r, set(), key)[0] == away
+
+
+def test_no_instance_is_given_a_request_past_the_bound_at_small_counts():
+    # Every state with up to 8 in flight over 2 instances: the pick is within ceil(1.25 × (total + 1) / 2),
+    # so at most 2 run on one instance while the other is idle, and never all 4 of concurrency 4.
+    key = prefix.prefix_key("chat/completions", chat(system_prompt(9), "q"))
+    r = route([1, 2], max_batch_size=8)
+    for a in range(9):
+        for b in range(9 - a):
+            prefix.homes.clear()
+            load.outstanding.update({1: a, 2: b})
+            chosen = load.instance_pick(r, set(), key)[0]
+            after = {1: a, 2: b}
+            after[chosen] += 1
+            assert after[chosen] <= math.ceil(prefix.LOAD_FACTOR * (a + b + 1) / 2), (a, b, chosen)
+            assert not (after[chosen] >= 3 and min(after.values()) == 0), (a, b, chosen)
+
+
+def test_an_instance_at_its_max_batch_size_is_past_its_share_while_another_has_free_slots():
+    # CHWBL alone would let the prefix's instance run 9 (≤ ceil(1.25 × 15 / 2) = 10), one past the
+    # deployment's max batch size of 8, where the engine queues it, while the other has 2 free slots.
+    key = prefix.prefix_key("chat/completions", chat(system_prompt(5), "q"))
+    r = route([1, 2], max_batch_size=8)
+    home, away = home_and_away(r, key)
+    load.outstanding.update({home: 8, away: 6})
     assert load.instance_pick(r, set(), key)[0] == away
-    assert load.instance_pick(route([1, 2], max_batch_size=0), set(), key)[0] == away  # no floor
+    load.outstanding.update({home: 8, away: 8})  # both full: CHWBL's bound alone decides (ceil(1.25 × 17 / 2) = 11)
+    prefix.homes.clear()
+    assert load.instance_pick(r, set(), key)[0] == home
+    load.outstanding.update({home: 7, away: 6})  # a free slot left: it stays
+    assert load.instance_pick(r, set(), key)[0] == home
+
+
+def test_a_prefix_moved_past_the_bound_stays_where_it_went():
+    # The instance that took the overflow now holds the prefix in its KV cache: the prefix's next requests
+    # go there too (while within the bound), instead of back and forth on every burst.
+    key = prefix.prefix_key("chat/completions", chat(system_prompt(5), "q"))
+    r = route([1, 2])
+    home, away = home_and_away(r, key)
+    load.outstanding.update({home: 3, away: 0})
+    assert load.instance_pick(r, set(), key)[0] == away
+    load.outstanding.update({home: 0, away: 0})
+    assert load.instance_pick(r, set(), key)[0] == away
+    load.outstanding.update({home: 0, away: 1})
+    assert load.instance_pick(r, set(), key)[0] == away
+    # a removed instance's prefixes go back to the ring's choice among those left
+    assert load.instance_pick(route([home, 99]), set(), key)[0] == prefix.pick([home, 99], {}, key)
+
+
+def closed_loop(r: Route, keys: list[int], requests: int, concurrency: int, seed: int) -> tuple[dict, int, int]:
+    """Requests at `concurrency` (one finishes, chosen at random, before the next starts): the requests
+    per instance, the most ever outstanding on one, and how often a prefix went elsewhere than the last time."""
+    rng = random.Random(seed)
+    ids = [i for i, _, _ in r.instances]
+    running: list[int] = []
+    per_instance = dict.fromkeys(ids, 0)
+    last: dict[int, int] = {}
+    moves = most = 0
+    for _ in range(requests):
+        if len(running) == concurrency:
+            load.outstanding[running.pop(rng.randrange(len(running)))] -= 1
+        key = rng.choice(keys)
+        chosen = load.instance_pick(r, set(), key)[0]
+        moves += key in last and last[key] != chosen
+        last[key] = chosen
+        load.outstanding[chosen] += 1
+        running.append(chosen)
+        per_instance[chosen] += 1
+        most = max(most, max(load.outstanding[i] for i in ids))
+    return per_instance, most, moves
+
+
+def test_prefixes_that_hash_unevenly_still_spread_the_load_and_keep_their_instance():
+    # 16 prefixes whose ring owners split 11 / 5 (few keys: consistent hashing balances only on average),
+    # concurrency 4: the requests still spread about evenly, never more than 3 in flight on one instance,
+    # and most requests of a prefix reach the same instance as its previous one (its KV cache).
+    r = route([1, 2], max_batch_size=8)
+    keys = [prefix.prefix_key("chat/completions", chat(system_prompt(n), "q")) for n in range(400)]
+    owned = {i: [k for k in keys if prefix.pick([1, 2], {}, k) == i] for i in (1, 2)}
+    skewed = owned[1][:11] + owned[2][:5]
+    per_instance, most, moves = closed_loop(r, skewed, requests=2000, concurrency=4, seed=3)
+    assert most <= 3
+    assert 0.42 <= per_instance[1] / 2000 <= 0.58, per_instance
+    assert moves / 2000 <= 0.12, moves
 
 
 def test_a_new_instance_takes_only_its_share_and_a_removed_one_gives_only_its_own():
