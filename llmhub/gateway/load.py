@@ -93,13 +93,13 @@ def instance_pick(route, exclude: set[int], key: int | None) -> tuple[int, str, 
     """The ready instance of `route` (a routing.Route) for a request, not in `exclude`; None when none is left.
 
     With ``route.routing == "prefix"``, more than one candidate and a prefix `key` (`prefix.prefix_key`):
-    the instance holding that prefix, within the load bound (`prefix.pick`, its floor half the
-    deployment's max batch size). Otherwise the instance with
-    the fewest outstanding requests in this process (ties by id). Loads are this process's `outstanding`.
+    the instance holding that prefix, within the load bound (its floor half the deployment's max batch
+    size) and the max batch size itself (`prefix.pick`). Otherwise the instance with the fewest
+    outstanding requests in this process (ties by id). Loads are this process's `outstanding`.
     """
     candidates = [i for i in route.instances if i[0] not in exclude]
     if key is not None and len(candidates) > 1 and route.routing == "prefix":
         floor = int(route.max_batch_size * prefix.FLOOR_OF_BATCH)
-        chosen = prefix.pick([i[0] for i in candidates], outstanding, key, floor=floor)
+        chosen = prefix.pick([i[0] for i in candidates], outstanding, key, slots=route.max_batch_size, floor=floor)
         return next(i for i in candidates if i[0] == chosen)
     return min(candidates, key=lambda i: (outstanding[i[0]], i[0]), default=None)

@@ -25,8 +25,15 @@ def route(ids, routing="prefix", max_batch_size=0) -> Route:
 @pytest.fixture(autouse=True)
 def no_outstanding():
     load.outstanding.clear()
+    prefix.forget()
     yield
     load.outstanding.clear()
+    prefix.forget()
+
+
+def home_and_away(r: Route, key: int) -> tuple[int, int]:
+    home = load.instance_pick(r, set(), key)[0]
+    return home, next(i for i, _, _ in r.instances if i != home)
 
 
 def test_same_prefix_same_key_whatever_the_user_turn():
@@ -122,6 +129,118 @@ def test_an_instance_with_free_batch_slots_keeps_its_prefixes():
     assert load.instance_pick(route([1, 2], max_batch_size=0), set(), key)[0] == away  # no floor
 
 
+def test_no_instance_is_given_a_request_past_its_bound_or_queued_while_another_has_room():
+    # Every state with up to 20 in flight over 2 instances, max batch size 8 (floor 4): the pick is within
+    # max(ceil(1.25 × (total + 1) / 2), 4), and never a 9th request for an engine while the other has a free slot.
+    key = prefix.prefix_key("chat/completions", chat(system_prompt(9), "q"))
+    r = route([1, 2], max_batch_size=8)
+    for a in range(21):
+        for b in range(21 - a):
+            load.outstanding.update({1: a, 2: b})
+            chosen = load.instance_pick(r, set(), key)[0]
+            after = {1: a, 2: b}
+            after[chosen] += 1
+            assert after[chosen] <= max(math.ceil(prefix.LOAD_FACTOR * (a + b + 1) / 2), 4), (a, b, chosen)
+            assert after[chosen] <= 8 or min(a, b) >= 8, (a, b, chosen)
+
+
+def test_an_instance_at_its_max_batch_size_is_past_its_share_while_another_has_free_slots():
+    # CHWBL alone would let the prefix's instance run 9 (≤ ceil(1.25 × 15 / 2) = 10), one past the
+    # deployment's max batch size of 8, where the engine queues it, while the other has 2 free slots.
+    key = prefix.prefix_key("chat/completions", chat(system_prompt(5), "q"))
+    r = route([1, 2], max_batch_size=8)
+    home, away = home_and_away(r, key)
+    load.outstanding.update({home: 8, away: 6})
+    assert load.instance_pick(r, set(), key)[0] == away
+    load.outstanding.update({home: 8, away: 8})  # both full: CHWBL's bound alone decides (ceil(1.25 × 17 / 2) = 11)
+    prefix.forget()
+    assert load.instance_pick(r, set(), key)[0] == home
+    load.outstanding.update({home: 7, away: 6})  # a free slot left: it stays
+    assert load.instance_pick(r, set(), key)[0] == home
+
+
+def test_a_request_past_the_bound_goes_elsewhere_and_its_prefix_stays_home():
+    key = prefix.prefix_key("chat/completions", chat(system_prompt(5), "q"))
+    r = route([1, 2])
+    home, away = home_and_away(r, key)
+    load.outstanding.update({home: 3, away: 0})
+    assert load.instance_pick(r, set(), key)[0] == away  # an overflow, not a move: the prefix still lives home
+    load.outstanding.update({home: 0, away: 1})
+    assert load.instance_pick(r, set(), key)[0] == home
+    # a removed instance's prefixes go to the ring's choice among those left
+    assert load.instance_pick(route([away, 99]), set(), key)[0] == prefix.walk((away, 99), key)[0]
+
+
+def skewed_prefixes() -> list[int]:
+    """16 prefix keys whose owners on the ring of instances 1 and 2 split 11 / 5."""
+    keys = [prefix.prefix_key("chat/completions", chat(system_prompt(n), "q")) for n in range(400)]
+    owned = {i: [k for k in keys if prefix.walk((1, 2), k)[0] == i] for i in (1, 2)}
+    return owned[1][:11] + owned[2][:5]
+
+
+def test_prefixes_are_spread_evenly_over_the_instances_whatever_the_ring_split():
+    # Few prefixes: consistent hashing balances them only on average, and an engine's KV cache holds so
+    # many. The 11 / 5 prefixes live 8 / 8, and each keeps its instance.
+    skewed = skewed_prefixes()
+    first = {k: prefix.pick([1, 2], {}, k, now=0.0) for k in skewed}
+    assert sorted(list(first.values()).count(i) for i in (1, 2)) == [8, 8]
+    for n in range(5):
+        assert {k: prefix.pick([1, 2], {}, k, now=float(n)) for k in reversed(skewed)} == first
+    # a third instance takes only those past the others' share (ceil(16 / 3) = 6), and new prefixes
+    third = {k: prefix.pick([1, 2, 3], {}, k, now=9.0) for k in skewed}
+    assert sorted(list(third.values()).count(i) for i in (1, 2, 3)) == [4, 6, 6]
+    assert all(third[k] in (first[k], 3) for k in skewed)
+
+
+def test_a_prefix_not_seen_for_a_while_is_forgotten(monkeypatch):
+    keys = [prefix.prefix_key("chat/completions", chat(system_prompt(n), "q")) for n in range(20)]
+    for k in keys[:10]:
+        prefix.pick([1, 2], {}, k, now=0.0)
+    prefix.pick([1, 2], {}, keys[0], now=prefix.HOME_SECONDS - 1)  # seen again: kept
+    prefix.pick([1, 2], {}, keys[10], now=prefix.HOME_SECONDS + 1)
+    assert set(prefix.homes) == {keys[0], keys[10]}
+    monkeypatch.setattr(prefix, "HOMES_MAX", 5)
+    for k in keys:
+        prefix.pick([1, 2], {}, k, now=prefix.HOME_SECONDS + 2)
+    assert list(prefix.homes) == keys[-5:]  # the most recent ones
+    held = [prefix.homes[k][0] for k in prefix.homes]
+    assert all(prefix._held[i] == held.count(i) for i in (1, 2))
+
+
+def closed_loop(r: Route, keys: list[int], requests: int, concurrency: int, seed: int) -> tuple[dict, int, int]:
+    """Requests at `concurrency` (one finishes, chosen at random, before the next starts): the requests
+    per instance, the most ever outstanding on one, and how often a prefix went elsewhere than the last time."""
+    rng = random.Random(seed)
+    ids = [i for i, _, _ in r.instances]
+    running: list[int] = []
+    per_instance = dict.fromkeys(ids, 0)
+    last: dict[int, int] = {}
+    moves = most = 0
+    for _ in range(requests):
+        if len(running) == concurrency:
+            load.outstanding[running.pop(rng.randrange(len(running)))] -= 1
+        key = rng.choice(keys)
+        chosen = load.instance_pick(r, set(), key)[0]
+        moves += key in last and last[key] != chosen
+        last[key] = chosen
+        load.outstanding[chosen] += 1
+        running.append(chosen)
+        per_instance[chosen] += 1
+        most = max(most, max(load.outstanding[i] for i in ids))
+    return per_instance, most, moves
+
+
+def test_prefixes_that_hash_unevenly_still_spread_the_load_and_keep_their_instance():
+    # The same 11 / 5 prefixes at concurrency 4: the requests spread about evenly (the ring alone would
+    # send 11/16 of them to one instance) and nearly every request of a prefix reaches the instance of its
+    # previous one (its KV cache).
+    r = route([1, 2], max_batch_size=8)
+    per_instance, most, moves = closed_loop(r, skewed_prefixes(), requests=2000, concurrency=4, seed=3)
+    assert most <= 4  # the floor: half the max batch size
+    assert 0.42 <= per_instance[1] / 2000 <= 0.58, per_instance
+    assert moves / 2000 <= 0.02, moves
+
+
 def test_a_new_instance_takes_only_its_share_and_a_removed_one_gives_only_its_own():
     keys = [random.Random(n).getrandbits(64) for n in range(3000)]
     before = {k: prefix.pick([1, 2, 3], {}, k) for k in keys}
@@ -129,6 +248,8 @@ def test_a_new_instance_takes_only_its_share_and_a_removed_one_gives_only_its_ow
     moved = [k for k in keys if before[k] != grown[k]]
     assert all(grown[k] == 4 for k in moved)  # keys only move to the new instance
     assert 0.15 < len(moved) / len(keys) < 0.35  # about a quarter
+    prefix.forget()
+    assert {k: prefix.pick([1, 2, 3], {}, k) for k in keys} == before
     shrunk = {k: prefix.pick([1, 3], {}, k) for k in keys}
     assert all(shrunk[k] == before[k] for k in keys if before[k] != 2)  # only instance 2's keys move
 
