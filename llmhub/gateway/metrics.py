@@ -8,7 +8,9 @@ gauge counts live processes only.
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple
 
 from django.db.models import Count, DurationField, ExpressionWrapper, F, Sum
 from django.db.models.functions import Coalesce, Now
@@ -41,6 +43,28 @@ usage_pending = Gauge(
 usage_dropped = Counter(
     "llmhub_gateway_usage_dropped", "Usage records dropped because the outage buffer was full (see the README)."
 )
+
+
+class Series(NamedTuple):
+    """One deployment's gateway series, labelled once (`series`)."""
+
+    inflight: Gauge
+    duration: Histogram
+    ttft: Histogram
+
+
+@functools.lru_cache(maxsize=4096)
+def series(deployment: str) -> Series:
+    """The in-flight gauge and the duration and time-to-first-token histograms of `deployment` (its served
+    name), looked up (prometheus-client's ``labels()``) once per deployment and process, not per request."""
+    return Series(inflight_requests.labels(deployment), request_duration.labels(deployment),
+                  time_to_first_token.labels(deployment))  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4096)
+def requests_of(deployment: str, status: int) -> Counter:
+    """The request counter of `deployment` (its served name) and HTTP `status`, looked up once per process."""
+    return requests_total.labels(deployment, str(status))
 
 
 class FleetCollector:

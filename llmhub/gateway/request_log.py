@@ -23,7 +23,8 @@ from django.db import close_old_connections
 from django.utils import timezone
 
 from . import degraded
-from .models import RequestLog, UsageRecord
+from .models import RequestLog
+from .usage_buffer import Usage
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +54,14 @@ class Capture:
 @dataclass(slots=True)
 class Pending:
     capture: Capture
-    usage: UsageRecord
+    usage: Usage
     model: str
 
 
 pending: list[Pending] = []
 
 
-def record(capture: Capture, *, usage: UsageRecord) -> None:
+def record(capture: Capture, *, usage: Usage) -> None:
     """Queue the log entry of a finished request (called where its `usage` record is made); written by `flush`."""
     pending.append(Pending(capture, usage, str(capture.body.get("model", ""))[:200]))
     if len(pending) > MAX_PENDING:
@@ -100,7 +101,7 @@ def entry(item: Pending) -> RequestLog:
     messages = body.get("messages") if isinstance(body.get("messages"), list) else None
     return RequestLog(
         deployment_id=usage.deployment_id,
-        created_at=usage.created_at,
+        created_at=usage.created_at_datetime,
         model=item.model,
         endpoint=usage.endpoint,
         stream=usage.stream,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
@@ -31,7 +30,6 @@ from . import holding, load, messages, metrics, request_log, response_cache, ups
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
 from .messages import Answer, engine_payload, parse_body
-from .models import UsageRecord
 from .prefix import prefix_key
 from .routing import Caller, Route, cache
 
@@ -69,25 +67,17 @@ class Call:
             asyncio.ensure_future(self.held.release())
         load.inflight[self.route.deployment_id] -= 1
         name = self.route.full_name
-        metrics.inflight_requests.labels(name).dec()
-        metrics.requests_total.labels(name, str(self.status)).inc()
-        metrics.request_duration.labels(name).observe(now - self.started)
+        series = metrics.series(name)
+        series.inflight.dec()
+        metrics.requests_of(name, self.status).inc()
+        series.duration.observe(now - self.started)
         if self.first_event is not None:
-            metrics.time_to_first_token.labels(name).observe(self.first_event - self.started)
+            series.ttft.observe(self.first_event - self.started)
         ttft = self.first_event if self.first_event is not None else (now if not self.stream else None)
-        usage = UsageRecord(
-            deployment_id=self.route.deployment_id,
-            user_id=self.caller.user_id,
-            created_at=timezone.now(),
-            endpoint=self.endpoint,
-            stream=self.stream,
-            status=self.status,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            latency_ms=round((now - self.started) * 1000),
-            ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None,
-            cache=self.cache,
-            idempotency_key=uuid.uuid4(),
+        usage = usage_buffer.Usage(
+            self.route.deployment_id, self.caller.user_id, time.time(), self.endpoint, self.stream, self.status,
+            self.prompt_tokens, self.completion_tokens, latency_ms=round((now - self.started) * 1000),
+            ttft_ms=round((ttft - self.started) * 1000) if ttft is not None else None, cache=self.cache,
         )  # fmt: skip
         usage_buffer.keep(usage)
         if self.log is not None:
@@ -135,7 +125,7 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
     if route.request_logging:
         call.log = request_log.Capture(body)
     load.inflight[route.deployment_id] += 1
-    metrics.inflight_requests.labels(route.full_name).inc()
+    metrics.series(route.full_name).inflight.inc()
     if stream:
         return Answer(200, "text/event-stream", events=relay_stream(call))
     try:
@@ -348,15 +338,10 @@ async def relay_stream(call: Call):
             return
         buffer = b""
         while True:
-            if call.first_event is None:  # keepalives until the first token
-                data = None
-                async for item in _with_keepalives(_next_or_none(response), interval):
-                    if item is KEEPALIVE:
-                        yield KEEPALIVE
-                    else:
-                        data = item
-            else:
-                data = await _next_or_none(response)
+            data = await response.next(within=interval if call.first_event is None else None)
+            while data is False:  # keepalives until the first token
+                yield KEEPALIVE
+                data = await response.next(within=interval)
             if data is None:
                 break
             buffer += data
@@ -390,10 +375,3 @@ async def relay_stream(call: Call):
         if instance_id is not None:
             load.outstanding[instance_id] -= 1
         call.finish()
-
-
-async def _next_or_none(chunks):
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        return None

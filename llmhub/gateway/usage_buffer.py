@@ -1,9 +1,11 @@
 """Usage records of gateway requests: written to PostgreSQL off the hot path, and kept through an outage.
 
-Every finished request's `UsageRecord` carries its own idempotency key (a UUID, unique in the table) and is
-appended to this process's `records` (`keep`). The background round of `load` calls `flush` every second:
+Every finished request's `Usage` (a plain tuple: building a Django model instance, its UUID and its aware
+datetime took about 0.1 ms in a live web process, on the answer's path) is appended to this process's `records`
+(`keep`). The background round of `load` calls `flush` every second:
 
-1. the records in memory go to PostgreSQL in one ``INSERT … ON CONFLICT DO NOTHING``;
+1. the records in memory become `UsageRecord`s, each with its own idempotency key (a UUID, unique in the
+   table), and go to PostgreSQL in one ``INSERT … ON CONFLICT DO NOTHING``;
 2. when PostgreSQL fails, they are pushed to the Redis list `PENDING_KEY` instead, which every web process
    shares and which outlives a process killed during the outage;
 3. once PostgreSQL answers, one process at a time (a Redis lock of `DRAIN_LOCK_SECONDS`) writes that list,
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+import uuid
+from datetime import UTC, datetime
+from typing import NamedTuple
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -44,10 +48,37 @@ MAX_PENDING = 1_000_000
 FIELDS = ("deployment_id", "user_id", "created_at", "endpoint", "stream", "status", "prompt_tokens",
           "completion_tokens", "latency_ms", "ttft_ms", "cache", "idempotency_key")  # fmt: skip
 
-records: list[UsageRecord] = []
+
+class Usage(NamedTuple):
+    """What a finished request used, as `services.Call.finish` knows it: the `UsageRecord` fields but the
+    idempotency key, with `created_at` in Unix seconds (`time.time()`)."""
+
+    deployment_id: int
+    user_id: int
+    created_at: float
+    endpoint: str
+    stream: bool
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: int
+    ttft_ms: int | None
+    cache: str
+
+    def record(self) -> UsageRecord:
+        """The row, with a new idempotency key."""
+        return UsageRecord(**self._replace(created_at=self.created_at_datetime)._asdict(),
+                           idempotency_key=uuid.uuid4())  # fmt: skip
+
+    @property
+    def created_at_datetime(self) -> datetime:
+        return datetime.fromtimestamp(self.created_at, UTC)
 
 
-def keep(record: UsageRecord) -> None:
+records: list[Usage | UsageRecord] = []  # UsageRecords: put back after both PostgreSQL and Redis failed
+
+
+def keep(record: Usage) -> None:
     """Queue one finished request's usage for `flush` (this process's memory, bounded by MAX_IN_MEMORY)."""
     records.append(record)
     if len(records) > MAX_IN_MEMORY:
@@ -62,7 +93,7 @@ async def flush() -> int:
     is kept (in Redis, else back in memory) for the next round."""
     written = 0
     if records:
-        batch = records[:]
+        batch = [r.record() if isinstance(r, Usage) else r for r in records]  # the keys made once, kept on retries
         del records[: len(batch)]
         try:
             written += await sync_to_async(_write)(batch)

@@ -137,6 +137,33 @@ def test_connect_failures_and_broken_answers_raise_distinct_errors(settings):
         assert not isinstance(raised.value, upstream.ConnectFailed)
 
 
+def test_short_waits_for_the_first_token_return_and_the_engines_silence_still_times_out(settings):
+    # The gateway waits for a stream's first token a keepalive interval at a time (`next(within=...)`); those
+    # waits must not restart the engine's GATEWAY_UPSTREAM_TIMEOUT, or a silent engine would be waited on forever.
+    settings.GATEWAY_UPSTREAM_TIMEOUT = 0.5
+    head = chunked()[0]
+
+    async def scenario(pieces):
+        async with RawEngine([pieces]) as engine:
+            response = await upstream.pool().post(engine.url, "/v1/chat/completions", b"{}", {})
+            results, start = [], asyncio.get_running_loop().time()
+            try:
+                while (piece := await response.next(within=0.1)) is not None:
+                    results.append(piece)
+            except upstream.UpstreamError as exc:
+                results.append(exc)
+            return results, asyncio.get_running_loop().time() - start
+
+    silent, took = run(scenario([head]))
+    assert silent[:3] == [False] * 3 and isinstance(silent[-1], upstream.UpstreamError), silent
+    assert 0.45 <= took < 1.5
+    # An engine that sends before its timeout is waited on again from then on; its pieces come through.
+    events = [b"%x\r\n%s\r\n" % (len(p), p) for p in (b"data: 1\n\n", b"data: 2\n\n")]
+    slow = [head, *[b""] * 35, events[0], *[b""] * 35, events[1], b"0\r\n\r\n"]  # ~0.35 s between pieces
+    answered, _ = run(scenario(slow))
+    assert [p for p in answered if p] == [b"data: 1\n\n", b"data: 2\n\n"] and False in answered
+
+
 def test_the_engine_gets_the_clients_bytes_with_usage_asked_for_streams_only():
     raw = b'{"model": "a/b",  "messages": [{"role": "user", "content": "\\u00e9t\\u00e9"}], "stream": true}\n'
     body = messages.parse_body(raw)
