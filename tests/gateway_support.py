@@ -22,10 +22,11 @@ def assert_openai_error(response, status, code):
     assert error["code"] == code and error["message"] and error["type"]
 
 
-async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=None):
+async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=None, trace=None):
     """POST `body` (JSON) through the site's ASGI application (`llmhub.asgi`); return [(seconds since start,
     body bytes)] as sent. With `flush`, the gateway's buffered usage records and request logs are written
-    after. With `disconnect_after_chunks`, the client goes away after that many data events."""
+    after. With `disconnect_after_chunks`, the client goes away after that many data events. `trace` (a list)
+    gets ("sent", more_body) for each body message."""
     from llmhub.asgi import application
     from llmhub.gateway import request_log, usage_buffer
 
@@ -49,6 +50,8 @@ async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=
 
     async def send(message):
         if message["type"] == "http.response.body":
+            if trace is not None:
+                trace.append(("sent", bool(message.get("more_body"))))
             sent.append((time.monotonic() - start, message.get("body", b"")))
             data_events = sum(piece.startswith(b"data: {") for _, piece in sent)
             if not message.get("more_body") or (disconnect_after_chunks and data_events >= disconnect_after_chunks):

@@ -190,7 +190,9 @@ def main() -> None:
     parser.add_argument("--upstream-port", type=int, help="a running engine on 127.0.0.1 instead of upstream.py")
     parser.add_argument("--model", default="bench/model", help="the engine's served model name (OWNER/NAME)")
     parser.add_argument("--no-litellm", action="store_true")
-    parser.add_argument("--cpu-requests", type=int, default=200)
+    parser.add_argument("--cpu-requests", type=int, default=1000,
+                        help="non-streamed requests (and half as many streams) per round for the CPU figures: "
+                             "/proc counts CPU in 10 ms ticks per process, so fewer make them noisy")  # fmt: skip
     args = parser.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="llmhub-bench-"))
     ports = {"upstream": args.upstream_port or free_port(), "gateway": free_port(), "base": free_port(),
@@ -199,7 +201,8 @@ def main() -> None:
     if not args.upstream_port:
         procs.append(start([sys.executable, "bench/gateway/upstream.py", str(ports["upstream"]), str(CHUNKS),
                             str(PACE_MS)]))  # fmt: skip
-    procs.append(start([sys.executable, "bench/gateway/relay.py", str(ports["relay"]), str(ports["upstream"])]))
+    relay = start([sys.executable, "bench/gateway/relay.py", str(ports["relay"]), str(ports["upstream"])])
+    procs.append(relay)
     try:
         wait_http(f"http://127.0.0.1:{ports['upstream']}/health")
         wait_http(f"http://127.0.0.1:{ports['relay']}/health")
@@ -243,7 +246,7 @@ def main() -> None:
         targets = {"direct": {"url": f"http://127.0.0.1:{ports['upstream']}/v1/chat/completions", "headers": {},
                               "model": args.model},
                    "relay": {"url": f"http://127.0.0.1:{ports['relay']}/v1/chat/completions", "headers": {},
-                             "model": args.model}}  # fmt: skip
+                             "model": args.model, "pid": relay.pid}}  # fmt: skip
         for name, proc in gateways.items():
             targets[name] = {"url": f"http://127.0.0.1:{ports['gateway' if name == 'llmhub' else name]}"
                              "/v1/openai/chat/completions", "headers": gateway_headers, "model": args.model,
@@ -254,12 +257,13 @@ def main() -> None:
         for target in targets.values():  # warm up connections and caches
             asyncio.run(batch(target, 4, 16))
         runs = {(name, c): [] for name in targets for c in (1, 32)}
-        cpu = {name: [] for name in gateways}
+        measured = ["relay", *gateways]  # the relay's CPU is the floor of a Python proxy's
+        cpu = {name: [] for name in measured}
         for _ in range(args.rounds):
             for concurrency, requests in ((1, 20), (32, 128)):
                 for name, target in targets.items():
                     runs[(name, concurrency)].append(asyncio.run(batch(target, concurrency, requests)))
-            for name in gateways:
+            for name in measured:
                 cpu[name].append(cpu_cost(targets[name], args.cpu_requests))
         report(runs, cpu, args)
     finally:
@@ -298,7 +302,8 @@ def report(runs: dict, cpu: dict, args) -> None:
         ours = statistics.median(run["rps"] for run in runs[("llmhub", 32)])
         theirs = statistics.median(run["rps"] for run in runs[("litellm", 32)])
         print(f"\nllmhub / litellm req/s @32: {ours / theirs:.2f}")
-    print("\nGateway CPU (all its processes, from /proc; median of rounds):\n")
+    print("\nProxy CPU (all the proxy's processes, from /proc, concurrency 8; median of rounds; the bare relay "
+          "is the floor):\n")
     print("| path | ms per non-streamed request | ms per stream | µs per relayed chunk |")
     print("|---|---|---|---|")
     for name, costs in cpu.items():

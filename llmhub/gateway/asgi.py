@@ -93,13 +93,23 @@ async def send_answer(answer: services.Answer, receive, send) -> None:
     """Send the gateway's answer over ASGI; a stream piece by piece until done or the client leaves."""
     await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers()})
     if answer.events is None:
-        await send({"type": "http.response.body", "body": answer.body})
+        try:
+            await send({"type": "http.response.body", "body": answer.body})
+        finally:
+            if answer.finish is not None:
+                answer.finish()
         return
 
     async def stream():
+        ended = False
         async for chunk in answer.events:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+            if chunk:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            elif not ended:  # services.END: the last byte now, the stream's bookkeeping after
+                ended = True
+                await send({"type": "http.response.body", "body": b""})
+        if not ended:
+            await send({"type": "http.response.body", "body": b""})
 
     async def disconnected():
         while (await receive())["type"] != "http.disconnect":

@@ -9,7 +9,7 @@ them; a stream with `stream_options.include_usage` ends with a chunk whose `choi
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from django.http import HttpResponse, StreamingHttpResponse
@@ -121,6 +121,8 @@ class Answer:
     body: bytes = b""
     events: AsyncIterator[bytes] | None = None
     extra_headers: dict[str, str] = field(default_factory=dict)  # e.g. x-llmhub-cache
+    # A whole answer's bookkeeping (usage, metrics, the in-flight count): called by whoever sends it, once sent.
+    finish: Callable[[], None] | None = None
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """ASGI response headers: Content-Length for a whole body; no caching, no proxy buffering for a stream."""
@@ -131,9 +133,11 @@ class Answer:
         return [kind, (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no"), *extra]
 
     def django(self) -> HttpResponse:
-        """The same answer as a Django response (for Django views)."""
+        """The same answer as a Django response (for Django views); a whole answer's `finish` is called."""
         if self.events is None:
             response = HttpResponse(self.body, status=self.status, content_type=self.content_type)
+            if self.finish is not None:
+                self.finish()
         else:
             response = StreamingHttpResponse(self.events, status=self.status, content_type=self.content_type)
             response["Cache-Control"] = "no-cache"

@@ -38,6 +38,7 @@ __all__ = ["Answer", "GatewayError", "answer", "handle", "wake"]  # GatewayError
 log = logging.getLogger(__name__)
 
 KEEPALIVE = b": keepalive\n\n"
+END = b""  # yielded by a stream once the engine's answer is complete (nothing more will be sent)
 
 
 @dataclass
@@ -98,6 +99,9 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
     """Serve one OpenAI request for `caller` at `endpoint` ("chat/completions", "completions" or
     "embeddings"; an embeddings answer is never streamed, its usage has prompt tokens only).
 
+    A whole answer carries `Answer.finish` (usage, metrics, the in-flight count), which its sender calls once
+    the answer is sent (`Answer.django` does); a stream does its own at its end, after yielding `END`.
+
     Raises GatewayError: 400 bad body or an endpoint the deployment's task does not serve, 402 suspended by the spending limit, 404 unknown model, 429 rate
     limit or too many held requests (before any stream starts), 503 failed deployment or no instance in
     time, 502 engine failure; 401 when a held request's token was revoked meanwhile.
@@ -130,17 +134,18 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
         return Answer(200, "text/event-stream", events=relay_stream(call))
     try:
         if cached is not None:  # answered from the response cache: no engine request
-            return response_cache.cached_response(call, cached)
-        whole = await forward_whole(call)
-        if cache_key:
-            call.cache = "miss"
-            whole = await response_cache.cache_keep(cache_key, whole, route.response_cache_seconds)
-        return whole
-    except GatewayError as exc:
-        call.status = exc.status
-        raise
-    finally:
+            whole = response_cache.cached_response(call, cached)
+        else:
+            whole = await forward_whole(call)
+            if cache_key:
+                call.cache = "miss"
+                whole = await response_cache.cache_keep(cache_key, whole, route.response_cache_seconds)
+    except BaseException as exc:
+        call.status = exc.status if isinstance(exc, GatewayError) else call.status
         call.finish()
+        raise
+    whole.finish = call.finish  # once the answer is sent (the client's last byte before the bookkeeping)
+    return whole
 
 
 def check_task(route: Route, endpoint: str) -> None:
@@ -360,6 +365,7 @@ async def relay_stream(call: Call):
                 yield events
         if buffer:
             yield buffer
+        yield END  # the answer is complete: its last byte goes out before the bookkeeping below
     except GatewayError as exc:
         call.status = exc.status
         yield exc.sse()

@@ -106,6 +106,22 @@ def test_the_usage_chunk_is_asked_for_recorded_and_dropped_unless_the_client_ask
     assert all(r.ttft_ms is not None and r.latency_ms >= r.ttft_ms for r in records)
 
 
+def test_the_last_byte_goes_out_before_the_usage_bookkeeping(target, monkeypatch):
+    # The client's answer is complete before the gateway records usage and metrics (at concurrency 1 that
+    # bookkeeping was a measurable part of the latency it adds); the record is still made, once.
+    deployment, headers = target
+    trace = []
+    keep = usage_buffer.keep
+    monkeypatch.setattr(usage_buffer, "keep", lambda usage: (trace.append(("kept", usage.status)), keep(usage)))
+
+    for body in (chat(deployment.full_name), {**chat(deployment.full_name), "stream": False}):
+        trace.clear()
+        asyncio.run(asgi_post("/v1/openai/chat/completions", headers, body, trace=trace))
+        assert trace[-2:] == [("sent", False), ("kept", 200)], trace
+    assert UsageRecord.objects.filter(deployment=deployment).count() == 2
+    assert load.inflight[deployment.id] == 0
+
+
 def test_keepalives_flow_while_the_first_token_is_awaited(target, upstream, settings):
     settings.GATEWAY_KEEPALIVE_INTERVAL = 0.1
     upstream.first_delay = 0.55
