@@ -140,8 +140,9 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
             if cache_key:
                 call.cache = "miss"
                 whole = await response_cache.cache_keep(cache_key, whole, route.response_cache_seconds)
-    except BaseException as exc:
-        call.status = exc.status if isinstance(exc, GatewayError) else call.status
+    except BaseException as exc:  # also a cancelled request (the client left): its bookkeeping now
+        if isinstance(exc, GatewayError):
+            call.status = exc.status
         call.finish()
         raise
     whole.finish = call.finish  # once the answer is sent (the client's last byte before the bookkeeping)

@@ -67,8 +67,8 @@ class Usage(NamedTuple):
 
     def record(self) -> UsageRecord:
         """The row, with a new idempotency key."""
-        return UsageRecord(**self._replace(created_at=self.created_at_datetime)._asdict(),
-                           idempotency_key=uuid.uuid4())  # fmt: skip
+        fields = {**self._asdict(), "created_at": self.created_at_datetime}
+        return UsageRecord(**fields, idempotency_key=uuid.uuid4())
 
     @property
     def created_at_datetime(self) -> datetime:
