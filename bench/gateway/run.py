@@ -3,8 +3,9 @@
 Measured in one run, interleaved round by round so that machine noise hits all paths alike. Paths: direct, a
 bare TCP relay (`relay.py`, the floor of a Python proxy on this machine), the gateway, LiteLLM's proxy. For each
 path: added latency p50/p99 (over direct) at concurrency 1 and 32, requests/s at concurrency 32, time
-to first token added, and chunks received per stream; for the gateways, the CPU time their processes
-spent (from /proc) per non-streamed request and per relayed stream chunk.
+to first token added, and chunks received per stream; for the relay and the gateways, the CPU time their
+processes spent (from /proc, at concurrency 8, `--cpu-requests` a round) per non-streamed request and per
+relayed stream chunk.
 
 Needs: the project's .venv and services (bin/setup), and LiteLLM in bench/.venv-litellm:
     python3 -m venv bench/.venv-litellm && bench/.venv-litellm/bin/pip install 'litellm[proxy]'
