@@ -37,6 +37,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.gateway.run import free_port, wait_http  # noqa: E402
 from tests.outage import TcpProxy  # noqa: E402  (the tests' proxy: the same cut as tests/integration/test_outages)
 
 BENCH_DB = "llmhub_bench_outage"
@@ -45,25 +46,6 @@ PENDING_KEY = f"{PREFIX}:usage:pending"  # llmhub.gateway.usage_buffer.PENDING_K
 ADMIN_URL = "postgresql://llmhub:llmhub@127.0.0.1:5432/postgres"
 DB_URL = f"postgresql://llmhub:llmhub@127.0.0.1:5432/{BENCH_DB}"
 MODEL = "bench/model"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=2)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    raise SystemExit(f"{url} did not come up")
 
 
 def prepare(upstream_port: int, env: dict) -> str:
