@@ -37,42 +37,14 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.gateway.run import free_port, wait_http  # noqa: E402
+from bench.gateway.run import free_port, prepare_database, wait_http  # noqa: E402
 from tests.outage import TcpProxy  # noqa: E402  (the tests' proxy: the same cut as tests/integration/test_outages)
 
 BENCH_DB = "llmhub_bench_outage"
 PREFIX = "llmhub-bench-outage"
 PENDING_KEY = f"{PREFIX}:usage:pending"  # llmhub.gateway.usage_buffer.PENDING_KEY for this prefix
-ADMIN_URL = "postgresql://llmhub:llmhub@127.0.0.1:5432/postgres"
 DB_URL = f"postgresql://llmhub:llmhub@127.0.0.1:5432/{BENCH_DB}"
 MODEL = "bench/model"
-
-
-def prepare(upstream_port: int, env: dict) -> str:
-    """A fresh bench database with a user, an API token and a running deployment whose one ready instance is
-    the stand-in engine. Returns the API token."""
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB}")
-        conn.execute(f"CREATE DATABASE {BENCH_DB}")
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
-    script = f"""
-from llmhub.accounts.models import User
-from llmhub.accounts.services import api_token_create
-from llmhub.deployments.models import Deployment
-from llmhub.fleet.models import Host, Instance
-from llmhub.fleet.services import gpu_type_ensure
-user = User.objects.create(username="bench")
-gpu = gpu_type_ensure(name="CPU", uses_devices=False)
-host = Host.objects.create(name="bench", docker_url="unix:///nonexistent", address="127.0.0.1", gpu_type=gpu,
-                           gpu_count=1, engine_image="none")
-d = Deployment.objects.create(user=user, model_name="model", gpu_type=gpu, num_gpus=1, max_batch_size=256,
-                              hf_repo="bench/model", status="running", target_instances=1)
-Instance.objects.create(deployment=d, host=host, state="ready", port={upstream_port})
-print(api_token_create(user=user, name="bench")[1])
-"""
-    out = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True)  # fmt: skip
-    return out.stdout.strip().splitlines()[-1]
 
 
 class Traffic:
@@ -197,7 +169,7 @@ def main() -> None:
            "LLMHUB_RATE_LIMIT_PER_MINUTE": "0", "LLMHUB_WEB_PROCESSES": str(args.web_processes)}  # fmt: skip
     try:
         wait_http(f"http://127.0.0.1:{upstream_port}/health")
-        token = prepare(upstream_port, env)
+        token = prepare_database(BENCH_DB, env, upstream_port, MODEL)
         with TcpProxy(("127.0.0.1", 5432)) as pg:
             web_env = {**env, "DATABASE_URL": f"postgres://llmhub:llmhub@127.0.0.1:{pg.port}/{BENCH_DB}"}
             with open(logs / "web.log", "wb") as log:

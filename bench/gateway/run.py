@@ -96,10 +96,17 @@ def gateway_env(db_url: str) -> dict:
 def prepare_gateway(upstream_port: int, model: str = "bench/model") -> tuple[dict, str]:
     """A fresh bench database with a user, token, and a running deployment whose one ready instance is the
     upstream. Returns (env for the gateway process, API token)."""
-    with psycopg.connect("postgresql://llmhub:llmhub@127.0.0.1:5432/postgres", autocommit=True) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB}")
-        conn.execute(f"CREATE DATABASE {BENCH_DB}")
     env = gateway_env(f"postgres://llmhub:llmhub@127.0.0.1:5432/{BENCH_DB}")
+    return env, prepare_database(BENCH_DB, env, upstream_port, model)
+
+
+def prepare_database(database: str, env: dict, upstream_port: int, model: str = "bench/model") -> str:
+    """Create `database` afresh (dropped first), migrate it with `env` (its DATABASE_URL must name it) and add a
+    user named like `model`'s owner, an API token, and a running deployment `model` whose one ready instance
+    listens on 127.0.0.1:`upstream_port`. Returns the API token."""
+    with psycopg.connect("postgresql://llmhub:llmhub@127.0.0.1:5432/postgres", autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {database}")
+        conn.execute(f"CREATE DATABASE {database}")
     subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=env, check=True)
     script = f"""
 from llmhub.accounts.models import User  # the deployment's owner is named like the served model's first part
@@ -119,7 +126,7 @@ print(api_token_create(user=user, name="bench")[1])
 """
     out = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=ROOT, env=env, check=True,
                          capture_output=True, text=True)  # fmt: skip
-    return env, out.stdout.strip().splitlines()[-1]
+    return out.stdout.strip().splitlines()[-1]
 
 
 async def one(client: httpx.AsyncClient, url: str, headers: dict, model: str) -> tuple[float, float, int]:
