@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import types
 
 from llmhub import unavailable
 from llmhub.accounts.selectors import bearer_secret
 
 from . import bodies, services
 from .degraded import DATABASE_ERRORS
+from .messages import Outlet
 from .routing import cache
 from .services import GatewayError
 
@@ -89,8 +91,82 @@ async def send_response(response, send) -> None:
     await send({"type": "http.response.body", "body": response.content})
 
 
+class BodyWriter:
+    """Sends a stream's body over ASGI from synchronous code, in order: `write` is the stream's
+    `Outlet.write`, called from the engine connection's read callback, so that a relayed piece costs no task
+    switch.
+
+    ASGI's `send` is a coroutine. A server's send of a body piece finishes without suspending unless its
+    client has stopped reading (uvicorn then waits for the connection to drain), so `write` runs it at once.
+    When it does suspend, a task finishes it, later pieces queue behind it, and the engine is not read
+    (`Outlet.pause`) until the queue is sent (`Outlet.resume`): a slow client holds the engine back.
+    `drain` waits for all that and raises what a send raised."""
+
+    def __init__(self, send, outlet: Outlet):
+        self._send, self._outlet = send, outlet
+        self._queue: list[dict] | None = None  # messages behind a send that suspended; None when none did
+        self._task: asyncio.Task | None = None
+        outlet.write = self.write
+
+    def write(self, data: bytes, more: bool = True) -> None:
+        message = {"type": "http.response.body", "body": data, "more_body": more}
+        if self._queue is not None:
+            self._queue.append(message)
+            return
+        sending = self._send(message)
+        try:
+            awaited = sending.send(None)
+        except StopIteration:
+            return
+        self._queue = []
+        self._outlet.pause()
+        self._task = asyncio.get_running_loop().create_task(self._finish(sending, awaited))
+
+    async def _finish(self, sending, awaited) -> None:
+        try:
+            await _resumed(sending, awaited)
+            while self._queue:
+                await self._send(self._queue.pop(0))
+        finally:
+            self._queue = None
+            self._outlet.resume()
+
+    async def drain(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    def close(self) -> None:
+        """Stop a send still under way (the stream ended early: the client left, or it failed)."""
+        if self._task is None:
+            return
+        if not self._task.done():
+            self._task.cancel()
+        elif not self._task.cancelled():
+            self._task.exception()  # retrieved here; the stream raises it itself
+
+
+@types.coroutine
+def _resumed(coroutine, awaited):
+    """Go on with `coroutine`, which suspended on `awaited`, inside the task that awaits this (as `yield from`
+    would, had it not already started): the task waits for `awaited`, and its cancellation reaches `coroutine`."""
+    while True:
+        try:
+            value = yield awaited
+        except BaseException as exc:  # noqa: BLE001 - passed on to the coroutine, as `yield from` does
+            try:
+                awaited = coroutine.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                awaited = coroutine.send(value)
+            except StopIteration as stop:
+                return stop.value
+
+
 async def send_answer(answer: services.Answer, receive, send) -> None:
-    """Send the gateway's answer over ASGI; a stream piece by piece until done or the client leaves."""
+    """Send the gateway's answer over ASGI; a stream piece by piece (`BodyWriter`) until done or the client
+    leaves."""
     await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers()})
     if answer.events is None:
         try:
@@ -99,30 +175,36 @@ async def send_answer(answer: services.Answer, receive, send) -> None:
             if answer.finish is not None:
                 answer.finish()
         return
+    writer = BodyWriter(send, answer.outlet if answer.outlet is not None else Outlet())
 
     async def stream():
         ended = False
         async for chunk in answer.events:
             if chunk:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                writer.write(chunk)
             elif not ended:  # services.END: the last byte now, the stream's bookkeeping after
                 ended = True
-                await send({"type": "http.response.body", "body": b""})
+                writer.write(b"", more=False)
+            await writer.drain()
         if not ended:
-            await send({"type": "http.response.body", "body": b""})
+            writer.write(b"", more=False)
+            await writer.drain()
 
     async def disconnected():
         while (await receive())["type"] != "http.disconnect":
             pass
 
     streaming, listening = asyncio.ensure_future(stream()), asyncio.ensure_future(disconnected())
-    done, _ = await asyncio.wait({streaming, listening}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (streaming, listening):
-        if task not in done:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+    try:
+        done, _ = await asyncio.wait({streaming, listening}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (streaming, listening):
+            if task not in done:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+    finally:
+        writer.close()
     if streaming in done:
         streaming.result()

@@ -112,6 +112,23 @@ def _event_usage(event: bytes) -> tuple[dict | None, bool]:
     return (usage if isinstance(usage, dict) else None), not chunk.get("choices")
 
 
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class Outlet:
+    """A way out for a stream's bytes that does not pass through its iterator: a sender that can write from
+    synchronous code (the ASGI sender, `gateway.asgi.BodyWriter`) sets `write`, and the relay then writes each
+    piece from the engine connection's read callback as it arrives; the relay sets `pause` and `resume`
+    (reading the engine) for the sender to call while its client is not reading. A sender that iterates
+    `Answer.events` only (Django's) leaves `write` None."""
+
+    write: Callable[[bytes], None] | None = None
+    pause: Callable[[], None] = _nothing
+    resume: Callable[[], None] = _nothing
+
+
 @dataclass
 class Answer:
     """What the gateway answers: a whole body, or a stream of SSE bytes (`events`)."""
@@ -120,6 +137,7 @@ class Answer:
     content_type: str
     body: bytes = b""
     events: AsyncIterator[bytes] | None = None
+    outlet: Outlet | None = None  # a stream's other way out (`Outlet`), for a sender that can take it
     extra_headers: dict[str, str] = field(default_factory=dict)  # e.g. x-llmhub-cache
     # A whole answer's bookkeeping (usage, metrics, the in-flight count): called by whoever sends it, once sent.
     finish: Callable[[], None] | None = None

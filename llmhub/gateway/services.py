@@ -29,7 +29,7 @@ from llmhub.queue import reconcile_soon
 from . import holding, load, messages, metrics, request_log, response_cache, upstream, usage_buffer
 from .errors import GatewayError, invalid_token, public_text
 from .limits import HeldSlot, held_slot_take, rate_limit
-from .messages import Answer, engine_payload, parse_body
+from .messages import Answer, Outlet, engine_payload, parse_body
 from .prefix import prefix_key
 from .routing import Caller, Route, cache
 
@@ -60,6 +60,7 @@ class Call:
     completion_tokens: int = 0
     cache: str = ""  # the response cache: "hit", "miss" (cacheable, asked the engine) or "" (not cacheable)
     log: request_log.Capture | None = None  # the prompt and answer, when the deployment keeps request logs
+    partial: bytes = b""  # a stream's bytes past its last complete event, until the rest of the event comes
 
     def finish(self) -> None:
         """Record usage (buffered) and metrics; release the in-flight count (and a held slot left over)."""
@@ -83,6 +84,27 @@ class Call:
         usage_buffer.keep(usage)
         if self.log is not None:
             request_log.record(self.log, usage=usage)
+
+    def relay(self, data: bytes) -> bytes:
+        """What of a stream's next `data` goes to the client now: its events up to the last complete one,
+        unparsed, unless they carry a usage object: then they are split into events, so that the usage chunk
+        vLLM sends last is read for the usage record and dropped unless the client asked for it. The first
+        event's time is the request's time to first token; a kept request log gets the events."""
+        if self.partial:
+            data = self.partial + data
+        end = data.rfind(b"\n\n") + 2
+        if end < 2:
+            self.partial = data
+            return b""
+        events, self.partial = data[:end], data[end:]
+        if self.first_event is None:
+            self.first_event = time.monotonic()
+        if self.log is not None:
+            self.log.event(events)
+        if messages.has_usage(events):
+            events, usage = messages.without_usage_event(events, keep=self.client_wants_usage)
+            self.take_usage(usage)
+        return events
 
     def take_usage(self, usage: dict | None) -> None:
         if isinstance(usage, dict):
@@ -131,7 +153,8 @@ async def answer(caller: Caller, endpoint: str, raw: bytes) -> Answer:
     load.inflight[route.deployment_id] += 1
     metrics.series(route.full_name).inflight.inc()
     if stream:
-        return Answer(200, "text/event-stream", events=relay_stream(call))
+        outlet = Outlet()
+        return Answer(200, "text/event-stream", events=relay_stream(call, outlet), outlet=outlet)
     try:
         if cached is not None:  # answered from the response cache: no engine request
             whole = response_cache.cached_response(call, cached)
@@ -315,14 +338,14 @@ async def _with_keepalives(awaitable, interval: float):
             task.cancel()
 
 
-async def relay_stream(call: Call):
-    """Relay an SSE stream as the engine makes it, whole events at a time.
+async def relay_stream(call: Call, outlet: Outlet | None = None):
+    """Relay an SSE stream as the engine makes it, whole events at a time (`Call.relay`).
 
     Before the first event (while held for an instance, or while the engine computes the first
-    token) the client gets a KEEPALIVE comment every GATEWAY_KEEPALIVE_INTERVAL seconds. The bytes that
-    arrive are passed on up to their last complete event, unparsed; only a piece that carries a usage
-    object is split into its events, so that the usage chunk vLLM sends last is read for the usage record
-    and dropped unless the client asked for it. A client that disconnects cancels this generator, which
+    token) the client gets a KEEPALIVE comment every GATEWAY_KEEPALIVE_INTERVAL seconds. When the sender
+    gave `outlet` a `write`, the engine's pieces are piped to it from the engine connection's read callback
+    (`upstream.Response.pipe`) and this generator yields only what comes around them (keepalives, an error
+    event, `END`); otherwise it yields every byte. A client that disconnects cancels this generator, which
     closes the upstream request.
     """
     interval = settings.GATEWAY_KEEPALIVE_INTERVAL
@@ -342,30 +365,30 @@ async def relay_stream(call: Call):
                 raise engine_failed(instance_id, response.status, content)
             yield b"data: " + content.replace(b"\n", b" ") + b"\n\n"
             return
-        buffer = b""
-        while True:
-            data = await response.next(within=interval if call.first_event is None else None)
-            while data is False:  # keepalives until the first token
-                yield KEEPALIVE
-                data = await response.next(within=interval)
-            if data is None:
-                break
-            buffer += data
-            end = buffer.rfind(b"\n\n") + 2
-            if end < 2:
-                continue
-            events, buffer = buffer[:end], buffer[end:]
-            if call.first_event is None:
-                call.first_event = time.monotonic()
-            if call.log is not None:
-                call.log.event(events)
-            if messages.has_usage(events):
-                events, usage = messages.without_usage_event(events, keep=call.client_wants_usage)
-                call.take_usage(usage)
-            if events:
-                yield events
-        if buffer:
-            yield buffer
+        if outlet is not None and outlet.write is not None:
+            write = outlet.write
+
+            def sink(data: bytes) -> None:
+                if events := call.relay(data):
+                    write(events)
+
+            outlet.pause, outlet.resume = response.pause_reading, response.resume_reading
+            response.pipe(sink)
+            while not await response.finished(within=interval if call.first_event is None else None):
+                if call.first_event is None:  # keepalives until the first token
+                    yield KEEPALIVE
+        else:
+            while True:
+                data = await response.next(within=interval if call.first_event is None else None)
+                while data is False:  # keepalives until the first token
+                    yield KEEPALIVE
+                    data = await response.next(within=interval)
+                if data is None:
+                    break
+                if events := call.relay(data):
+                    yield events
+        if call.partial:
+            yield call.partial
         yield END  # the answer is complete: its last byte goes out before the bookkeeping below
     except GatewayError as exc:
         call.status = exc.status

@@ -7,6 +7,10 @@ chunked, decoded by the parser) come back as the bytes arrive, with no per-reque
 (cookies, redirects, auth flows, anyio cancel scopes). Profiled, httpx was about a third of the gateway's
 CPU per request.
 
+A stream's body can be piped (`Response.pipe`): each piece goes to a callback from the connection's read
+callback as it arrives, with no task woken per piece (a task switch and its awaits were most of the
+gateway's CPU per relayed chunk).
+
 Connections are pooled per (host, port) and event loop; a connection goes back to the pool only after a
 complete response that allows keep-alive. Closing a response before its end closes the connection, which
 is how a client's disconnect aborts the engine's work. Timeouts: connect `CONNECT_TIMEOUT` s; every wait
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+from collections.abc import Callable
 from urllib.parse import urlsplit
 from weakref import WeakKeyDictionary
 
@@ -46,6 +51,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, key: tuple[str, int]):
         self.key = key
         self.transport: asyncio.Transport | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
         self._begin()
 
@@ -60,6 +66,8 @@ class _Connection(asyncio.Protocol):
         self.pieces: collections.deque[bytes] = collections.deque()
         self.buffered = 0  # bytes in `pieces`
         self.paused = False
+        self.held = False  # reading paused by the reader of a piped response (`Response.pause_reading`)
+        self.sink: Callable[[bytes], None] | None = None  # takes each body piece instead of `pieces` (`pipe`)
         self.error: BaseException | None = None
         self.waiter: asyncio.Future | None = None
         self.quiet_since: float | None = None  # loop time since when the engine sent nothing, while waited for
@@ -67,15 +75,18 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport):
         self.transport = transport
+        self.loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self.received = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.error = UpstreamError(f"not an HTTP response: {exc}")
+            if self.error is None:  # (a sink's own error is kept as raised)
+                self.error = UpstreamError(f"not an HTTP response: {exc}")
             self.close()
-        self._wake()
+        if self.sink is None or self.complete or self.error is not None:
+            self._wake()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -96,6 +107,14 @@ class _Connection(asyncio.Protocol):
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.quiet_since = self.loop.time()  # the engine is not silent: `wait` goes on waiting
+            try:
+                self.sink(body)
+            except Exception as exc:
+                self.error = exc
+                raise
+            return
         self.pieces.append(bytes(body))
         self.buffered += len(body)
         if self.buffered > MAX_BUFFERED and not self.paused and self.transport is not None:
@@ -119,9 +138,10 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_result(True)
 
     async def wait(self, within: float | None = None) -> bool:
-        """Wait for more of the response: True when something came (bytes, the end, an error); False when
-        `within` seconds passed first (call again to go on waiting). Raises UpstreamError (and closes the
-        connection) once the engine sent nothing for GATEWAY_UPSTREAM_TIMEOUT s, however many waits that took.
+        """Wait for more of the response (while piped: for its end or an error): True when something came;
+        False when `within` seconds passed first (call again to go on waiting). Raises UpstreamError (and
+        closes the connection) once the engine sent nothing for GATEWAY_UPSTREAM_TIMEOUT s, however many waits
+        that took; piped pieces count as something sent.
 
         One future and one timer per wait (no `asyncio.timeout` context, whose set-up and exit showed in the
         per-chunk profile)."""
@@ -129,25 +149,28 @@ class _Connection(asyncio.Protocol):
         now = loop.time()
         if self.quiet_since is None:
             self.quiet_since = now
-        deadline = self.quiet_since + settings.GATEWAY_UPSTREAM_TIMEOUT
-        until = deadline if within is None else min(deadline, now + within)
-        self.waiter = waiter = loop.create_future()
-        timer = loop.call_at(until, _time_up, waiter)
-        try:
-            came = await waiter
-        finally:
-            timer.cancel()
-            self.waiter = None
-        if came:
-            self.quiet_since = None
-            return True
-        if until < deadline:
-            return False
-        self.close()
-        raise UpstreamError(f"no answer within {settings.GATEWAY_UPSTREAM_TIMEOUT:g} s")
+        give_up = None if within is None else now + within
+        while True:
+            deadline = self.quiet_since + settings.GATEWAY_UPSTREAM_TIMEOUT
+            until = deadline if give_up is None else min(deadline, give_up)
+            self.waiter = waiter = loop.create_future()
+            timer = loop.call_at(until, _time_up, waiter)
+            try:
+                came = await waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+            if came:
+                self.quiet_since = None
+                return True
+            if until == give_up:
+                return False
+            if self.quiet_since + settings.GATEWAY_UPSTREAM_TIMEOUT <= loop.time():  # no piece came meanwhile
+                self.close()
+                raise UpstreamError(f"no answer within {settings.GATEWAY_UPSTREAM_TIMEOUT:g} s")
 
     def reusable(self) -> bool:
-        return self.complete and self.keep_alive and not self.closed and self.error is None
+        return self.complete and self.keep_alive and not self.closed and self.error is None and not self.held
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:
@@ -193,6 +216,41 @@ class Response:
                 return None
             if not await conn.wait(within):
                 return False
+
+    def pipe(self, sink: Callable[[bytes], None]) -> None:
+        """From now on give every body piece to `sink(piece)` as it arrives, from the connection's read
+        callback (no task is woken per piece); pieces already received go first. Then `finished` waits for
+        the end. An exception `sink` raises ends the response: `finished` raises it."""
+        conn = self._conn
+        while conn.pieces:
+            sink(conn.take())
+        conn.sink = sink
+
+    async def finished(self, within: float | None = None) -> bool:
+        """For a piped response: True once the body is complete, False when `within` seconds passed first
+        (call again to go on waiting). Raises UpstreamError (or what the sink raised)."""
+        conn = self._conn
+        while True:
+            if conn.error is not None:
+                raise conn.error
+            if conn.complete:
+                return True
+            if not await conn.wait(within):
+                return False
+
+    def pause_reading(self) -> None:
+        """Read no more of the engine's answer (TCP holds it back) until `resume_reading`; a connection
+        closed while held is not pooled."""
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.held:
+            conn.held = True
+            conn.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        conn = self._conn
+        if conn is not None and not conn.closed and conn.held:
+            conn.held = False
+            conn.transport.resume_reading()
 
     async def read(self) -> bytes:
         """The whole body. Raises UpstreamError."""

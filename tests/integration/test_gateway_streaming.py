@@ -89,6 +89,23 @@ def test_chunks_leave_the_gateway_as_they_arrive(target):
     assert b"data: [DONE]" in b"".join(body for _, body in sent)
 
 
+def test_a_client_that_stops_reading_gets_every_chunk_in_order_afterwards(target):
+    # Chunks go out from the engine connection's read callback; a client that stops reading (the server's send
+    # suspends) has the rest queued behind it, in order, and the engine is read again once it catches up.
+    deployment, headers = target
+    stall = 0.3
+
+    sent = asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name), stall=(2, stall)))
+
+    data = [(t, body) for t, body in sent if body.startswith(b"data: {")]
+    events = [e for _, body in data for e in body.split(b"\n\n") if e.startswith(b"data: {")]  # (read together once paused)
+    assert [json.loads(event[6:])["choices"][0]["delta"]["content"] for event in events] == \
+        [f"t{i} " for i in range(CHUNKS)]  # fmt: skip
+    assert data[1][0] - data[0][0] >= stall * 0.9  # it did stall at the second chunk
+    assert b"".join(body for _, body in sent).endswith(b"data: [DONE]\n\n") and sent[-1][1] == b""
+    assert UsageRecord.objects.get().completion_tokens == CHUNKS
+
+
 def test_the_usage_chunk_is_asked_for_recorded_and_dropped_unless_the_client_asked(target, upstream):
     deployment, headers = target
 

@@ -226,3 +226,83 @@ def test_a_slow_reader_holds_back_the_engine_instead_of_buffering_its_answer(mon
 
     assert held < 1024 + len(piece) + 64 * 1024  # the cap, one piece past it, and what one socket read brings
     assert pieces == [piece] * 200
+
+
+def test_a_piped_stream_reaches_its_sink_as_it_comes_and_only_silence_times_it_out(settings):
+    # Piped (`Response.pipe`), each piece goes to the sink from the connection's read callback and the waiting
+    # task hears only the end. Pieces count as the engine speaking: a stream longer than GATEWAY_UPSTREAM_TIMEOUT
+    # that never goes quiet for that long completes; one that goes quiet times out.
+    settings.GATEWAY_UPSTREAM_TIMEOUT = 0.5
+    head = chunked()[0]
+    events = [b"data: %d\n\n" % i for i in range(4)]
+
+    async def scenario(pieces, sink=None):
+        async with RawEngine([pieces]) as engine:
+            response = await upstream.pool().post(engine.url, "/v1/chat/completions", b"{}", {})
+            got, waits, loop = [], 0, asyncio.get_running_loop()
+            response.pipe(sink or got.append)
+            start = loop.time()
+            try:
+                while not await response.finished(within=0.1):
+                    waits += 1
+                outcome = "complete"
+            except Exception as exc:  # noqa: BLE001 - the test looks at which
+                outcome = exc
+            return got, outcome, waits, loop.time() - start
+
+    steady = [head]
+    for event in events:  # ~0.3 s apart: 1.2 s in all, past the 0.5 s timeout
+        steady += [*[b""] * 30, b"%x\r\n%s\r\n" % (len(event), event)]
+    got, outcome, waits, took = run(scenario([*steady, b"0\r\n\r\n"]))
+    assert outcome == "complete" and got == events and took > 1.0
+    assert waits >= 8  # `within` still returns to the caller (for keepalives) while pieces go to the sink
+
+    got, outcome, _, took = run(scenario([head]))
+    assert got == [] and isinstance(outcome, upstream.UpstreamError) and 0.45 <= took < 1.5
+
+    def failing(piece):
+        raise ValueError("the relay failed")
+
+    _, outcome, _, _ = run(scenario(steady[:32], sink=failing))
+    assert isinstance(outcome, ValueError)  # the sink's own error, not passed off as the engine's
+
+
+def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_no_piece():
+    # `BodyWriter` sends a stream's pieces from the read callback. When the server's send suspends (its client
+    # is not reading), later pieces queue in order and the engine is not read until they are all sent.
+    from llmhub.gateway.asgi import BodyWriter
+
+    async def scenario(leave: bool):
+        reading = asyncio.Event()
+        sent, calls = [], []
+
+        async def send(message):
+            try:
+                if message["body"] == b"2":
+                    await reading.wait()
+            except asyncio.CancelledError:
+                calls.append("cancelled")
+                raise
+            sent.append(message["body"])
+
+        outlet = messages.Outlet(pause=lambda: calls.append("pause"), resume=lambda: calls.append("resume"))
+        writer = BodyWriter(send, outlet)
+        for piece in (b"1", b"2", b"3", b"4"):
+            outlet.write(piece)
+        await asyncio.sleep(0.05)
+        held = (list(sent), list(calls))
+        if leave:  # the client went away: the send under way is stopped
+            writer.close()
+            await asyncio.sleep(0)
+            return held, sent, calls
+        reading.set()
+        writer.write(b"", more=False)
+        await writer.drain()
+        return held, sent, calls
+
+    held, sent, calls = run(scenario(leave=False))
+    assert held == ([b"1"], ["pause"])
+    assert sent == [b"1", b"2", b"3", b"4", b""] and calls == ["pause", "resume"]
+
+    held, sent, calls = run(scenario(leave=True))
+    assert held == ([b"1"], ["pause"]) and sent == [b"1"] and calls == ["pause", "cancelled", "resume"]
