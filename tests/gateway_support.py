@@ -26,7 +26,7 @@ async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=
     """POST `body` (JSON) through the site's ASGI application (`llmhub.asgi`); return [(seconds since start,
     body bytes)] as sent. With `flush`, the gateway's buffered usage records and request logs are written
     after. With `disconnect_after_chunks`, the client goes away after that many data events. `trace` (a list)
-    gets ("sent", more_body) for each body message. With `stall` = (n, seconds), the client stops reading for
+    gets ("start", monotonic time) for the response head and ("sent", more_body) for each body message. With `stall` = (n, seconds), the client stops reading for
     that long at its n-th data event (the server's send of it suspends, as uvicorn's does for a full socket)."""
     from llmhub.asgi import application
     from llmhub.gateway import request_log, usage_buffer
@@ -50,6 +50,8 @@ async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=
         return {"type": "http.disconnect"}
 
     async def send(message):
+        if message["type"] == "http.response.start" and trace is not None:
+            trace.append(("start", time.monotonic()))
         if message["type"] == "http.response.body":
             if stall and message.get("body", b"").startswith(b"data: {"):
                 if sum(piece.startswith(b"data: {") for _, piece in sent) + 1 == stall[0]:

@@ -92,9 +92,12 @@ async def send_response(response, send) -> None:
 
 
 class BodyWriter:
-    """Sends a stream's body over ASGI from synchronous code, in order: `write` is the stream's
-    `Outlet.write`, called from the engine connection's read callback, so that a relayed piece costs no task
-    switch.
+    """Sends a stream over ASGI from synchronous code, in order: `write` is the stream's `Outlet.write`,
+    called from the engine connection's read callback, so that a relayed piece costs no task switch. The
+    response head goes out at `start` (`Outlet.start`: the relay calls it once the engine answered, so
+    that the client's handling of the head does not delay the engine's request, or at once for a request
+    held for a scale from zero) or before the first body bytes, whichever comes first; nothing is sent after
+    the last bytes (`more` False).
 
     ASGI's `send` is a coroutine. A server's send of a body piece finishes without suspending unless its
     client has stopped reading (uvicorn then waits for the connection to drain), so `write` runs it at once.
@@ -102,14 +105,28 @@ class BodyWriter:
     (`Outlet.pause`) until the queue is sent (`Outlet.resume`): a slow client holds the engine back.
     `drain` waits for all that and raises what a send raised."""
 
-    def __init__(self, send, outlet: Outlet):
+    def __init__(self, send, outlet: Outlet, status: int, headers: list[tuple[bytes, bytes]]):
         self._send, self._outlet = send, outlet
+        self._head: dict | None = {"type": "http.response.start", "status": status, "headers": headers}
+        self._ended = False
         self._queue: list[dict] | None = None  # messages behind a send that suspended; None when none did
         self._task: asyncio.Task | None = None
-        outlet.write = self.write
+        outlet.write, outlet.start = self.write, self.start
+
+    def start(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._send_now(head)
 
     def write(self, data: bytes, more: bool = True) -> None:
-        message = {"type": "http.response.body", "body": data, "more_body": more}
+        if self._ended:
+            return
+        self._ended = not more
+        if self._head is not None:
+            self.start()
+        self._send_now({"type": "http.response.body", "body": data, "more_body": more})
+
+    def _send_now(self, message: dict) -> None:
         if self._queue is not None:
             self._queue.append(message)
             return
@@ -167,28 +184,23 @@ def _resumed(coroutine, awaited):
 async def send_answer(answer: services.Answer, receive, send) -> None:
     """Send the gateway's answer over ASGI; a stream piece by piece (`BodyWriter`) until done or the client
     leaves."""
-    await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers()})
     if answer.events is None:
+        await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers()})
         try:
             await send({"type": "http.response.body", "body": answer.body})
         finally:
             if answer.finish is not None:
                 answer.finish()
         return
-    writer = BodyWriter(send, answer.outlet if answer.outlet is not None else Outlet())
+    writer = BodyWriter(send, answer.outlet or Outlet(), answer.status, answer.headers())
 
     async def stream():
-        ended = False
         async for chunk in answer.events:
-            if chunk:
-                writer.write(chunk)
-            elif not ended:  # services.END: the last byte now, the stream's bookkeeping after
-                ended = True
-                writer.write(b"", more=False)
+            # services.END (b""): the last byte now (unless the relay wrote it), the stream's bookkeeping after
+            writer.write(chunk, more=bool(chunk))
             await writer.drain()
-        if not ended:
-            writer.write(b"", more=False)
-            await writer.drain()
+        writer.write(b"", more=False)  # (nothing when the stream ended already)
+        await writer.drain()
 
     async def disconnected():
         while (await receive())["type"] != "http.disconnect":

@@ -118,13 +118,15 @@ def _nothing() -> None:
 
 @dataclass
 class Outlet:
-    """A way out for a stream's bytes that does not pass through its iterator: a sender that can write from
-    synchronous code (the ASGI sender, `gateway.asgi.BodyWriter`) sets `write`, and the relay then writes each
-    piece from the engine connection's read callback as it arrives; the relay sets `pause` and `resume`
-    (reading the engine) for the sender to call while its client is not reading. A sender that iterates
-    `Answer.events` only (Django's) leaves `write` None."""
+    """A way out for a stream's bytes that does not pass through its iterator. A sender that can write from
+    synchronous code (the ASGI sender, `gateway.asgi.BodyWriter`) sets `write(data, more)` (`more` False: the
+    stream's last bytes, nothing is written after them) and `start` (send the response head now; the first
+    `write` sends it otherwise); the relay then writes each piece from the engine connection's read callback
+    as it arrives, and sets `pause` and `resume` (reading the engine) for the sender to call while its client
+    is not reading. A sender that iterates `Answer.events` only (Django's) leaves `write` None."""
 
-    write: Callable[[bytes], None] | None = None
+    write: Callable[[bytes, bool], None] | None = None
+    start: Callable[[], None] = _nothing
     pause: Callable[[], None] = _nothing
     resume: Callable[[], None] = _nothing
 

@@ -350,6 +350,8 @@ async def relay_stream(call: Call, outlet: Outlet | None = None):
     """
     interval = settings.GATEWAY_KEEPALIVE_INTERVAL
     instance_id, response = None, None
+    if outlet is not None and not call.route.instances:
+        outlet.start()  # held until an instance is ready: the 200 head at once, keepalives meanwhile
     try:
         async for item in _with_keepalives(open_upstream(call), interval):
             if item is KEEPALIVE:
@@ -367,10 +369,15 @@ async def relay_stream(call: Call, outlet: Outlet | None = None):
             return
         if outlet is not None and outlet.write is not None:
             write = outlet.write
+            outlet.start()  # the client's response head, now that the engine is at work (unless sent already)
 
-            def sink(data: bytes) -> None:
-                if events := call.relay(data):
-                    write(events)
+            def sink(data: bytes, last: bool) -> None:
+                events = call.relay(data)
+                if last:  # the stream's last bytes and its end in one write
+                    events, call.partial = events + call.partial, b""
+                    write(events, False)
+                elif events:
+                    write(events, True)
 
             outlet.pause, outlet.resume = response.pause_reading, response.resume_reading
             response.pipe(sink)

@@ -7,9 +7,9 @@ chunked, decoded by the parser) come back as the bytes arrive, with no per-reque
 (cookies, redirects, auth flows, anyio cancel scopes). Profiled, httpx was about a third of the gateway's
 CPU per request.
 
-A stream's body can be piped (`Response.pipe`): each piece goes to a callback from the connection's read
-callback as it arrives, with no task woken per piece (a task switch and its awaits were most of the
-gateway's CPU per relayed chunk).
+A stream's body can be piped (`Response.pipe`): what each read brings goes to a callback from the
+connection's read callback, with no task woken per piece (a task switch and its awaits were most of the
+gateway's CPU per relayed chunk), marked when it ends the body.
 
 Connections are pooled per (host, port) and event loop; a connection goes back to the pool only after a
 complete response that allows keep-alive. Closing a response before its end closes the connection, which
@@ -67,7 +67,7 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0  # bytes in `pieces`
         self.paused = False
         self.held = False  # reading paused by the reader of a piped response (`Response.pause_reading`)
-        self.sink: Callable[[bytes], None] | None = None  # takes each body piece instead of `pieces` (`pipe`)
+        self.sink: Callable[[bytes, bool], None] | None = None  # takes the body as it comes (`pipe`)
         self.error: BaseException | None = None
         self.waiter: asyncio.Future | None = None
         self.quiet_since: float | None = None  # loop time since when the engine sent nothing, while waited for
@@ -82,11 +82,27 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            if self.error is None:  # (a sink's own error is kept as raised)
-                self.error = UpstreamError(f"not an HTTP response: {exc}")
+            self.error = UpstreamError(f"not an HTTP response: {exc}")
             self.close()
-        if self.sink is None or self.complete or self.error is not None:
-            self._wake()
+        if self.sink is not None:
+            if self.pieces and self.error is None:
+                self._deliver()
+            if not self.complete and self.error is None:
+                return  # the reader waits for the end only
+        self._wake()
+
+    def _deliver(self) -> None:
+        """Give the pieces received to the sink at once, with whether they end the body."""
+        pieces = self.pieces
+        data = pieces.popleft() if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        self.buffered = 0
+        self.quiet_since = self.loop.time()  # the engine is not silent: `wait` goes on waiting
+        try:
+            self.sink(data, self.complete)
+        except Exception as exc:  # noqa: BLE001 - the relay's own failure ends the response; `finished` raises it
+            self.error = exc
+            self.close()
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -107,17 +123,9 @@ class _Connection(asyncio.Protocol):
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
-        if self.sink is not None:
-            self.quiet_since = self.loop.time()  # the engine is not silent: `wait` goes on waiting
-            try:
-                self.sink(body)
-            except Exception as exc:
-                self.error = exc
-                raise
-            return
         self.pieces.append(bytes(body))
         self.buffered += len(body)
-        if self.buffered > MAX_BUFFERED and not self.paused and self.transport is not None:
+        if self.buffered > MAX_BUFFERED and not self.paused and self.sink is None and self.transport is not None:
             self.paused = True  # backpressure: TCP holds the rest until the reader catches up
             self.transport.pause_reading()
 
@@ -217,14 +225,15 @@ class Response:
             if not await conn.wait(within):
                 return False
 
-    def pipe(self, sink: Callable[[bytes], None]) -> None:
-        """From now on give every body piece to `sink(piece)` as it arrives, from the connection's read
-        callback (no task is woken per piece); pieces already received go first. Then `finished` waits for
-        the end. An exception `sink` raises ends the response: `finished` raises it."""
+    def pipe(self, sink: Callable[[bytes, bool], None]) -> None:
+        """From now on give the body to `sink(data, last)` as it arrives: what each read of the connection
+        brings, from its read callback (no task is woken per piece), `last` True when it ends the body (then
+        no more comes); what was already received goes first. `finished` then waits for the end. An exception
+        `sink` raises ends the response: `finished` raises it."""
         conn = self._conn
-        while conn.pieces:
-            sink(conn.take())
         conn.sink = sink
+        if conn.pieces:
+            conn._deliver()
 
     async def finished(self, within: float | None = None) -> bool:
         """For a piped response: True once the body is complete, False when `within` seconds passed first

@@ -229,9 +229,9 @@ def test_a_slow_reader_holds_back_the_engine_instead_of_buffering_its_answer(mon
 
 
 def test_a_piped_stream_reaches_its_sink_as_it_comes_and_only_silence_times_it_out(settings):
-    # Piped (`Response.pipe`), each piece goes to the sink from the connection's read callback and the waiting
-    # task hears only the end. Pieces count as the engine speaking: a stream longer than GATEWAY_UPSTREAM_TIMEOUT
-    # that never goes quiet for that long completes; one that goes quiet times out.
+    # Piped (`Response.pipe`), each read's pieces go to the sink from the connection's read callback, the
+    # last marked, and the waiting task hears only the end. Pieces count as the engine speaking: a stream longer
+    # than GATEWAY_UPSTREAM_TIMEOUT that never goes quiet for that long completes; one that goes quiet times out.
     settings.GATEWAY_UPSTREAM_TIMEOUT = 0.5
     head = chunked()[0]
     events = [b"data: %d\n\n" % i for i in range(4)]
@@ -240,7 +240,7 @@ def test_a_piped_stream_reaches_its_sink_as_it_comes_and_only_silence_times_it_o
         async with RawEngine([pieces]) as engine:
             response = await upstream.pool().post(engine.url, "/v1/chat/completions", b"{}", {})
             got, waits, loop = [], 0, asyncio.get_running_loop()
-            response.pipe(sink or got.append)
+            response.pipe(sink or (lambda data, last: got.append((data, last))))
             start = loop.time()
             try:
                 while not await response.finished(within=0.1):
@@ -253,14 +253,15 @@ def test_a_piped_stream_reaches_its_sink_as_it_comes_and_only_silence_times_it_o
     steady = [head]
     for event in events:  # ~0.3 s apart: 1.2 s in all, past the 0.5 s timeout
         steady += [*[b""] * 30, b"%x\r\n%s\r\n" % (len(event), event)]
-    got, outcome, waits, took = run(scenario([*steady, b"0\r\n\r\n"]))
-    assert outcome == "complete" and got == events and took > 1.0
+    steady[-1] += b"0\r\n\r\n"  # the last event and the end of the body in one write
+    got, outcome, waits, took = run(scenario(steady))
+    assert outcome == "complete" and got == [(event, event == events[-1]) for event in events] and took > 1.0
     assert waits >= 8  # `within` still returns to the caller (for keepalives) while pieces go to the sink
 
     got, outcome, _, took = run(scenario([head]))
     assert got == [] and isinstance(outcome, upstream.UpstreamError) and 0.45 <= took < 1.5
 
-    def failing(piece):
+    def failing(data, last):
         raise ValueError("the relay failed")
 
     _, outcome, _, _ = run(scenario(steady[:32], sink=failing))
@@ -268,8 +269,9 @@ def test_a_piped_stream_reaches_its_sink_as_it_comes_and_only_silence_times_it_o
 
 
 def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_no_piece():
-    # `BodyWriter` sends a stream's pieces from the read callback. When the server's send suspends (its client
-    # is not reading), later pieces queue in order and the engine is not read until they are all sent.
+    # `BodyWriter` sends a stream's pieces from the read callback, its head before the first. When the server's
+    # send suspends (its client is not reading), later pieces queue in order and the engine is not read until
+    # they are all sent; nothing goes out after the last piece.
     from llmhub.gateway.asgi import BodyWriter
 
     async def scenario(leave: bool):
@@ -277,6 +279,9 @@ def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_no_piece():
         sent, calls = [], []
 
         async def send(message):
+            if message["type"] == "http.response.start":
+                sent.append(message["status"])
+                return
             try:
                 if message["body"] == b"2":
                     await reading.wait()
@@ -286,7 +291,7 @@ def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_no_piece():
             sent.append(message["body"])
 
         outlet = messages.Outlet(pause=lambda: calls.append("pause"), resume=lambda: calls.append("resume"))
-        writer = BodyWriter(send, outlet)
+        writer = BodyWriter(send, outlet, 200, [])
         for piece in (b"1", b"2", b"3", b"4"):
             outlet.write(piece)
         await asyncio.sleep(0.05)
@@ -296,13 +301,14 @@ def test_a_client_that_stops_reading_holds_the_engine_back_and_loses_no_piece():
             await asyncio.sleep(0)
             return held, sent, calls
         reading.set()
-        writer.write(b"", more=False)
+        writer.write(b"5", more=False)
+        writer.write(b"late")
         await writer.drain()
         return held, sent, calls
 
     held, sent, calls = run(scenario(leave=False))
-    assert held == ([b"1"], ["pause"])
-    assert sent == [b"1", b"2", b"3", b"4", b""] and calls == ["pause", "resume"]
+    assert held == ([200, b"1"], ["pause"])
+    assert sent == [200, b"1", b"2", b"3", b"4", b"5"] and calls == ["pause", "resume"]
 
     held, sent, calls = run(scenario(leave=True))
-    assert held == ([b"1"], ["pause"]) and sent == [b"1"] and calls == ["pause", "cancelled", "resume"]
+    assert held == ([200, b"1"], ["pause"]) and sent == [200, b"1"] and calls == ["pause", "cancelled", "resume"]
