@@ -207,16 +207,12 @@ async def send_answer(answer: services.Answer, receive, send) -> None:
             pass
 
     streaming, listening = asyncio.ensure_future(stream()), asyncio.ensure_future(disconnected())
+    listening.add_done_callback(lambda _: streaming.cancel())  # the client left: the stream stops
     try:
-        done, _ = await asyncio.wait({streaming, listening}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (streaming, listening):
-            if task not in done:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await streaming
+    except asyncio.CancelledError:
+        if not listening.done() or listening.cancelled():  # this request itself was cancelled
+            raise
     finally:
+        listening.cancel()
         writer.close()
-    if streaming in done:
-        streaming.result()
