@@ -238,14 +238,7 @@ class Response:
     async def finished(self, within: float | None = None) -> bool:
         """For a piped response: True once the body is complete, False when `within` seconds passed first
         (call again to go on waiting). Raises UpstreamError (or what the sink raised)."""
-        conn = self._conn
-        while True:
-            if conn.error is not None:
-                raise conn.error
-            if conn.complete:
-                return True
-            if not await conn.wait(within):
-                return False
+        return await self.next(within) is None  # piped, no piece is left for `next` to return
 
     def pause_reading(self) -> None:
         """Read no more of the engine's answer (TCP holds it back) until `resume_reading`; a connection
