@@ -24,7 +24,10 @@ def quick_flush():
     of them, about 0.65 s a test on this machine (each table's files are replaced). DELETE FROM each table
     empties the same tables in a few milliseconds: the tables hold a handful of rows, and the foreign keys
     Django creates are DEFERRABLE INITIALLY DEFERRED, checked when the flush's transaction commits, when no
-    row is left. A flush that resets sequences or cascades to other tables keeps Django's TRUNCATE."""
+    row is left. The tables are locked first, as TRUNCATE would lock them: a process outside the test (the
+    shared web processes write usage records up to a second after an answer) could otherwise commit a row
+    that references a user the flush already deleted, failing the flush's commit (seen in CI). A flush that
+    resets sequences or cascades to other tables keeps Django's TRUNCATE."""
     from django.db.backends.postgresql.operations import DatabaseOperations
 
     truncate = DatabaseOperations.sql_flush
@@ -32,8 +35,12 @@ def quick_flush():
     def sql_flush(self, style, tables, *, reset_sequences=False, allow_cascade=False):
         if reset_sequences or allow_cascade:
             return truncate(self, style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade)
+        if not tables:
+            return []
+        names = [style.SQL_FIELD(self.quote_name(table)) for table in tables]
+        lock = f"{style.SQL_KEYWORD('LOCK TABLE')} {', '.join(names)} {style.SQL_KEYWORD('IN ACCESS EXCLUSIVE MODE')};"
         delete = style.SQL_KEYWORD("DELETE FROM")
-        return [f"{delete} {style.SQL_FIELD(self.quote_name(table))};" for table in tables]
+        return [lock, *(f"{delete} {name};" for name in names)]
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(DatabaseOperations, "sql_flush", sql_flush)
