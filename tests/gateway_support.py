@@ -26,8 +26,9 @@ async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=
     """POST `body` (JSON) through the site's ASGI application (`llmhub.asgi`); return [(seconds since start,
     body bytes)] as sent. With `flush`, the gateway's buffered usage records and request logs are written
     after. With `disconnect_after_chunks`, the client goes away after that many data events. `trace` (a list)
-    gets ("start", monotonic time) for the response head and ("sent", more_body) for each body message. With `stall` = (n, seconds), the client stops reading for
-    that long at its n-th data event (the server's send of it suspends, as uvicorn's does for a full socket)."""
+    gets ("start", monotonic time) for the response head and ("sent", more_body) for each body message. With
+    `stall` = (n, seconds), the client stops reading for that long at its n-th data event (the server's send
+    of it suspends, as uvicorn's does for a full socket)."""
     from llmhub.asgi import application
     from llmhub.gateway import request_log, usage_buffer
 
