@@ -192,7 +192,7 @@ async def send_answer(answer: services.Answer, receive, send) -> None:
             if answer.finish is not None:
                 answer.finish()
         return
-    writer = BodyWriter(send, answer.outlet or Outlet(), answer.status, answer.headers())
+    writer = BodyWriter(send, answer.outlet, answer.status, answer.headers())
 
     async def stream():
         async for chunk in answer.events:

@@ -338,7 +338,7 @@ async def _with_keepalives(awaitable, interval: float):
             task.cancel()
 
 
-async def relay_stream(call: Call, outlet: Outlet | None = None):
+async def relay_stream(call: Call, outlet: Outlet):
     """Relay an SSE stream as the engine makes it, whole events at a time (`Call.relay`).
 
     Before the first event (while held for an instance, or while the engine computes the first
@@ -350,7 +350,7 @@ async def relay_stream(call: Call, outlet: Outlet | None = None):
     """
     interval = settings.GATEWAY_KEEPALIVE_INTERVAL
     instance_id, response = None, None
-    if outlet is not None and not call.route.instances:
+    if not call.route.instances:
         outlet.start()  # held until an instance is ready: the 200 head at once, keepalives meanwhile
     try:
         async for item in _with_keepalives(open_upstream(call), interval):
@@ -367,7 +367,7 @@ async def relay_stream(call: Call, outlet: Outlet | None = None):
                 raise engine_failed(instance_id, response.status, content)
             yield b"data: " + content.replace(b"\n", b" ") + b"\n\n"
             return
-        if outlet is not None and outlet.write is not None:
+        if outlet.write is not None:
             write = outlet.write
             outlet.start()  # the client's response head, now that the engine is at work (unless sent already)
 
