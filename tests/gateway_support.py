@@ -22,13 +22,15 @@ def assert_openai_error(response, status, code):
     assert error["code"] == code and error["message"] and error["type"]
 
 
-async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=None, trace=None, stall=None):
+async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=None, trace=None, stall=None,
+                    leave_after=None):  # fmt: skip
     """POST `body` (JSON) through the site's ASGI application (`llmhub.asgi`); return [(seconds since start,
     body bytes)] as sent. With `flush`, the gateway's buffered usage records and request logs are written
     after. With `disconnect_after_chunks`, the client goes away after that many data events. `trace` (a list)
     gets ("start", monotonic time) for the response head and ("sent", more_body) for each body message. With
     `stall` = (n, seconds), the client stops reading for that long at its n-th data event (the server's send
-    of it suspends, as uvicorn's does for a full socket)."""
+    of it suspends, as uvicorn's does for a full socket). With `leave_after` (seconds), the client goes away
+    then, whatever it got."""
     from llmhub.asgi import application
     from llmhub.gateway import request_log, usage_buffer
 
@@ -43,6 +45,8 @@ async def asgi_post(path, headers, body, *, flush=True, disconnect_after_chunks=
     messages = [{"type": "http.request", "body": raw, "more_body": False}]
     gone = asyncio.Event()
     sent, start = [], time.monotonic()
+    if leave_after is not None:
+        asyncio.get_running_loop().call_later(leave_after, gone.set)
 
     async def receive():
         if messages:

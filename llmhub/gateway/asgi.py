@@ -193,26 +193,33 @@ async def send_answer(answer: services.Answer, receive, send) -> None:
                 answer.finish()
         return
     writer = BodyWriter(send, answer.outlet, answer.status, answer.headers())
+    # The stream runs in this task (a task of its own would wait a turn of the event loop before the engine's
+    # request is written); the client's disconnect, heard by a listening task, cancels it.
+    this, streaming, left = asyncio.current_task(), True, False
 
-    async def stream():
+    async def disconnected():
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    def client_left(listening: asyncio.Task) -> None:
+        nonlocal left
+        if streaming and not listening.cancelled():
+            left = True
+            this.cancel()
+
+    listening = asyncio.ensure_future(disconnected())
+    listening.add_done_callback(client_left)
+    try:
         async for chunk in answer.events:
             # services.END (b""): the last byte now (unless the relay wrote it), the stream's bookkeeping after
             writer.write(chunk, more=bool(chunk))
             await writer.drain()
         writer.write(b"", more=False)  # (nothing when the stream ended already)
         await writer.drain()
-
-    async def disconnected():
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    streaming, listening = asyncio.ensure_future(stream()), asyncio.ensure_future(disconnected())
-    listening.add_done_callback(lambda _: streaming.cancel())  # the client left: the stream stops
-    try:
-        await streaming
     except asyncio.CancelledError:
-        if not listening.done() or listening.cancelled():  # this request itself was cancelled
+        if not left or this.uncancel() > 0:  # this request itself was cancelled (too)
             raise
     finally:
+        streaming = False
         listening.cancel()
         writer.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
@@ -282,6 +283,9 @@ async def open_upstream(call: Call) -> tuple[int, upstream.Response]:
             return instance_id, await upstream.pool().post(
                 base_url, f"/v1/{call.endpoint}", call.payload, {"Authorization": f"Bearer {engine_key}"}
             )
+        except asyncio.CancelledError:  # the client left while the engine's head was awaited
+            load.outstanding[instance_id] -= 1
+            raise
         except upstream.ConnectFailed:
             load.outstanding[instance_id] -= 1
             cache.forget(call.caller, route.full_name)
@@ -323,6 +327,24 @@ def engine_failed(instance_id: int, status: int, content: bytes) -> GatewayError
                         code="engine_error")  # fmt: skip
 
 
+class _Keepalives:
+    """KEEPALIVE written through `write` every `interval` seconds from a timer until the stream's first
+    event (or `stop`), so that no task stands between the request and the engine."""
+
+    def __init__(self, call: Call, write: Callable[[bytes, bool], None], interval: float):
+        self._call, self._write, self._interval = call, write, interval
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(interval, self._tick)
+
+    def _tick(self) -> None:
+        if self._call.first_event is None:
+            self._write(KEEPALIVE, True)
+            self._timer = self._loop.call_later(self._interval, self._tick)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
 async def _with_keepalives(awaitable, interval: float):
     """Await `awaitable`, yielding KEEPALIVE every `interval` seconds meanwhile; then yield its result."""
     task = asyncio.ensure_future(awaitable)
@@ -343,21 +365,25 @@ async def relay_stream(call: Call, outlet: Outlet):
 
     Before the first event (while held for an instance, or while the engine computes the first
     token) the client gets a KEEPALIVE comment every GATEWAY_KEEPALIVE_INTERVAL seconds. When the sender
-    gave `outlet` a `write`, the engine's pieces are piped to it from the engine connection's read callback
-    (`upstream.Response.pipe`) and this generator yields only what comes around them (keepalives, an error
-    event, `END`); otherwise it yields every byte. A client that disconnects cancels this generator, which
-    closes the upstream request.
+    gave `outlet` a `write`, the keepalives are written from a timer (`_Keepalives`) and the engine's pieces
+    piped to it from the engine connection's read callback (`upstream.Response.pipe`): this generator yields
+    only what comes after them (an error event, `END`). Otherwise it yields every byte, keepalives included.
+    A client that disconnects cancels this generator, which closes the upstream request.
     """
     interval = settings.GATEWAY_KEEPALIVE_INTERVAL
-    instance_id, response = None, None
-    if not call.route.instances:
-        outlet.start()  # held until an instance is ready: the 200 head at once, keepalives meanwhile
+    instance_id, response, keepalives = None, None, None
     try:
-        async for item in _with_keepalives(open_upstream(call), interval):
-            if item is KEEPALIVE:
-                yield KEEPALIVE
-            else:
-                instance_id, response = item
+        if outlet.write is not None:
+            if not call.route.instances:
+                outlet.start()  # held until an instance is ready: the 200 head at once, keepalives meanwhile
+            keepalives = _Keepalives(call, outlet.write, interval)
+            instance_id, response = await open_upstream(call)
+        else:
+            async for item in _with_keepalives(open_upstream(call), interval):
+                if item is KEEPALIVE:
+                    yield KEEPALIVE
+                else:
+                    instance_id, response = item
         call.status = response.status
         if response.status != 200:  # an engine error (e.g. prompt too long): pass it on as an event
             content = await response.read()
@@ -381,9 +407,7 @@ async def relay_stream(call: Call, outlet: Outlet):
 
             outlet.pause, outlet.resume = response.pause_reading, response.resume_reading
             response.pipe(sink)
-            while not await response.finished(within=interval if call.first_event is None else None):
-                if call.first_event is None:  # keepalives until the first token
-                    yield KEEPALIVE
+            await response.finished()
         else:
             while True:
                 data = await response.next(within=interval if call.first_event is None else None)
@@ -407,6 +431,8 @@ async def relay_stream(call: Call, outlet: Outlet):
         call.status = 499  # the client went away; closing upstream below aborts the engine's work
         raise
     finally:
+        if keepalives is not None:
+            keepalives.stop()
         if response is not None:
             await response.aclose()
         if instance_id is not None:

@@ -22,9 +22,11 @@ CHUNKS, PACE = 6, 0.05
 
 
 class Upstream(ThreadingHTTPServer):
-    """Streams CHUNKS deltas PACE seconds apart after `first_delay` s; like vLLM, adds a final usage-only
-    chunk when the request asked for `stream_options.include_usage`. Records what it saw."""
+    """Answers after `head_delay` s and streams CHUNKS deltas PACE seconds apart after `first_delay` s more;
+    like vLLM, adds a final usage-only chunk when the request asked for `stream_options.include_usage`.
+    Records what it saw."""
 
+    head_delay = 0.0
     first_delay = 0.0
     requests: list
     disconnected: threading.Event
@@ -35,6 +37,7 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.server.requests.append(body)
         self.server.arrived.append(time.monotonic())
+        time.sleep(self.server.head_delay)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -151,9 +154,11 @@ def test_the_engine_has_the_request_before_the_client_gets_the_response_head(tar
     assert trace[0][0] == "start" and upstream.arrived[0] <= trace[0][1]
 
 
-def test_keepalives_flow_while_the_first_token_is_awaited(target, upstream, settings):
+@pytest.mark.parametrize("wait", ["head_delay", "first_delay"])
+def test_keepalives_flow_while_the_first_token_is_awaited(target, upstream, settings, wait):
+    # Whether the engine is slow to answer at all or slow to its first token.
     settings.GATEWAY_KEEPALIVE_INTERVAL = 0.1
-    upstream.first_delay = 0.55
+    setattr(upstream, wait, 0.55)
     deployment, headers = target
 
     sent = asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name)))
@@ -175,6 +180,19 @@ def test_a_client_that_disconnects_cancels_the_upstream_request(target, upstream
     [record] = UsageRecord.objects.filter(deployment=deployment)
     assert record.status == 499
     assert load.inflight[deployment.id] == 0
+
+
+def test_a_client_that_leaves_before_the_engine_answered_leaves_no_outstanding_request(target, upstream):
+    # The instance's count of outstanding requests (least-outstanding routing) goes back down.
+    deployment, headers = target
+    upstream.head_delay = 0.5
+    [instance] = deployment.instances.all()
+
+    sent = asyncio.run(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name), leave_after=0.2))
+
+    assert not any(body.startswith(b"data:") for _, body in sent)
+    assert load.outstanding[instance.id] == 0 and load.inflight[deployment.id] == 0
+    assert UsageRecord.objects.get(deployment=deployment).status == 499
 
 
 def test_a_warm_gateway_makes_no_database_query_per_request(target, monkeypatch):
