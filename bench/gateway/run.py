@@ -5,7 +5,9 @@ bare TCP relay (`relay.py`, the floor of a Python proxy on this machine), the ga
 path: added latency p50/p99 (over direct) at concurrency 1 and 32, requests/s at concurrency 32, time
 to first token added, and chunks received per stream; for the relay and the gateways, the CPU time their
 processes spent (from /proc, at concurrency 8, `--cpu-requests` a round) per non-streamed request and per
-relayed stream chunk.
+relayed stream chunk, the latter two ways: a stream's CPU less a whole request's, over its chunks (which also
+charges the chunks with what a stream costs more than a whole answer once), and the marginal cost (streams of
+64 chunks against streams of 16, per extra chunk).
 
 Needs: the project's .venv and services (bin/setup), and LiteLLM in bench/.venv-litellm:
     python3 -m venv bench/.venv-litellm && bench/.venv-litellm/bin/pip install 'litellm[proxy]'
@@ -37,6 +39,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_DB = "llmhub_bench"
 CHUNKS, PACE_MS = 16, 5.0
+LONG_CHUNKS = 64  # the longer streams of the marginal CPU per chunk
 
 
 def free_port() -> int:
@@ -129,9 +132,10 @@ print(api_token_create(user=user, name="bench")[1])
     return out.stdout.strip().splitlines()[-1]
 
 
-async def one(client: httpx.AsyncClient, url: str, headers: dict, model: str) -> tuple[float, float, int]:
+async def one(client: httpx.AsyncClient, url: str, headers: dict, model: str,
+              max_tokens: int = CHUNKS) -> tuple[float, float, int]:  # fmt: skip
     """One streamed chat completion: (seconds to last byte, seconds to first data event, data events)."""
-    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}], "max_tokens": CHUNKS}
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
     start = time.perf_counter()
     first, events = None, 0
     async with client.stream("POST", url, json=body, headers=headers) as response:
@@ -143,18 +147,20 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict, model: str) ->
     return time.perf_counter() - start, (first or time.perf_counter()) - start, events
 
 
-async def one_whole(client: httpx.AsyncClient, url: str, headers: dict, model: str) -> tuple[float, float, int]:
+async def one_whole(client: httpx.AsyncClient, url: str, headers: dict, model: str,
+                    max_tokens: int = CHUNKS) -> tuple[float, float, int]:  # fmt: skip
     """One non-streamed chat completion: (seconds, seconds, 0)."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": CHUNKS}
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens}
     start = time.perf_counter()
     response = await client.post(url, json=body, headers=headers)
     response.raise_for_status()
     return time.perf_counter() - start, time.perf_counter() - start, 0
 
 
-async def batch(target: dict, concurrency: int, requests: int, *, stream: bool = True) -> dict:
-    """`requests` streams (or whole answers) with `concurrency` at once; latencies (s), TTFTs (s), chunks,
-    requests/s."""
+async def batch(target: dict, concurrency: int, requests: int, *, stream: bool = True,
+                max_tokens: int = CHUNKS) -> dict:  # fmt: skip
+    """`requests` streams of `max_tokens` chunks (or whole answers) with `concurrency` at once; latencies (s),
+    TTFTs (s), chunks, requests/s."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     request = one if stream else one_whole
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
@@ -164,7 +170,7 @@ async def batch(target: dict, concurrency: int, requests: int, *, stream: bool =
         async def worker():
             while queue:
                 queue.pop()
-                results.append(await request(client, target["url"], target["headers"], target["model"]))
+                results.append(await request(client, target["url"], target["headers"], target["model"], max_tokens))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -174,14 +180,18 @@ async def batch(target: dict, concurrency: int, requests: int, *, stream: bool =
 
 
 def cpu_cost(target: dict, requests: int) -> dict:
-    """CPU of the target's processes: ms per non-streamed request, ms per stream, chunks per stream."""
+    """CPU of the target's processes: ms per non-streamed request; ms per stream and chunks per stream, for
+    streams of CHUNKS and of LONG_CHUNKS chunks (`requests` / 2 and / 8 of them)."""
     before = cpu_seconds(target["pid"])
     asyncio.run(batch(target, 8, requests, stream=False))
     whole = (cpu_seconds(target["pid"]) - before) / requests * 1000
-    before = cpu_seconds(target["pid"])
-    streams = asyncio.run(batch(target, 8, requests // 2))
-    per_stream = (cpu_seconds(target["pid"]) - before) / (requests // 2) * 1000
-    return {"whole_ms": whole, "stream_ms": per_stream, "chunks": statistics.median(streams["chunks"])}
+    costs = {"whole_ms": whole}
+    for key, n, max_tokens in (("", requests // 2, CHUNKS), ("long_", requests // 8, LONG_CHUNKS)):
+        before = cpu_seconds(target["pid"])
+        streams = asyncio.run(batch(target, 8, n, max_tokens=max_tokens))
+        costs[f"{key}stream_ms"] = (cpu_seconds(target["pid"]) - before) / n * 1000
+        costs[f"{key}chunks"] = statistics.median(streams["chunks"])
+    return costs
 
 
 def pct(values: list[float], q: float) -> float:
@@ -312,13 +322,18 @@ def report(runs: dict, cpu: dict, args) -> None:
         print(f"\nllmhub / litellm req/s @32: {ours / theirs:.2f}")
     print("\nProxy CPU (all the proxy's processes, from /proc, concurrency 8; median of rounds; the bare relay "
           "is the floor):\n")
-    print("| path | ms per non-streamed request | ms per stream | µs per relayed chunk |")
-    print("|---|---|---|---|")
+    print("| path | ms per non-streamed request | ms per stream | µs per relayed chunk (stream − whole) "
+          "| µs per relayed chunk (marginal) |")  # fmt: skip
+    print("|---|---|---|---|---|")
     for name, costs in cpu.items():
         whole = statistics.median(c["whole_ms"] for c in costs)
         stream = statistics.median(c["stream_ms"] for c in costs)
         chunks = statistics.median(c["chunks"] for c in costs) or 1
-        print(f"| {name} | {whole:.2f} | {stream:.2f} | {(stream - whole) / chunks * 1000:.0f} |")
+        # What one more chunk costs: streams of LONG_CHUNKS against streams of CHUNKS, per extra chunk (the
+        # per-stream costs cancel out, which "stream − whole" charges to the chunks).
+        marginal = statistics.median((c["long_stream_ms"] - c["stream_ms"]) / max(c["long_chunks"] - c["chunks"], 1)
+                                     for c in costs)  # fmt: skip
+        print(f"| {name} | {whole:.2f} | {stream:.2f} | {(stream - whole) / chunks * 1000:.0f} | {marginal * 1000:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

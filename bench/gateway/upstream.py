@@ -1,6 +1,6 @@
 """A fast local OpenAI-compatible upstream for the gateway benchmark: `POST /v1/chat/completions`
-streams CHUNKS deltas PACE_MS apart on a fixed schedule (SSE, with a final usage chunk when asked), or answers
-whole.
+streams `max_tokens` (default CHUNKS) deltas PACE_MS apart on a fixed schedule (SSE, with a final usage chunk
+when asked), or answers whole.
 
 Run: python bench/gateway/upstream.py PORT [CHUNKS] [PACE_MS]  (a plain ASGI app under uvicorn)
 """
@@ -30,12 +30,13 @@ async def app(scope, receive, send):
         return
     body = json.loads(raw or b"{}")
     model = body.get("model", "bench")
+    chunks = int(body.get("max_tokens") or CHUNKS)
     if not body.get("stream"):
-        await asyncio.sleep(PACE * CHUNKS)
+        await asyncio.sleep(PACE * chunks)
         answer = {
             "id": "b", "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x " * CHUNKS}, "finish_reason": "length"}],
-            "usage": {"prompt_tokens": 8, "completion_tokens": CHUNKS, "total_tokens": 8 + CHUNKS},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x " * chunks}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks},
         }  # fmt: skip
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
@@ -45,14 +46,14 @@ async def app(scope, receive, send):
     # each send would let every late wake-up (the machine busy with the gateway's processes) stretch the stream.
     loop = asyncio.get_running_loop()
     start = loop.time()
-    for i in range(CHUNKS):
+    for i in range(chunks):
         await asyncio.sleep(max(0.0, start + (i + 1) * PACE - loop.time()))
         chunk = {"id": "b", "object": "chat.completion.chunk", "created": 0, "model": model,
                  "choices": [{"index": 0, "delta": {"content": f"x{i} "}, "finish_reason": None}]}  # fmt: skip
         await send({"type": "http.response.body", "body": f"data: {json.dumps(chunk)}\n\n".encode(), "more_body": True})
     if (body.get("stream_options") or {}).get("include_usage"):
         usage = {"id": "b", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
-                 "usage": {"prompt_tokens": 8, "completion_tokens": CHUNKS, "total_tokens": 8 + CHUNKS}}  # fmt: skip
+                 "usage": {"prompt_tokens": 8, "completion_tokens": chunks, "total_tokens": 8 + chunks}}  # fmt: skip
         await send({"type": "http.response.body", "body": f"data: {json.dumps(usage)}\n\n".encode(), "more_body": True})
     await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
