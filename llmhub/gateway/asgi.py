@@ -194,21 +194,27 @@ async def send_answer(answer: services.Answer, receive, send) -> None:
         return
     writer = BodyWriter(send, answer.outlet, answer.status, answer.headers())
     # The stream runs in this task (a task of its own would wait a turn of the event loop before the engine's
-    # request is written); the client's disconnect, heard by a listening task, cancels it.
-    this, streaming, left = asyncio.current_task(), True, False
+    # request is written); the client's disconnect, heard by a listening task started once this task waits for
+    # the first time (after the engine's request went out), cancels it.
+    this, streaming, left, listening = asyncio.current_task(), True, False, None
 
     async def disconnected():
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    def client_left(listening: asyncio.Task) -> None:
+    def client_left(heard: asyncio.Task) -> None:
         nonlocal left
-        if streaming and not listening.cancelled():
+        if streaming and not heard.cancelled():
             left = True
             this.cancel()
 
-    listening = asyncio.ensure_future(disconnected())
-    listening.add_done_callback(client_left)
+    def listen() -> None:
+        nonlocal listening
+        listening = loop.create_task(disconnected())
+        listening.add_done_callback(client_left)
+
+    loop = this.get_loop()
+    starting = loop.call_soon(listen)
     try:
         async for chunk in answer.events:
             # services.END (b""): the last byte now (unless the relay wrote it), the stream's bookkeeping after
@@ -221,5 +227,7 @@ async def send_answer(answer: services.Answer, receive, send) -> None:
             raise
     finally:
         streaming = False
-        listening.cancel()
+        starting.cancel()
+        if listening is not None:
+            listening.cancel()
         writer.close()

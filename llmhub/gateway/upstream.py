@@ -53,10 +53,10 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
+        self.parser = httptools.HttpResponseParser(self)  # one per connection: it parses response after response
         self._begin()
 
     def _begin(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: dict[str, str] = {}
         self.head_done = False
@@ -153,7 +153,7 @@ class _Connection(asyncio.Protocol):
 
         One future and one timer per wait (no `asyncio.timeout` context, whose set-up and exit showed in the
         per-chunk profile)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         now = loop.time()
         if self.quiet_since is None:
             self.quiet_since = now
