@@ -196,7 +196,9 @@ async def send_answer(answer: services.Answer, receive, send) -> None:
     # The stream runs in this task (a task of its own would wait a turn of the event loop before the engine's
     # request is written); the client's disconnect, heard by a listening task started once this task waits for
     # the first time (after the engine's request went out), cancels it.
-    this, streaming, left, listening = asyncio.current_task(), True, False, None
+    this = asyncio.current_task()
+    loop = this.get_loop()
+    streaming, left, listening = True, False, None
 
     async def disconnected():
         while (await receive())["type"] != "http.disconnect":
@@ -213,7 +215,6 @@ async def send_answer(answer: services.Answer, receive, send) -> None:
         listening = loop.create_task(disconnected())
         listening.add_done_callback(client_left)
 
-    loop = this.get_loop()
     starting = loop.call_soon(listen)
     try:
         async for chunk in answer.events:

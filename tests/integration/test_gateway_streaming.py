@@ -10,6 +10,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
 
 from llmhub.gateway import load, usage_buffer
 from llmhub.gateway.models import UsageRecord
@@ -193,6 +195,30 @@ def test_a_client_that_leaves_before_the_engine_answered_leaves_no_outstanding_r
     assert not any(body.startswith(b"data:") for _, body in sent)
     assert load.outstanding[instance.id] == 0 and load.inflight[deployment.id] == 0
     assert UsageRecord.objects.get(deployment=deployment).status == 499
+
+
+def test_a_stream_cancelled_by_the_server_stops_and_is_not_taken_for_a_client_that_left(target, upstream):
+    # The server cancelling a request mid-stream (e.g. shutting down) is passed on, not swallowed as the
+    # client's disconnect is; the engine's request is closed all the same.
+    deployment, headers = target
+
+    async def cancelled_mid_stream():
+        trace = []
+        request = asyncio.ensure_future(asgi_post("/v1/openai/chat/completions", headers, chat(deployment.full_name),
+                                                  flush=False, trace=trace))  # fmt: skip
+        while trace.count(("sent", True)) < 2:  # two chunks relayed
+            await asyncio.sleep(0.01)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await usage_buffer.flush()
+        await sync_to_async(connections.close_all)()  # (asgi_post, cancelled, did not)
+
+    asyncio.run(cancelled_mid_stream())
+
+    assert upstream.disconnected.wait(timeout=5), "the engine kept streaming to nobody"
+    assert UsageRecord.objects.get(deployment=deployment).status == 499
+    assert load.inflight[deployment.id] == 0
 
 
 def test_a_warm_gateway_makes_no_database_query_per_request(target, monkeypatch):
