@@ -132,12 +132,17 @@ print(api_token_create(user=user, name="bench")[1])
     return out.stdout.strip().splitlines()[-1]
 
 
+def chat_body(model: str, max_tokens: int, **extra) -> dict:
+    """The benchmark's chat completion request. `ignore_eos` (vLLM's): an engine makes `max_tokens` tokens, as
+    upstream.py does, whatever its model would say."""
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
+            "ignore_eos": True, **extra}  # fmt: skip
+
+
 async def one(client: httpx.AsyncClient, url: str, headers: dict, model: str,
               max_tokens: int = CHUNKS) -> tuple[float, float, int]:  # fmt: skip
     """One streamed chat completion: (seconds to last byte, seconds to first data event, data events)."""
-    # ignore_eos (vLLM's): an engine makes max_tokens tokens, as upstream.py does, whatever its model would say.
-    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
-            "ignore_eos": True}  # fmt: skip
+    body = chat_body(model, max_tokens, stream=True)
     start = time.perf_counter()
     first, events = None, 0
     async with client.stream("POST", url, json=body, headers=headers) as response:
@@ -152,8 +157,7 @@ async def one(client: httpx.AsyncClient, url: str, headers: dict, model: str,
 async def one_whole(client: httpx.AsyncClient, url: str, headers: dict, model: str,
                     max_tokens: int = CHUNKS) -> tuple[float, float, int]:  # fmt: skip
     """One non-streamed chat completion: (seconds, seconds, 0)."""
-    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
-            "ignore_eos": True}  # fmt: skip
+    body = chat_body(model, max_tokens)
     start = time.perf_counter()
     response = await client.post(url, json=body, headers=headers)
     response.raise_for_status()
